@@ -1,0 +1,44 @@
+# Stratus: `make up` runs the platform, `make test` runs every test.
+# Both install what is missing first (the venv, RabbitMQ, ZooKeeper) and
+# start RabbitMQ and ZooKeeper when they are not running. Idempotent.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: up down test test-fast test-docker venv services bench clean-state
+
+$(VENV)/.installed: pyproject.toml
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "installing python3-venv"; \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	@$(PY) -m pip install -q -e '.[dev,bench]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+services:
+	@scripts/services.sh start
+
+up: venv services
+	@$(VENV)/bin/stratus up $(if $(DETACH),--detach,)
+
+down: venv
+	@$(VENV)/bin/stratus down
+
+# The whole suite: unit, integration and end-to-end on processes, then the
+# Docker stage (a separate script, skipped with a message when no engine can run).
+test: venv services
+	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS) tests
+	@scripts/docker-stage.sh
+
+test-fast: venv services
+	$(PY) -m pytest -q -m "not docker and not slow" $(PYTEST_ARGS) tests
+
+test-docker: venv services
+	@scripts/docker-stage.sh
+
+bench: venv services
+	$(PY) benchmarks/db_client.py

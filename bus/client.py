@@ -1,0 +1,187 @@
+"""The DB client: read, write and clear over the bus, from any thread.
+
+One AMQP connection per client, owned by one I/O thread (pika connections are
+not thread-safe). Callers hand their publishes to that thread and wait on a
+future for the reply, which arrives on the client's own responseQ. The
+connection stays open and reconnects on its own; no request opens one.
+
+Errors: Unavailable (503) means the request was never sent; Timeout (504)
+means it was sent and no reply came in time: a write may still happen, and
+re-sending it with the same request id is safe (workers deduplicate by id)."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import pika
+
+from . import ops as _ops
+from .errors import DBError, Timeout, Unavailable
+from .names import Names
+from .protocol import Reply, Request, decode_reply, new_id
+from .settings import Settings, load
+from .topology import declare_all, declare_response_queue
+
+log = logging.getLogger("stratus.client")
+
+
+def connection_params(url: str, *, heartbeat: int = 30) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.heartbeat = heartbeat
+    params.blocked_connection_timeout = 30
+    params.connection_attempts = 1
+    params.socket_timeout = 3
+    return params
+
+
+class DBClient:
+    def __init__(self, settings: Settings | None = None, *, name: str = "client", connect_timeout: float = 5.0):
+        self.settings = settings or load()
+        self.names = Names(self.settings.cluster)
+        self.client_id = f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._pending: dict[str, Future] = {}
+        self._pending_lock = threading.Lock()
+        self._outbox: deque = deque()
+        self._conn: pika.BlockingConnection | None = None
+        self._ch = None
+        self._connected = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"bus-io-{name}", daemon=True)
+        self._thread.start()
+        self._connected.wait(connect_timeout)
+
+    # --- public API -------------------------------------------------------
+    def read(self, query: dict, *, min_lsn: int | None = None, timeout: float | None = None) -> Reply:
+        """Run a query on a slave (or the master while no slave is ready)."""
+        req = Request(kind="read", body=query, min_lsn=min_lsn or None)
+        return self.request(req, self.names.read_queue, timeout)
+
+    def write(self, ops: list[dict], *, timeout: float | None = None, request_id: str | None = None) -> Reply:
+        """Apply a list of operations atomically on the master. The reply's
+        lsn is the write's log sequence number."""
+        req = Request(kind="write", body={"ops": ops}, id=request_id or new_id())
+        return self.request(req, self.names.write_queue, timeout, persistent=True)
+
+    def clear(self, *, timeout: float | None = None) -> Reply:
+        return self.write([_ops.clear()], timeout=timeout)
+
+    def create_table(self, *args, timeout: float | None = None, **kwargs) -> Reply:
+        return self.write([_ops.create_table(*args, **kwargs)], timeout=timeout)
+
+    def request(self, req: Request, routing_key: str, timeout: float | None = None, *, persistent: bool = False) -> Reply:
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        if not self._connected.wait(min(timeout, 5.0)):
+            raise Unavailable("the message bus is not reachable; the request was not sent")
+        fut: Future = Future()
+        with self._pending_lock:
+            self._pending[req.id] = fut
+        props = pika.BasicProperties(
+            reply_to=self.names.response_queue(self.client_id), correlation_id=req.id,
+            content_type="application/json", delivery_mode=2 if persistent else 1,
+            expiration=str(max(1, int(timeout * 1000))),  # a request nobody takes in time is dropped
+        )
+        self._outbox.append((routing_key, req.encode(), props, deadline, req.id))
+        self._wake()
+        try:
+            raw = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise Timeout(f"no reply within {timeout:g}s ({req.kind} {req.id}); a write may still be applied") from None
+        finally:
+            with self._pending_lock:
+                self._pending.pop(req.id, None)
+        if isinstance(raw, DBError):
+            raise raw
+        return decode_reply(raw)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake()
+        self._thread.join(timeout=5)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    # --- the I/O thread ---------------------------------------------------
+    def _wake(self) -> None:
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.add_callback_threadsafe(self._flush)
+            except Exception:  # closed meanwhile: the loop reconnects and flushes
+                pass
+
+    def _flush(self) -> None:
+        now = time.monotonic()
+        while self._outbox:
+            item = self._outbox.popleft()
+            routing_key, body, props, deadline, rid = item
+            if deadline < now:
+                continue  # the caller has given up already
+            try:
+                self._ch.basic_publish("", routing_key, body, props)
+            except Exception:
+                self._outbox.appendleft(item)
+                raise
+
+    def _on_reply(self, ch, method, props, body) -> None:
+        with self._pending_lock:
+            fut = self._pending.get(props.correlation_id)
+        if fut is not None and not fut.done():
+            fut.set_result(body)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            conn = None
+            try:
+                conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
+                ch = conn.channel()
+                declare_all(ch, self.names)
+                q = declare_response_queue(ch, self.names, self.client_id)
+                ch.basic_consume(q, self._on_reply, auto_ack=True)
+                self._conn, self._ch = conn, ch
+                self._connected.set()
+                backoff = 0.1
+                self._flush()
+                while not self._stop.is_set():
+                    conn.process_data_events(time_limit=0.5)
+                    if self._outbox:
+                        self._flush()
+            except Exception as exc:  # broker gone or channel closed: reconnect
+                if not self._stop.is_set():
+                    log.warning("bus connection lost (%s); reconnecting", exc)
+            finally:
+                self._connected.clear()
+                self._conn = None
+                if conn is not None:
+                    try:
+                        conn.close()
+                    except Exception:
+                        pass
+            if not self._stop.is_set():
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+
+_shared: DBClient | None = None
+_shared_pid = 0
+_shared_lock = threading.Lock()
+
+
+def shared(name: str = "service") -> DBClient:
+    """A process-wide client, made on first use (after any fork, so gunicorn
+    workers each get their own connection)."""
+    global _shared, _shared_pid
+    with _shared_lock:
+        if _shared is None or _shared_pid != os.getpid():
+            _shared = DBClient(name=name)
+            _shared_pid = os.getpid()
+        return _shared

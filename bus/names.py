@@ -1,0 +1,61 @@
+"""Every queue, exchange, stream and znode name, namespaced by STRATUS_CLUSTER.
+
+Two clusters with different names share one broker and one ZooKeeper ensemble
+and never see each other's objects: everything below is derived from the
+cluster name, and nothing else in the code builds a name by hand."""
+from __future__ import annotations
+
+import re
+
+_CLUSTER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def check_cluster(cluster: str) -> str:
+    if not _CLUSTER_RE.match(cluster):
+        raise ValueError(f"STRATUS_CLUSTER {cluster!r}: use letters, digits, '.', '_' or '-' (at most 63)")
+    return cluster
+
+
+class Names:
+    """AMQP object names for one cluster. The spec's names (readQ, writeQ,
+    syncQ, responseQ) are kept as the last part of each name."""
+
+    def __init__(self, cluster: str):
+        self.cluster = check_cluster(cluster)
+        p = f"stratus.{cluster}."
+        self.read_queue = p + "readQ"            # slaves consume it round robin
+        self.write_queue = p + "writeQ"          # only the master consumes it
+        self.master_read_queue = p + "readQ.master"  # reads that fell back to the master
+        self.sync_exchange = p + "syncQ"         # fanout exchange: the replication log's entry
+        self.log_stream = p + "syncQ.log"        # durable stream bound to syncQ
+        self.dead_exchange = p + "dlx"           # unparsable messages go here...
+        self.dead_queue = p + "deadQ"            # ...and are kept for inspection
+        self.invalidate_exchange = p + "invalidate"  # fanout: product names whose cache entry is stale
+        self.response_prefix = p + "responseQ."  # one reply queue per client
+
+    def response_queue(self, client_id: str) -> str:
+        return self.response_prefix + client_id
+
+
+class Paths:
+    """ZooKeeper paths for one cluster (layout documented in docs/architecture.md)."""
+
+    def __init__(self, cluster: str):
+        self.cluster = check_cluster(cluster)
+        self.root = f"/stratus/{cluster}"
+        self.workers = self.root + "/workers"          # ephemeral, one per live worker
+        self.leader = self.root + "/leader"            # {"id", "term"}: who is master
+        self.elections = self.root + "/elections"      # history: one sequential node per election
+        self.orchestrators = self.root + "/orchestrator/election"  # kazoo Election
+        self.orchestrator_state = self.root + "/orchestrator/state"  # scaling state, shown in /cluster
+        self.services = self.root + "/services"        # tenant service registry
+        self.locks = self.root + "/locks"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.workers}/{worker_id}"
+
+    def service(self, name: str) -> str:
+        return f"{self.services}/{name}"
+
+    def lock(self, name: str) -> str:
+        return f"{self.locks}/{name}"

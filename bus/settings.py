@@ -1,0 +1,97 @@
+"""Settings from the STRATUS_* environment variables (see shared spec platform.md)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _str(name: str, default: str) -> str:
+    raw = os.environ.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    amqp_url: str = field(default_factory=lambda: _str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    zk_hosts: str = field(default_factory=lambda: _str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
+    cluster: str = field(default_factory=lambda: _str("STRATUS_CLUSTER", "default"))
+    runtime: str = field(default_factory=lambda: _str("STRATUS_RUNTIME", "process"))
+    scale_window: float = field(default_factory=lambda: _float("STRATUS_SCALE_WINDOW", 120.0))
+    reads_per_slave: int = field(default_factory=lambda: _int("STRATUS_READS_PER_SLAVE", 20))
+    max_slaves: int = field(default_factory=lambda: _int("STRATUS_MAX_SLAVES", 8))
+    state_dir: str = field(default_factory=lambda: _str("STRATUS_STATE_DIR", "./var"))
+    # ZooKeeper session timeout in seconds: how fast a dead worker is noticed.
+    zk_timeout: float = field(default_factory=lambda: _float("STRATUS_ZK_TIMEOUT", 1.0))
+    # How long a DB request waits for its reply before the client gives up (504).
+    request_timeout: float = field(default_factory=lambda: _float("STRATUS_REQUEST_TIMEOUT", 10.0))
+    # How long a slave holds a read whose min_lsn it has not applied yet before
+    # handing it to the master.
+    min_lsn_wait: float = field(default_factory=lambda: _float("STRATUS_MIN_LSN_WAIT", 0.5))
+    # Ports (0 = any free port, for the tenant services).
+    gateway_port: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_PORT", 8080))
+    orchestrator_port: int = field(default_factory=lambda: _int("STRATUS_ORCHESTRATOR_PORT", 8081))
+    users_port: int = field(default_factory=lambda: _int("STRATUS_USERS_PORT", 8082))
+    rides_port: int = field(default_factory=lambda: _int("STRATUS_RIDES_PORT", 8083))
+    catalog_port: int = field(default_factory=lambda: _int("STRATUS_CATALOG_PORT", 8084))
+    order_port: int = field(default_factory=lambda: _int("STRATUS_ORDER_PORT", 8085))
+    # The address services bind to and advertise in the registry.
+    bind_host: str = field(default_factory=lambda: _str("STRATUS_BIND_HOST", "127.0.0.1"))
+    advertise_host: str = field(default_factory=lambda: _str("STRATUS_ADVERTISE_HOST", ""))
+    # Where the orchestrator's API is, for the CLI and load scripts.
+    orchestrator_url: str = field(default_factory=lambda: _str("STRATUS_ORCHESTRATOR_URL", ""))
+    gateway_url: str = field(default_factory=lambda: _str("STRATUS_GATEWAY_URL", ""))
+    # The store of a worker: a SQLAlchemy URL template; {path} is the worker's SQLite file.
+    db_url: str = field(default_factory=lambda: _str("STRATUS_DB_URL", "sqlite:///{path}"))
+    restock_interval: float = field(default_factory=lambda: _float("STRATUS_RESTOCK_INTERVAL", 10.0))
+    log_level: str = field(default_factory=lambda: _str("STRATUS_LOG_LEVEL", "INFO"))
+    debug: bool = field(default_factory=lambda: _bool("STRATUS_DEBUG", False))
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).resolve()
+
+    def cluster_state_path(self) -> Path:
+        """Per-cluster state: worker databases, logs, secrets."""
+        return self.state_path / "clusters" / self.cluster
+
+    def orchestrator_base_url(self) -> str:
+        return self.orchestrator_url or f"http://127.0.0.1:{self.orchestrator_port}"
+
+    def gateway_base_url(self) -> str:
+        return self.gateway_url or f"http://127.0.0.1:{self.gateway_port}"
+
+    def as_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def load() -> Settings:
+    """Read the environment now (tests change it between clusters)."""
+    return Settings()
