@@ -1,0 +1,156 @@
+"""A real local cluster for tests: a unique STRATUS_CLUSTER namespace on the
+shared RabbitMQ and ZooKeeper, processes started by pid and cleaned up by pid,
+queues and znodes deleted at the end. Every wait is bounded."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pika
+
+from bus import zk as bzk
+from bus.client import DBClient, connection_params
+from bus.cluster import set_leader, workers
+from bus.names import Names, Paths
+from bus.settings import Settings, load
+from bus.topology import delete_cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class LocalCluster:
+    def __init__(self, tmp_path: Path, name: str | None = None, **overrides):
+        self.name = name or f"t{uuid.uuid4().hex[:10]}"
+        self.state_dir = tmp_path / "state"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir = tmp_path / "logs"
+        self.log_dir.mkdir(exist_ok=True)
+        env_over = {"STRATUS_CLUSTER": self.name, "STRATUS_STATE_DIR": str(self.state_dir)}
+        for k, v in overrides.items():
+            env_over[f"STRATUS_{k.upper()}"] = str(v)
+        self.env = {**os.environ, **env_over, "PYTHONUNBUFFERED": "1"}
+        base = load()
+        fields = {f.name for f in dataclasses.fields(Settings)}
+        typed = {k: type(getattr(base, k))(v) for k, v in overrides.items() if k in fields}
+        self.settings = dataclasses.replace(base, cluster=self.name, state_dir=str(self.state_dir), **typed)
+        self.names = Names(self.name)
+        self.paths = Paths(self.name)
+        self.zk = bzk.connect(self.settings)
+        self.procs: dict[str, subprocess.Popen] = {}
+        self._clients: list[DBClient] = []
+
+    # --- processes -----------------------------------------------------------
+    def spawn(self, key: str, args: list[str], **env) -> subprocess.Popen:
+        """Start `python -m ...` (or any args) with this cluster's settings."""
+        logf = open(self.log_dir / f"{key}.log", "ab")
+        p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**self.env, **{k: str(v) for k, v in env.items()}},
+                             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[key] = p
+        return p
+
+    def start_worker(self, worker_id: str, **env) -> subprocess.Popen:
+        return self.spawn(worker_id, ["-m", "worker", "--id", worker_id], **env)
+
+    def signal(self, key: str, sig: int) -> None:
+        p = self.procs[key]
+        if p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def kill(self, key: str) -> None:
+        self.signal(key, signal.SIGKILL)
+        self.procs[key].wait(10)
+
+    def log(self, key: str) -> str:
+        return (self.log_dir / f"{key}.log").read_text(errors="replace")
+
+    # --- the data plane ----------------------------------------------------------
+    def workers(self) -> dict[str, dict]:
+        return workers(self.zk, self.paths)
+
+    def promote(self, worker_id: str) -> int:
+        return set_leader(self.zk, self.paths, worker_id)
+
+    def wait_master(self, worker_id: str, timeout: float = 20.0) -> dict:
+        return wait_for(lambda: (w := self.workers().get(worker_id)) and w["role"] == "master" and w,
+                        timeout, what=f"{worker_id} to be master")
+
+    def wait_ready(self, ids: list[str], timeout: float = 30.0) -> None:
+        def ok():
+            ws = self.workers()
+            return all(ws.get(i, {}).get("ready") for i in ids)
+        wait_for(ok, timeout, what=f"workers {ids} ready")
+
+    def bootstrap(self, slaves: int = 1) -> list[str]:
+        """A master w1 and `slaves` slaves (s1..sN), all ready."""
+        self.promote("w1")
+        self.start_worker("w1")
+        self.wait_master("w1")
+        ids = [f"s{i}" for i in range(1, slaves + 1)]
+        for i in ids:
+            self.start_worker(i)
+        self.wait_ready(ids)
+        return ids
+
+    def client(self, **kw) -> DBClient:
+        c = DBClient(self.settings, **kw)
+        self._clients.append(c)
+        return c
+
+    # --- teardown ----------------------------------------------------------------
+    def close(self) -> None:
+        for c in self._clients:
+            c.close()
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 10
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        try:
+            self.zk.delete(self.paths.root, recursive=True)
+        except Exception:
+            pass
+        self.zk.stop()
+        self.zk.close()
+        try:
+            conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
+            delete_cluster(conn.channel(), self.names)
+            conn.close()
+        except Exception:
+            pass
