@@ -87,7 +87,7 @@ class DBClient:
             content_type="application/json", delivery_mode=2 if persistent else 1,
             expiration=str(max(1, int(timeout * 1000))),  # a request nobody takes in time is dropped
         )
-        self._outbox.append((routing_key, req.encode(), props, deadline, req.id))
+        self._outbox.append(("", routing_key, req.encode(), props, deadline))
         self._wake()
         try:
             raw = fut.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -99,6 +99,16 @@ class DBClient:
         if isinstance(raw, DBError):
             raise raw
         return decode_reply(raw)
+
+    def publish(self, exchange: str, body: bytes, routing_key: str = "", *, timeout: float = 5.0) -> None:
+        """Fire-and-forget publish on the client's connection (e.g. a cache
+        invalidation on names.invalidate_exchange). Raises Unavailable when
+        the bus is not reachable."""
+        if not self._connected.wait(min(timeout, 5.0)):
+            raise Unavailable("the message bus is not reachable")
+        self._outbox.append((exchange, routing_key, body, pika.BasicProperties(delivery_mode=1),
+                             time.monotonic() + timeout))
+        self._wake()
 
     def close(self) -> None:
         self._stop.set()
@@ -122,11 +132,11 @@ class DBClient:
         now = time.monotonic()
         while self._outbox:
             item = self._outbox.popleft()
-            routing_key, body, props, deadline, rid = item
+            exchange, routing_key, body, props, deadline = item
             if deadline < now:
                 continue  # the caller has given up already
             try:
-                self._ch.basic_publish("", routing_key, body, props)
+                self._ch.basic_publish(exchange, routing_key, body, props)
             except Exception:
                 self._outbox.appendleft(item)
                 raise
