@@ -2,7 +2,7 @@
 or a test harness), kept in ZooKeeper:
 
   /stratus/{cluster}/workers/{id}   ephemeral, written by each worker:
-      {id, pid, host, role, state, term, applied_lsn, ready, reads, started}
+      {id, pid, host, role, state, term, applied_lsn, ready, reads, serves_reads, started}
       role:  "slave" | "master"
       state: "catching_up" | "ready" | "promoting" | "master" | "draining"
       reads: reads this worker has taken from readQ since it started (the

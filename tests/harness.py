@@ -115,6 +115,8 @@ class LocalCluster:
         for i in ids:
             self.start_worker(i)
         self.wait_ready(ids)
+        if ids:  # the master stops serving reads once it sees a ready slave
+            wait_for(lambda: not self.workers()["w1"].get("serves_reads"), 10, what="master to leave reads to slaves")
         return ids
 
     def client(self, **kw) -> DBClient:

@@ -85,6 +85,7 @@ class Worker:
         return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "role": self.role,
                 "state": self.state, "term": self.current_term if self.role == "slave" else self.store.term,
                 "applied_lsn": self.store.applied_lsn, "ready": self.ready, "reads": self.reads,
+                "serves_reads": self.ready and (self.role == "slave" or self.master_serves_reads),
                 "started": self.started}
 
     def _zk_loop(self) -> None:
