@@ -44,6 +44,24 @@ def free_port() -> int:
     return port
 
 
+def sqlite_checksum(path: Path) -> dict[str, str]:
+    import hashlib
+    import json
+    import sqlite3
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        out = {}
+        for name, definition in conn.execute("SELECT name, definition FROM _stratus_tables ORDER BY name"):
+            pk = ", ".join(f'"{c}"' for c in json.loads(definition)["primary_key"])
+            h = hashlib.sha256()
+            for row in conn.execute(f'SELECT * FROM "{name}" ORDER BY {pk}'):
+                h.update(json.dumps(list(row)).encode())
+            out[name] = h.hexdigest()
+        return out
+    finally:
+        conn.close()
+
+
 class LocalCluster:
     def __init__(self, tmp_path: Path, name: str | None = None, **overrides):
         self.name = name or f"t{uuid.uuid4().hex[:10]}"
@@ -123,6 +141,13 @@ class LocalCluster:
         c = DBClient(self.settings, **kw)
         self._clients.append(c)
         return c
+
+    def db_path(self, worker_id: str) -> Path:
+        return self.state_dir / "clusters" / self.name / "workers" / worker_id / "store.sqlite"
+
+    def checksum(self, worker_id: str) -> dict[str, str]:
+        """sha256 of every tenant table of one worker, read-only from its file."""
+        return sqlite_checksum(self.db_path(worker_id))
 
     # --- teardown ----------------------------------------------------------------
     def close(self) -> None:

@@ -106,6 +106,19 @@ class Worker:
                 log.debug("membership refresh failed: %s", exc)
             time.sleep(0.25)
 
+    def _claim_membership(self) -> None:
+        """A worker restarted under the same id may find its predecessor's
+        ephemeral node, due to vanish when that dead session expires: replace it
+        now with one of our own session."""
+        path = self.paths.worker(self.id)
+        stat = self.zk.exists(path)
+        if stat is not None and stat.ephemeralOwner != self.zk.client_id[0]:
+            try:
+                self.zk.delete(path)
+            except Exception:
+                pass
+        put_json(self.zk, path, self.membership(), ephemeral=True)
+
     def _on_zk_state(self, state) -> None:
         if state == KazooState.LOST and self.role == "master" and not self.stopping:
             # Our session is gone: another master may be elected any moment.
@@ -131,7 +144,7 @@ class Worker:
         self.zk = connect(self.settings)
         self.zk.add_listener(self._on_zk_state)
         self.leader, _ = read_leader(self.zk, self.paths)
-        put_json(self.zk, self.paths.worker(self.id), self.membership(), ephemeral=True)
+        self._claim_membership()
         threading.Thread(target=self._zk_loop, name="zk-membership", daemon=True).start()
         DataWatch(self.zk, self.paths.leader, self._on_leader)
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
@@ -240,6 +253,7 @@ class Worker:
         self.ch_log.basic_qos(prefetch_count=LOG_PREFETCH)  # streams need a prefetch
         off = self.store.stream_offset
         start = "first" if off is None else off + 1
+        log.info("applying the log from offset %s (applied LSN %d)", start, self.store.applied_lsn)
         self._consume("log", self.ch_log, self.names.log_stream, self._on_log, arguments={"x-stream-offset": start})
 
     def _publish_log(self, body: bytes) -> None:
