@@ -351,13 +351,13 @@ class Store:
         kind = q.get("op")
         if kind == "tables":
             return sorted(self.defs)
+        if kind not in ("select", "count"):
+            raise BadRequest(f"unknown read operation {kind!r} (select, count, tables)")
         tname = q.get("table")
         table = self._table(tname)
         clauses = self._where(tname, table, q.get("where"))
         if kind == "count":
             return self.conn.execute(sa.select(sa.func.count()).select_from(table).where(*clauses)).scalar()
-        if kind != "select":
-            raise BadRequest(f"unknown read operation {kind!r} (select, count, tables)")
         cols = q.get("columns")
         if cols is None:
             sel_cols = list(table.c)
