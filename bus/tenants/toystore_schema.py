@@ -1,0 +1,38 @@
+"""The toy store's tables, shared by the catalog and order services (which
+never import each other). Both services create both tables at start: a
+create_table with the same definition is a no-op, so any start order works.
+
+  products(name text PK, price real, quantity integer)   owned by catalog
+  orders(number integer PK, name text, quantity integer) owned by order
+"""
+from __future__ import annotations
+
+from bus import ops
+
+PRODUCTS = "products"
+ORDERS = "orders"
+ORDER_SEQ = "orders"      # the $seq that numbers orders from 0
+RESTOCK_LOCK = "restock"  # Paths(cluster).lock(RESTOCK_LOCK): one restocker at a time
+RESTOCK_TO = 100          # a toy at 0 goes back to this quantity
+MAX_ORDER_QUANTITY = 1_000_000  # larger quantities are refused before any write
+
+
+def products_table() -> dict:
+    return ops.create_table(PRODUCTS, [
+        ops.column("name", "text", nullable=False),
+        ops.column("price", "real", nullable=False),
+        ops.column("quantity", "integer", nullable=False),
+    ], ["name"])
+
+
+def orders_table() -> dict:
+    return ops.create_table(ORDERS, [
+        ops.column("number", "integer", nullable=False),
+        ops.column("name", "text", nullable=False),
+        ops.column("quantity", "integer", nullable=False),
+    ], ["number"], indexes=[["name"]])
+
+
+def create_tables(db, *, timeout: float | None = None):
+    """Create both tables in one write (idempotent). Returns the Reply."""
+    return db.write([products_table(), orders_table()], timeout=timeout)

@@ -1,0 +1,1 @@
+"""The toy store's catalog service: products, their stock, and the restocker."""

@@ -1,0 +1,139 @@
+"""The catalog service: GET /products/{name}, the CSV seed, and the restocker.
+
+The products table lives in the replicated DB; this service only talks to it
+over the bus (bus.client). On start it creates the tables and inserts every
+product of catalog/products.csv that is missing, one guarded write per
+product (require not exists + insert), so a restart never resets stock and
+several instances starting at once cannot insert a product twice."""
+from __future__ import annotations
+
+import csv
+import logging
+import threading
+from pathlib import Path
+
+from flask import Flask, jsonify, request
+
+from bus import ops
+from bus.client import DBClient, shared
+from bus.errors import DBError, PreconditionFailed, Timeout, Unavailable
+from bus.service import base_app, json_error
+from bus.settings import Settings, load
+from bus.tenants import toystore_schema as schema
+
+from .restock import Restocker
+
+log = logging.getLogger("stratus.catalog")
+
+CSV_PATH = Path(__file__).resolve().parent / "products.csv"
+STARTUP_WAIT = 20.0  # create_app waits this long for the seed, then goes on in the background
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"code": status, "message": message}}
+
+
+def load_catalog(path: Path = CSV_PATH) -> list[dict]:
+    """The shipped catalog: [{"name", "price", "quantity"}], checked."""
+    out, seen = [], set()
+    with open(path, newline="", encoding="utf-8") as f:
+        for i, row in enumerate(csv.DictReader(f), start=2):
+            name = (row.get("name") or "").strip()
+            if not name or name in seen:
+                raise ValueError(f"{path}:{i}: missing or repeated product name {name!r}")
+            price, quantity = float(row["price"]), int(row["quantity"])
+            if price < 0 or quantity < 0:
+                raise ValueError(f"{path}:{i}: price and quantity must not be negative")
+            seen.add(name)
+            out.append({"name": name, "price": price, "quantity": quantity})
+    return out
+
+
+def seed(db: DBClient, products: list[dict]) -> int:
+    """Create the tables and insert the products that are missing. Returns
+    how many this call inserted. Idempotent and race-free: each insert is
+    guarded by a require(not exists) in the same atomic write."""
+    schema.create_tables(db)
+    present = {r["name"] for r in db.read(ops.select(schema.PRODUCTS, columns=["name"])).result}
+    inserted = 0
+    for p in products:
+        if p["name"] in present:
+            continue
+        try:
+            db.write([ops.require(schema.PRODUCTS, [ops.eq("name", p["name"])], exists=False, tag="exists"),
+                      ops.insert(schema.PRODUCTS, p)])
+            inserted += 1
+        except PreconditionFailed as exc:
+            if exc.tag != "exists":
+                raise
+    return inserted
+
+
+def min_lsn_header() -> int | None:
+    raw = request.headers.get("X-Stratus-Min-LSN", "")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+
+
+def db_error(exc: DBError):
+    """Unavailable -> 503, Timeout -> 504; anything else is our fault (500)."""
+    if isinstance(exc, Unavailable):
+        return json_error(503, f"database unavailable: {exc.message}")
+    if isinstance(exc, Timeout):
+        return json_error(504, f"database timeout: {exc.message}")
+    if exc.code == "unknown_table":  # the tables are not created yet
+        return json_error(503, "catalog not ready")
+    log.error("unexpected database error: %r", exc)
+    return json_error(500, f"database error: {exc.message}")
+
+
+def _start_seed(db: DBClient, products: list[dict], stop: threading.Event) -> threading.Event:
+    done = threading.Event()
+
+    def run():
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                n = seed(db, products)
+                log.info("catalog ready: %d products, %d inserted now", len(products), n)
+                done.set()
+                return
+            except DBError as exc:
+                log.warning("catalog seed failed (%r); retrying in %.1fs", exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+    threading.Thread(target=run, name="catalog-seed", daemon=True).start()
+    return done
+
+
+def create_app(settings: Settings | None = None, *, db: DBClient | None = None,
+               restocker: bool = True) -> Flask:
+    settings = settings or load()
+    db = db or shared("catalog")
+    app = base_app("catalog", error_body=error_body)
+    stop = threading.Event()
+    app.extensions["toystore_stop"] = stop
+
+    products = load_catalog()
+    seeded = _start_seed(db, products, stop)
+    if not seeded.wait(STARTUP_WAIT):
+        log.warning("catalog not seeded after %.0fs; still trying in the background", STARTUP_WAIT)
+    if restocker:
+        r = Restocker(settings, db)
+        r.start()
+        app.extensions["toystore_restocker"] = r
+
+    @app.get("/products/<name>")
+    def get_product(name: str):
+        try:
+            reply = db.read(ops.select(schema.PRODUCTS, [ops.eq("name", name)],
+                                       columns=["name", "price", "quantity"]), min_lsn=min_lsn_header())
+        except DBError as exc:
+            return db_error(exc)
+        if not reply.result:
+            resp, status = json_error(404, "product not found")
+        else:
+            resp, status = jsonify({"data": reply.result[0]}), 200
+        resp.headers["X-Stratus-LSN"] = str(reply.lsn)
+        return resp, status
+
+    return app

@@ -1,0 +1,1 @@
+"""The toy store's order service: atomic orders with gap-free numbers."""

@@ -1,0 +1,179 @@
+"""The order service: POST /orders and GET /orders/{n}.
+
+An order is ONE atomic write on the master:
+  1. require   products where name = N                     (tag no_product -> 404)
+  2. update    products add quantity -q
+               where name = N and quantity >= q, expect 1  (tag stock -> 400)
+  3. insert    orders {number: $seq("orders", start 0), name, quantity}
+If a precondition fails, nothing is written. The order number is taken from
+the sequence inside the write, so numbers start at 0 and are gap-free and
+unique however many order instances run. The write carries a request id; if
+the reply is lost (Timeout) or the bus was down (Unavailable) the service
+sends the same write again with the same id, which the workers deduplicate,
+so a retry can never place an order twice."""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from flask import Flask, jsonify, request
+
+from bus import ops
+from bus.client import DBClient, shared
+from bus.errors import DBError, PreconditionFailed, Timeout, Unavailable
+from bus.protocol import new_id
+from bus.service import base_app, json_error
+from bus.settings import Settings, load
+from bus.names import Names
+from bus.tenants import toystore_schema as schema
+
+log = logging.getLogger("stratus.order")
+
+STARTUP_WAIT = 20.0
+WRITE_ATTEMPTS = 3       # the same write (same request id) after a Timeout or Unavailable
+MAX_ORDER_NUMBER = 2**63 - 1
+
+
+def error_body(status: int, message: str) -> dict:
+    return {"error": {"code": status, "message": message}}
+
+
+class Invalid(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def parse_order(raw: bytes) -> tuple[str, int]:
+    """The checked (name, quantity) of a POST /orders body, or Invalid(400)."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise Invalid(400, "request body must be JSON") from None
+    if not isinstance(body, dict):
+        raise Invalid(400, "request body must be a JSON object")
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise Invalid(400, "name must be a non-empty string")
+    q = body.get("quantity")
+    if not isinstance(q, int) or isinstance(q, bool) or q <= 0:
+        raise Invalid(400, "quantity must be a positive integer")
+    if q > schema.MAX_ORDER_QUANTITY:
+        raise Invalid(400, f"quantity must be at most {schema.MAX_ORDER_QUANTITY}")
+    return name, q
+
+
+def order_ops(name: str, quantity: int) -> list[dict]:
+    return [
+        ops.require(schema.PRODUCTS, [ops.eq("name", name)], tag="no_product"),
+        ops.update(schema.PRODUCTS, [ops.eq("name", name), ["quantity", ">=", quantity]],
+                   add={"quantity": -quantity}, expect=1, tag="stock"),
+        ops.insert(schema.ORDERS, {"number": ops.seq(schema.ORDER_SEQ, start=0), "name": name,
+                                   "quantity": quantity}),
+    ]
+
+
+def place_order(db: DBClient, name: str, quantity: int, *, attempts: int = WRITE_ATTEMPTS):
+    """The order write; retried with the same request id after a lost reply.
+    Returns (order number, lsn). Raises PreconditionFailed or the last DBError."""
+    rid = new_id()
+    for attempt in range(1, attempts + 1):
+        try:
+            reply = db.write(order_ops(name, quantity), request_id=rid)
+            return reply.result[2]["values"]["number"], reply.lsn
+        except (Timeout, Unavailable) as exc:
+            if attempt == attempts:
+                raise
+            log.warning("order write %s: %r; sending it again (attempt %d)", rid, exc, attempt + 1)
+            time.sleep(0.2 * attempt)
+
+
+def min_lsn_header() -> int | None:
+    raw = request.headers.get("X-Stratus-Min-LSN", "")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+
+
+def db_error(exc: DBError):
+    if isinstance(exc, Unavailable):
+        return json_error(503, f"database unavailable: {exc.message}")
+    if isinstance(exc, Timeout):
+        return json_error(504, f"database timeout: {exc.message}")
+    if exc.code == "unknown_table":
+        return json_error(503, "order service not ready")
+    log.error("unexpected database error: %r", exc)
+    return json_error(500, f"database error: {exc.message}")
+
+
+def _start_setup(db: DBClient, stop: threading.Event) -> threading.Event:
+    done = threading.Event()
+
+    def run():
+        delay = 0.2
+        while not stop.is_set():
+            try:
+                schema.create_tables(db)
+                log.info("order tables ready")
+                done.set()
+                return
+            except DBError as exc:
+                log.warning("creating the order tables failed (%r); retrying in %.1fs", exc, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, 2.0)
+    threading.Thread(target=run, name="order-setup", daemon=True).start()
+    return done
+
+
+def create_app(settings: Settings | None = None, *, db: DBClient | None = None) -> Flask:
+    settings = settings or load()
+    db = db or shared("order")
+    names = Names(settings.cluster)
+    app = base_app("order", error_body=error_body)
+    stop = threading.Event()
+    app.extensions["toystore_stop"] = stop
+    if not _start_setup(db, stop).wait(STARTUP_WAIT):
+        log.warning("order tables not created after %.0fs; still trying in the background", STARTUP_WAIT)
+
+    @app.post("/orders")
+    def post_order():
+        try:
+            name, quantity = parse_order(request.get_data(cache=False))
+        except Invalid as exc:
+            return json_error(exc.status, exc.message)
+        try:
+            number, lsn = place_order(db, name, quantity)
+        except PreconditionFailed as exc:
+            if exc.tag == "no_product":
+                return json_error(404, "product not found")
+            if exc.tag == "stock":
+                return json_error(400, "not enough stock")
+            log.error("unexpected precondition failure: %r", exc)
+            return json_error(500, f"database error: {exc.message}")
+        except DBError as exc:
+            return db_error(exc)
+        try:
+            db.publish(names.invalidate_exchange, name.encode())
+        except DBError as exc:  # the order stands; the cache entry ages out
+            log.warning("invalidation of %s not published: %r", name, exc)
+        resp = jsonify({"data": {"order_number": number}})
+        resp.headers["X-Stratus-LSN"] = str(lsn)
+        return resp, 200
+
+    @app.get("/orders/<raw>")
+    def get_order(raw: str):
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ORDER_NUMBER:
+            return json_error(404, "order not found")
+        try:
+            reply = db.read(ops.select(schema.ORDERS, [ops.eq("number", int(raw))],
+                                       columns=["number", "name", "quantity"]), min_lsn=min_lsn_header())
+        except DBError as exc:
+            return db_error(exc)
+        if not reply.result:
+            resp, status = json_error(404, "order not found")
+        else:
+            resp, status = jsonify({"data": reply.result[0]}), 200
+        resp.headers["X-Stratus-LSN"] = str(reply.lsn)
+        return resp, status
+
+    return app
