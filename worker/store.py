@@ -113,8 +113,13 @@ class Store:
 
     # --- writes -----------------------------------------------------------
     def seen(self, request_id: str) -> tuple[int, Any] | None:
-        row = self.conn.execute(sa.select(self.t_req.c.lsn, self.t_req.c.result)
-                                .where(self.t_req.c.id == request_id)).first()
+        """(LSN, result) of a write already applied under this request id."""
+        stmt = sa.select(self.t_req.c.lsn, self.t_req.c.result).where(self.t_req.c.id == request_id)
+        if self.conn.in_transaction():
+            row = self.conn.execute(stmt).first()
+        else:
+            with self.conn.begin():
+                row = self.conn.execute(stmt).first()
         return (row[0], json.loads(row[1]) if row[1] else None) if row else None
 
     def apply_request(self, ops: list, lsn: int, request_id: str) -> tuple[list, list]:
