@@ -1,0 +1,1 @@
+"""The rides service of the RideShare tenant: `python -m rides`."""

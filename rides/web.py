@@ -1,0 +1,200 @@
+"""HTTP conventions of a RideShare service: JSON bodies checked before any
+write, read-your-writes LSN headers, the per-instance request counter, the
+lazily ensured schema, and DB errors as HTTP statuses.
+
+(users/web.py is the same file: components never import each other. It is
+generic enough to move into bus/service.py one day.)"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from flask import Flask, Response, g, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+
+from bus.errors import DBError
+from bus.service import MAX_BODY, json_error
+
+LSN_HEADER = "X-Stratus-LSN"
+MIN_LSN_HEADER = "X-Stratus-Min-LSN"
+MAX_FIELD = 255
+
+log = logging.getLogger("stratus.rideshare")
+
+
+class InputError(Exception):
+    """The request is malformed: 400, nothing written."""
+
+
+class RequestCounter:
+    """Requests answered on a path prefix, exact under concurrency."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix.rstrip("/")
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def matches(self, path: str) -> bool:
+        return path == self.prefix or path.startswith(self.prefix + "/")
+
+    def incr(self) -> None:
+        with self._lock:
+            self._n += 1
+
+    def get(self) -> int:
+        with self._lock:
+            return self._n
+
+    def reset(self) -> None:
+        with self._lock:
+            self._n = 0
+
+
+class SchemaGuard:
+    """Creates the tenant's tables once per process: in the background from
+    start, and on demand before a request's first DB operation."""
+
+    def __init__(self, create):
+        self._create = create
+        self._lock = threading.Lock()
+        self.ready = threading.Event()
+
+    def ensure(self) -> None:
+        if self.ready.is_set():
+            return
+        with self._lock:
+            if not self.ready.is_set():
+                self._create()
+                self.ready.set()
+
+    def forget(self) -> None:
+        self.ready.clear()
+
+    def start_background(self, name: str) -> None:
+        def loop():
+            delay = 0.2
+            while not self.ready.is_set():
+                try:
+                    self.ensure()
+                    log.info("%s: tables ready", name)
+                except DBError as exc:
+                    log.info("%s: tables not created yet (%s); retrying", name, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        threading.Thread(target=loop, name=f"{name}-schema", daemon=True).start()
+
+
+def json_object(required: tuple[str, ...]) -> dict:
+    """The request body as a JSON object holding `required` fields. Raises
+    InputError (400) otherwise, RequestEntityTooLarge (413) above the limit."""
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise RequestEntityTooLarge()
+    raw = request.get_data(cache=True)
+    if len(raw) > MAX_BODY:
+        raise RequestEntityTooLarge()
+    if not raw.strip():
+        raise InputError("the body must be a JSON object")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InputError("the body must be a JSON object")
+    for k, v in body.items():
+        if len(k) > MAX_FIELD or (isinstance(v, str) and len(v) > MAX_FIELD):
+            raise InputError(f"field {k[:40]!r} is longer than {MAX_FIELD} characters")
+    missing = [f for f in required if f not in body or body[f] is None or body[f] == ""]
+    if missing:
+        raise InputError(f"missing or empty field(s): {', '.join(missing)}")
+    return body
+
+
+def text_field(body: dict, name: str) -> str:
+    v = body[name]
+    if not isinstance(v, str):
+        raise InputError(f"{name} must be a string")
+    return v
+
+
+def min_lsn() -> int | None:
+    """The client's X-Stratus-Min-LSN, raised by every reply read so far."""
+    return g.get("min_lsn")
+
+
+def note_lsn(lsn: int) -> None:
+    """Remember the LSN a reply carried: the response's X-Stratus-LSN, and the
+    floor for the request's further reads (they never go back in time)."""
+    if lsn:
+        g.lsn = max(g.get("lsn") or 0, lsn)
+        g.min_lsn = max(g.get("min_lsn") or 0, lsn)
+
+
+DRAIN_MAX = 1024 * 1024
+
+
+def _drain(length: int) -> None:
+    """Read and drop an oversized body (up to DRAIN_MAX) before answering 413:
+    gunicorn drains at most 64 KiB itself and otherwise closes a keep-alive
+    connection right after the response, which breaks the client's next
+    request on it."""
+    if length > DRAIN_MAX:
+        return
+    stream = request.environ.get("wsgi.input")
+    left = length
+    try:
+        while left > 0 and stream is not None:
+            chunk = stream.read(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except Exception:  # the client went away: nothing to answer on
+        pass
+
+
+def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
+    """Counter, LSN headers and error handlers on `app`."""
+
+    @app.before_request
+    def _count_and_parse():
+        if counter.matches(request.path):
+            counter.incr()
+        raw = request.headers.get(MIN_LSN_HEADER, "").strip()
+        g.min_lsn = None
+        if raw:
+            if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+                return json_error(400, f"{MIN_LSN_HEADER} must be a non-negative integer")
+            g.min_lsn = int(raw) or None
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            _drain(request.content_length)
+            raise RequestEntityTooLarge()
+
+    @app.after_request
+    def _lsn_header(resp: Response):
+        lsn = g.get("lsn")
+        if lsn:
+            resp.headers[LSN_HEADER] = str(lsn)
+        return resp
+
+    @app.errorhandler(InputError)
+    def _input_error(exc: InputError):
+        return json_error(400, str(exc))
+
+    @app.errorhandler(DBError)
+    def _db_error(exc: DBError):
+        if exc.code == "unknown_table":  # tables gone or not made yet: make them on the next request
+            schema.forget()
+            return json_error(503, "the database is not ready yet")
+        if exc.status >= 500:
+            log.warning("database error: %r", exc)
+        return json_error(exc.status, exc.message)
+
+    @app.get("/api/v1/_count")
+    def _get_count():
+        return jsonify([counter.get()])
+
+    @app.delete("/api/v1/_count")
+    def _reset_count():
+        counter.reset()
+        return jsonify({})

@@ -1,0 +1,1 @@
+"""The users service of the RideShare tenant: `python -m users`."""

@@ -1,0 +1,89 @@
+"""The users service of the RideShare tenant (shared/spec/rideshare.md).
+
+Every check-then-act is one atomic write with preconditions; the tags of the
+preconditions tell the failures apart."""
+from __future__ import annotations
+
+import re
+
+from flask import Flask, Response, jsonify
+
+from bus import client as bus_client
+from bus import ops
+from bus.errors import PreconditionFailed
+from bus.service import base_app, json_error
+from bus.tenants import rideshare_schema as rs
+
+from . import web
+from .web import InputError
+
+SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
+
+
+def db():
+    return bus_client.shared("users")
+
+
+def create_app() -> Flask:
+    app = base_app("users")
+    counter = web.RequestCounter("/api/v1/users")
+    schema = web.SchemaGuard(lambda: rs.create_tables(db()))
+    web.install(app, counter, schema)
+    app.extensions["rideshare_counter"] = counter
+    schema.start_background("users")
+
+    @app.put("/api/v1/users")
+    def add_user():
+        body = web.json_object(("username", "password"))
+        username = web.text_field(body, "username")
+        password = web.text_field(body, "password")
+        if not SHA1_HEX.match(password):
+            raise InputError("password must be exactly 40 hexadecimal characters (a SHA-1 digest)")
+        schema.ensure()
+        try:
+            reply = db().write([
+                ops.require(rs.USERS, [ops.eq("username", username)], exists=False, tag="user_exists"),
+                ops.insert(rs.USERS, {"username": username, "password": password.lower()}),
+            ])
+        except PreconditionFailed:
+            return json_error(400, f"user {username!r} already exists")
+        web.note_lsn(reply.lsn)
+        return jsonify({}), 201
+
+    @app.delete("/api/v1/users/<path:username>")
+    def remove_user(username: str):
+        if len(username) > rs.MAX_FIELD:
+            raise InputError(f"username is longer than {rs.MAX_FIELD} characters")
+        schema.ensure()
+        try:
+            reply = db().write([
+                ops.delete(rs.USERS, [ops.eq("username", username)], expect=1, tag="no_user"),
+                # the user's rides, everyone's memberships in them, and the user's memberships
+                ops.delete(rs.MEMBERS, [ops.eq("created_by", username)]),
+                ops.delete(rs.MEMBERS, [ops.eq("username", username)]),
+                ops.delete(rs.RIDES, [ops.eq("created_by", username)]),
+            ])
+        except PreconditionFailed:
+            return json_error(400, f"no user {username!r}")
+        web.note_lsn(reply.lsn)
+        return jsonify({})
+
+    @app.get("/api/v1/users")
+    def list_users():
+        schema.ensure()
+        reply = db().read(ops.select(rs.USERS, columns=["username"], order_by=[["username", "asc"]]),
+                          min_lsn=web.min_lsn())
+        web.note_lsn(reply.lsn)
+        names = [r["username"] for r in reply.result]
+        if not names:
+            return Response(status=204)
+        return jsonify(names)
+
+    @app.post("/api/v1/db/clear")
+    def clear():
+        schema.ensure()
+        reply = db().write(rs.clear_ops())
+        web.note_lsn(reply.lsn)
+        return jsonify({})
+
+    return app
