@@ -31,7 +31,9 @@ def stack(tmp_path_factory):
     try:
         cluster.bootstrap(slaves=1)
         db = cluster.client()
-        s = Stack(cluster, db, start_catalog(cluster, "catalog"), start_order(cluster, "order"))
+        # the restocker's first round runs at start; the next one after the tests
+        s = Stack(cluster, db, start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600),
+                  start_order(cluster, "order"))
         yield s
     finally:
         cluster.close()
@@ -265,7 +267,7 @@ def test_orders_survive_restart_of_services(stack):
     stock_before = db_rows(stack.db, "products")
     for key in ("catalog", "order"):
         stack.cluster.kill(key)
-    stack.catalog = start_catalog(stack.cluster, "catalog2")
+    stack.catalog = start_catalog(stack.cluster, "catalog2", STRATUS_RESTOCK_INTERVAL=3600)
     stack.order = start_order(stack.cluster, "order2")
     # a catalog restart does not reset stock
     assert db_rows(stack.db, "products") == stock_before
