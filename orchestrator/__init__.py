@@ -1,0 +1,1 @@
+"""The orchestrator: Stratus control plane (see docs/architecture.md)."""
