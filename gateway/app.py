@@ -1,0 +1,268 @@
+"""The gateway's request handling: routing, admin protection, tokens,
+read-your-writes, the product cache and forwarding. The socket side lives
+in server.py; this module turns one parsed request into one answer."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import unquote
+
+from . import router
+from .balancer import Upstreams, parse_base_url
+from .cache import Entry, InvalidationListener, ProductCache
+from .config import GatewayConfig
+from .http11 import Request, json_body
+from .lsn import LSNTracker, parse_lsn
+from .metrics import Metrics
+from .proxy import forward, strip_hop_by_hop
+from .tokens import InvalidToken, ServiceUnavailable, TokenService
+
+log = logging.getLogger("stratus.gateway")
+access = logging.getLogger("stratus.gateway.access")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+SERVICES = ("users", "rides", "catalog", "order", "orchestrator")
+# Headers the gateway sets itself on the way up.
+_DROP_UP = frozenset({"content-length", "x-request-id", "x-stratus-min-lsn", "expect", "x-forwarded-for",
+                      "x-forwarded-proto", "x-forwarded-host"})
+
+
+@dataclass
+class ClientConn:
+    """What the gateway knows about one client connection."""
+    ip: str
+    port: int
+    lsn: int = 0             # the highest LSN returned on this connection
+    base_lsn: int = 0        # the address's LSN when the connection opened
+    opened: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    route: str
+    upstream: str = "-"
+    close: bool = False
+
+
+def _error(status: int, message: str, route: str, **kw) -> Answer:
+    return Answer(status, [("Content-Type", "application/json")], json_body({"error": message}), route, **kw)
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, *, zk=None, listen_for_invalidations: bool = True):
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.upstreams = Upstreams(cfg, zk, fallbacks={
+            "orchestrator": parse_base_url(cfg.base.orchestrator_base_url())})
+        for s in SERVICES:
+            self.upstreams.pool(s)
+        self.tokens = TokenService(cfg)
+        self.lsns = LSNTracker(cfg.lsn_clients, cfg.lsn_ttl)
+        self.cache = ProductCache(cfg.cache_size, cfg.cache_enabled)
+        self.invalidations = None
+        if self.cache.enabled and listen_for_invalidations:
+            self.invalidations = InvalidationListener(self.cache, cfg.base)
+        self.started = time.time()
+        self.server = None  # set by the server, for saturation gauges
+        m = self.metrics
+        m.gauge("stratus_gateway_upstream_instances", "Registered instances per service and health.",
+                self._instances_gauge)
+        m.gauge("stratus_gateway_upstream_outstanding", "Requests in flight per service.", self._outstanding_gauge)
+        m.gauge("stratus_gateway_upstream_idle_connections", "Pooled keep-alive connections per service.",
+                self._idle_gauge)
+        m.gauge("stratus_gateway_cache_events", "Product cache hits, misses, LSN bypasses, invalidations.",
+                lambda: [({"event": k}, getattr(self.cache, k)) for k in ("hits", "misses", "bypasses", "invalidations")])
+        m.gauge("stratus_gateway_cache_entries", "Products in the cache.", lambda: [({}, len(self.cache))])
+        m.gauge("stratus_gateway_lsn_clients", "Clients whose last LSN is remembered.", lambda: [({}, len(self.lsns))])
+
+    # -- gauges ------------------------------------------------------------------------------
+    def _instances_gauge(self):
+        out = []
+        for name, pool in sorted(self.upstreams.pools.items()):
+            members = list(pool.instances.values())
+            out.append(({"service": name, "state": "healthy"}, sum(1 for i in members if i.healthy)))
+            out.append(({"service": name, "state": "unhealthy"}, sum(1 for i in members if not i.healthy)))
+        return out
+
+    def _outstanding_gauge(self):
+        return [({"service": n}, sum(i.outstanding for i in p.instances.values()))
+                for n, p in sorted(self.upstreams.pools.items())]
+
+    def _idle_gauge(self):
+        return [({"service": n}, sum(i.idle_count() for i in p.instances.values()))
+                for n, p in sorted(self.upstreams.pools.items())]
+
+    def close(self) -> None:
+        if self.invalidations is not None:
+            self.invalidations.close()
+        self.upstreams.close()
+        self.tokens.close()
+
+    # -- one request ---------------------------------------------------------------------
+    def handle(self, req: Request, conn: ClientConn) -> tuple[Answer, str]:
+        """The answer to `req` and its request id. Logs and counts it."""
+        t0 = time.perf_counter()
+        rid = req.h.get("x-request-id", "")
+        if not _REQUEST_ID.match(rid):
+            rid = uuid.uuid4().hex
+        try:
+            ans = self._dispatch(req, conn, rid)
+        except Exception:
+            log.exception("[%s] %s %s failed inside the gateway", rid, req.method, req.target)
+            ans = _error(500, "internal gateway error", "error", close=True)
+        ans.headers.append(("X-Request-Id", rid))
+        elapsed = time.perf_counter() - t0
+        self.metrics.observe(ans.route, req.method, ans.status, elapsed)
+        if self.cfg.access_log:
+            access.info("%s:%d %s %s %d %.1fms upstream=%s rid=%s", conn.ip, conn.port, req.method, req.target,
+                        ans.status, elapsed * 1000, ans.upstream, rid)
+        return ans, rid
+
+    def _bearer(self, req: Request) -> tuple[str | None, dict | None, str | None]:
+        """(token, claims, problem): claims is None when no valid token was sent."""
+        auth = req.h.get("authorization")
+        if not auth:
+            return None, None, "missing bearer token"
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return None, None, "Authorization must be 'Bearer <token>'"
+        try:
+            return token, self.tokens.verify(token), None
+        except InvalidToken as exc:
+            return token, None, str(exc)
+
+    def _dispatch(self, req: Request, conn: ClientConn, rid: str) -> Answer:
+        path = req.path
+        try:
+            router.check_path(path)
+        except router.BadPath as exc:
+            return _error(400, str(exc), "unknown")
+        r = router.route(path)
+        if r is router.NOT_FOUND:
+            return _error(404, "not found", r.name)
+        if r is router.HEALTH:
+            if req.method not in ("GET", "HEAD"):
+                return _error(405, "method not allowed", r.name)
+            return self._health(r.name)
+        if r is router.METRICS:
+            if req.method not in ("GET", "HEAD"):
+                return _error(405, "method not allowed", r.name)
+            return Answer(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
+                          self.metrics.render().encode(), r.name)
+
+        token, claims, problem = self._bearer(req)
+        if r.admin:
+            if claims is None:
+                return Answer(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="stratus"')],
+                              json_body({"error": f"unauthorized: {problem}"}), r.name)
+            if claims.get("role") != "admin":
+                return _error(403, "forbidden: this route needs the admin role", r.name)
+
+        # Read-your-writes: the highest LSN this client has been given.
+        # Known by token when there is one; else by this connection, which
+        # starts from what its address had been given when it opened (so a
+        # client that opens a connection per request still reads its writes).
+        key = f"t:{token}" if claims is not None else f"a:{conn.ip}"
+        client_lsn = max(conn.lsn, parse_lsn(req.h.get("x-stratus-min-lsn")),
+                         self.lsns.get(key) if claims is not None else conn.base_lsn)
+
+        if r is router.TOKEN:
+            return self._grant(req, r.name, client_lsn)
+
+        # The product cache.
+        product = None
+        if r.service == "catalog" and req.method == "GET" and "?" not in req.target and self.cache.usable():
+            parts = path.split("/")
+            if len(parts) == 3 and parts[2]:
+                product = unquote(parts[2])
+                entry = self.cache.get(product, client_lsn)
+                if entry is not None:
+                    return Answer(entry.status, list(entry.headers) + [("X-Cache", "HIT")], entry.body, r.name,
+                                  upstream="cache")
+        epoch = self.cache.epoch()
+
+        headers = strip_hop_by_hop(req.headers, _DROP_UP)
+        if "host" not in req.h:
+            headers.append(("Host", "stratus-gateway"))
+        xff = req.h.get("x-forwarded-for")
+        headers.append(("X-Forwarded-For", f"{xff}, {conn.ip}" if xff else conn.ip))
+        headers.append(("X-Forwarded-Proto", "http"))
+        headers.append(("X-Request-Id", rid))
+        if client_lsn > 0:
+            headers.append(("X-Stratus-Min-LSN", str(client_lsn)))
+
+        affinity = None
+        if self.cfg.affinity:
+            affinity = token if claims is not None else _cookie(req.h.get("cookie", ""), "stratus_affinity")
+        pool = self.upstreams.pool(r.service)
+        up = forward(pool, self.cfg, req.method, req.target, headers, req.body, affinity_key=affinity,
+                     on_retry=lambda: self.metrics.retry(r.name),
+                     on_error=lambda kind: self.metrics.upstream_error(r.name, kind))
+        upstream = up.instance.addr if up.instance else "-"
+        if up.error:
+            return _error(up.status, up.error, r.name, upstream=upstream)
+
+        lsn = 0
+        for k, v in up.headers:
+            if k.lower() == "x-stratus-lsn":
+                lsn = max(lsn, parse_lsn(v))
+        if lsn:
+            conn.lsn = max(conn.lsn, lsn)
+            self.lsns.observe(key, lsn)
+        out_headers = [(k, v) for k, v in up.headers if k.lower() != "x-request-id"]
+        if product is not None and up.status == 200:
+            self.cache.put(product, Entry(200, out_headers, up.body, max(lsn, client_lsn)), epoch)
+            out_headers = out_headers + [("X-Cache", "MISS")]
+        return Answer(up.status, out_headers, up.body, r.name, upstream=upstream)
+
+    def _health(self, route: str) -> Answer:
+        services = {}
+        for name, pool in sorted(self.upstreams.pools.items()):
+            members = list(pool.instances.values())
+            services[name] = {"instances": len(members), "healthy": sum(1 for i in members if i.healthy)}
+        body = {"status": "ok", "service": "gateway", "uptime": round(time.time() - self.started, 1),
+                "upstreams": services, "cache": {"enabled": self.cache.enabled, "feed": self.cache.feed_ok,
+                                                  "entries": len(self.cache)}}
+        return Answer(200, [("Content-Type", "application/json")], json_body(body), route)
+
+    def _grant(self, req: Request, route: str, client_lsn: int) -> Answer:
+        if req.method != "POST":
+            return Answer(405, [("Content-Type", "application/json"), ("Allow", "POST")],
+                          json_body({"error": "method not allowed"}), route)
+        try:
+            data = json.loads(req.body.decode("utf-8")) if req.body else None
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body is not valid JSON", route)
+        if not isinstance(data, dict):
+            return _error(400, "body must be a JSON object with username and password", route)
+        username, password = data.get("username"), data.get("password")
+        if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
+            return _error(400, "username and password must be non-empty strings", route)
+        if len(username) > 256 or len(password) > 1024:
+            return _error(400, "username or password too long", route)
+        try:
+            granted = self.tokens.grant(username, password, min_lsn=client_lsn)
+        except ServiceUnavailable as exc:
+            log.warning("token grant for %r: users table unreachable: %s", username, exc)
+            return _error(503, "credentials cannot be checked now; try again", route)
+        if granted is None:
+            return Answer(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="stratus"')],
+                          json_body({"error": "invalid username or password"}), route)
+        return Answer(200, [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+                      json_body(granted), route)
+
+
+def _cookie(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name and v:
+            return v
+    return None

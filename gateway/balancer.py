@@ -1,0 +1,258 @@
+"""Upstream instances and how one is chosen.
+
+Each service's instances come from the ZooKeeper registry through a children
+watch (bus.registry.ServiceWatch): a znode appearing or vanishing changes the
+pool at once. A health checker GETs every instance's `health` path on an
+interval; an instance that fails it (or refuses a connection) leaves the
+rotation until a later check succeeds. The pick is the healthy instance with
+the fewest requests in flight, ties broken round robin, optionally pinned to
+the instance a client used before (affinity)."""
+from __future__ import annotations
+
+import http.client
+import itertools
+import logging
+import select
+import socket
+import threading
+import time
+from collections import OrderedDict
+
+from .config import GatewayConfig
+
+log = logging.getLogger("stratus.gateway.balancer")
+
+
+class Instance:
+    def __init__(self, key: str, host: str, port: int, health: str = "/health", *, static: bool = False):
+        self.key = key
+        self.host = host
+        self.port = int(port)
+        self.health_path = health or "/health"
+        self.static = static        # a fallback address, not from the registry
+        self.healthy = True         # optimistic: it registered after it started listening
+        self.removed = False
+        self.outstanding = 0
+        self.served = 0
+        self.failures = 0
+        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._lock = threading.Lock()
+
+    def begin(self) -> None:
+        with self._lock:
+            self.outstanding += 1
+
+    def end(self, ok: bool) -> None:
+        with self._lock:
+            self.outstanding -= 1
+            if ok:
+                self.served += 1
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    # -- persistent connections ---------------------------------------------------
+    def take_connection(self, cfg: GatewayConfig) -> tuple[http.client.HTTPConnection, bool]:
+        """(connection, reused). A pooled connection that the upstream has
+        closed meanwhile (readable or idle too long) is dropped, not reused."""
+        now = time.monotonic()
+        while True:
+            with self._lock:
+                if not self._idle:
+                    break
+                conn, since = self._idle.pop()
+            sock = conn.sock
+            if sock is None or now - since > cfg.pool_idle:
+                conn.close()
+                continue
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+            except (OSError, ValueError):
+                readable = [sock]
+            if readable:  # EOF or unexpected bytes: the upstream is done with it
+                conn.close()
+                continue
+            return conn, True
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=cfg.upstream_timeout)
+        return conn, False
+
+    def give_back(self, conn: http.client.HTTPConnection) -> None:
+        if self.removed:
+            conn.close()
+            return
+        with self._lock:
+            if len(self._idle) < 256:
+                self._idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close_idle(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn, _ in idle:
+            conn.close()
+
+    def idle_count(self) -> int:
+        with self._lock:
+            return len(self._idle)
+
+
+class NoInstance(Exception):
+    pass
+
+
+class ServicePool:
+    """The instances of one service."""
+
+    def __init__(self, name: str, cfg: GatewayConfig, zk=None, *, fallback: tuple[str, int] | None = None):
+        self.name = name
+        self.cfg = cfg
+        self.instances: dict[str, Instance] = {}
+        self._lock = threading.Lock()
+        self._rr = itertools.count()
+        self._fallback = Instance(f"fallback-{fallback[0]}:{fallback[1]}", fallback[0], fallback[1],
+                                  static=True) if fallback else None
+        self._affinity: OrderedDict[str, str] = OrderedDict()
+        self._stop = threading.Event()
+        self.watch = None
+        if zk is not None:
+            from bus.registry import ServiceWatch
+            self.watch = ServiceWatch(zk, cfg.base, name, on_change=self._on_change)
+            self._on_change(self.watch.snapshot())
+        self._checker = threading.Thread(target=self._health_loop, name=f"health-{name}", daemon=True)
+        self._checker.start()
+
+    # -- membership from the registry --------------------------------------------------
+    def _on_change(self, found: dict) -> None:
+        with self._lock:
+            current = dict(self.instances)
+            fresh: dict[str, Instance] = {}
+            for key, data in found.items():
+                try:
+                    host, port = str(data["host"]), int(data["port"])
+                except (KeyError, TypeError, ValueError):
+                    continue
+                inst = current.get(key)
+                if inst is None or inst.addr != f"{host}:{port}":
+                    inst = Instance(key, host, port, str(data.get("health") or "/health"))
+                    log.info("%s: instance %s at %s joined", self.name, key, inst.addr)
+                fresh[key] = inst
+            gone = [inst for key, inst in current.items() if fresh.get(key) is not inst]
+            self.instances = fresh
+        for inst in gone:
+            inst.removed = True
+            inst.close_idle()
+            log.info("%s: instance %s at %s left", self.name, inst.key, inst.addr)
+
+    def members(self) -> list[Instance]:
+        with self._lock:
+            members = list(self.instances.values())
+        if not members and self._fallback is not None:
+            return [self._fallback]
+        return members
+
+    # -- choosing ---------------------------------------------------------------------------
+    def pick(self, *, exclude: set[str] = frozenset(), affinity_key: str | None = None) -> Instance:
+        members = [i for i in self.members() if i.key not in exclude]
+        healthy = [i for i in members if i.healthy]
+        if not healthy:
+            # Every instance failed its last check: still try one rather than
+            # refuse outright (checks lag; a restarted service may be back).
+            healthy = members
+        if not healthy:
+            raise NoInstance(self.name)
+        if affinity_key is not None:
+            with self._lock:
+                pinned = self._affinity.get(affinity_key)
+            if pinned is not None:
+                for inst in healthy:
+                    if inst.key == pinned:
+                        return inst
+        n = len(healthy)
+        start = next(self._rr) % n
+        best = None
+        for j in range(n):
+            inst = healthy[(start + j) % n]
+            if best is None or inst.outstanding < best.outstanding:
+                best = inst
+        if affinity_key is not None:
+            with self._lock:
+                self._affinity[affinity_key] = best.key
+                self._affinity.move_to_end(affinity_key)
+                while len(self._affinity) > 10_000:
+                    self._affinity.popitem(last=False)
+        return best
+
+    def mark_down(self, inst: Instance, why: str) -> None:
+        if inst.healthy:
+            log.warning("%s: instance %s at %s taken out of rotation: %s", self.name, inst.key, inst.addr, why)
+        inst.healthy = False
+        inst.failures += 1
+        inst.close_idle()
+
+    # -- health checks ------------------------------------------------------------------------
+    def _check(self, inst: Instance) -> bool:
+        conn = http.client.HTTPConnection(inst.host, inst.port, timeout=self.cfg.health_timeout)
+        try:
+            conn.request("GET", inst.health_path, headers={"User-Agent": "stratus-gateway-health"})
+            resp = conn.getresponse()
+            resp.read()
+            return 200 <= resp.status < 300
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
+
+    def _health_loop(self) -> None:
+        while not self._stop.wait(self.cfg.health_interval):
+            for inst in self.members():
+                ok = self._check(inst)
+                if ok and not inst.healthy:
+                    log.info("%s: instance %s at %s is healthy again", self.name, inst.key, inst.addr)
+                elif not ok and inst.healthy:
+                    log.warning("%s: instance %s at %s failed its health check", self.name, inst.key, inst.addr)
+                    inst.close_idle()
+                inst.healthy = ok
+
+    def close(self) -> None:
+        self._stop.set()
+        for inst in self.members():
+            inst.close_idle()
+
+
+class Upstreams:
+    """The pools of every service, made on first use."""
+
+    def __init__(self, cfg: GatewayConfig, zk=None, fallbacks: dict[str, tuple[str, int]] | None = None):
+        self.cfg = cfg
+        self.zk = zk
+        self.fallbacks = fallbacks or {}
+        self.pools: dict[str, ServicePool] = {}
+        self._lock = threading.Lock()
+
+    def pool(self, service: str) -> ServicePool:
+        pool = self.pools.get(service)
+        if pool is not None:
+            return pool
+        with self._lock:
+            pool = self.pools.get(service)
+            if pool is None:
+                pool = ServicePool(service, self.cfg, self.zk, fallback=self.fallbacks.get(service))
+                self.pools[service] = pool
+            return pool
+
+    def close(self) -> None:
+        for pool in list(self.pools.values()):
+            pool.close()
+
+
+def parse_base_url(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def is_connect_error(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionRefusedError, socket.gaierror)) or (
+        isinstance(exc, (socket.timeout, TimeoutError, OSError)) and "connect" in str(exc).lower())
