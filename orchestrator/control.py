@@ -268,7 +268,7 @@ class Controller:
     def _size_slaves(self, master_id: str, members: dict[str, dict]) -> None:
         slaves = {wid: w for wid, w in members.items()
                   if wid != master_id and wid not in self.draining and wid not in self.retiring}
-        target = self.scaler.state.target
+        target = min(self.scaler.state.target, self.settings.max_slaves)
         master = members.get(master_id, {})
         if len(slaves) < target:
             if master.get("booting"):
@@ -420,7 +420,7 @@ class Controller:
             "term": leader.term,
             "leader": leader.id,
             "workers": rows,
-            "slave_target": state.target,
+            "slave_target": min(state.target, self.settings.max_slaves),
             "reads_in_window": state.reads,
             "window_start": state.window_start,
             "window_seconds": self.settings.scale_window,
