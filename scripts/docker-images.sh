@@ -1,0 +1,215 @@
+#!/usr/bin/env bash
+# Build the Stratus container images offline, from the OS packages and a
+# wheelhouse built on the host. No registry is needed: the base system comes
+# from debootstrap (the Debian mirror), everything above it from apt inside
+# `docker build` and from the wheelhouse. Idempotent and cached: an image is
+# rebuilt only when its inputs (a hash stored in the label org.stratus.inputs)
+# changed.
+#
+#   scripts/docker-images.sh            install/start what is missing, build
+#   scripts/docker-images.sh --env      also print the exports for compose
+#   STRATUS_DOCKER_BASE=official scripts/docker-images.sh
+#                                       build FROM the official python:3.11-slim
+#                                       (needs a registry) instead of the local one
+#
+# Images:  stratus/debian:bookworm      debootstrap --variant=minbase, docker import
+#          stratus/python:3.11-slim     python3 + venv from Debian (stands in for python:3.11-slim)
+#          stratus/rabbitmq:3.10        rabbitmq-server from Debian (for rabbitmq:3.13-management)
+#          stratus/zookeeper:3.8        zookeeper + JRE from Debian (for zookeeper:3.9)
+#          stratus/app:latest           the venv with the project (docker/Dockerfile.base)
+#          stratus/<component>:latest   orchestrator worker gateway users rides catalog order
+# The compose files default to the official images; the names to use here are
+# written to .docker-cache/images.env and to compose/.env and orchestrator/.env.
+#
+# Exit status: 0 built or up to date; 3 no Docker engine can be used here
+# (the reason is printed); anything else: a build failed.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+CACHE="$ROOT/.docker-cache"
+PREFIX=${STRATUS_IMAGE_PREFIX:-stratus}
+BASE_KIND=${STRATUS_DOCKER_BASE:-local}
+PRINT_ENV=0
+[ "${1:-}" = "--env" ] && PRINT_ENV=1
+COMPONENTS=(orchestrator worker gateway users rides catalog order)
+PACKAGES=(bus worker orchestrator gateway users rides catalog order stratus)
+mkdir -p "$CACHE"
+
+log() { echo "docker-images: $*" >&2; }
+sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi; }
+no_engine() { log "no Docker engine: $*"; exit 3; }
+
+# --- 1. tools and engine -------------------------------------------------------
+ensure_tools() {
+  local need=()
+  command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
+  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+  # A reachable engine needs no local dockerd.
+  if docker info >/dev/null 2>&1; then
+    need=("${need[@]/docker.io}")
+  fi
+  local want=()
+  for p in "${need[@]}"; do [ -n "$p" ] && want+=("$p"); done
+  [ ${#want[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null 2>&1 || no_engine "missing ${want[*]} and no apt-get to install them"
+  log "installing ${want[*]} from the OS packages"
+  sudo_ apt-get update -qq >/dev/null || no_engine "cannot run apt-get (not root, no sudo)"
+  sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${want[@]}" >/dev/null \
+    || no_engine "apt-get install ${want[*]} failed"
+}
+
+ensure_engine() {
+  docker info >/dev/null 2>&1 && return 0
+  local dockerd; dockerd=$(command -v dockerd || echo /usr/sbin/dockerd)
+  [ -x "$dockerd" ] || no_engine "dockerd is not installed"
+  [ "$(id -u)" = 0 ] || no_engine "the engine is not running and only root can start dockerd here"
+  if [ -S /var/run/docker.sock ] && pgrep -x dockerd >/dev/null 2>&1; then
+    log "dockerd runs but does not answer yet; waiting"
+  else
+    local logf=/var/log/stratus-dockerd.log
+    log "starting dockerd in the background (log: $logf)"
+    nohup setsid "$dockerd" >>"$logf" 2>&1 </dev/null &
+  fi
+  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
+  no_engine "dockerd did not answer within 60 s (see /var/log/stratus-dockerd.log)"
+}
+
+# --- helpers ---------------------------------------------------------------------
+image_id() { docker image inspect -f '{{.Id}}' "$1" 2>/dev/null || true; }
+image_label() { docker image inspect -f "{{index .Config.Labels \"org.stratus.inputs\"}}" "$1" 2>/dev/null || true; }
+hash_of() { # hash_of EXTRA_STRING FILE... : the inputs of one image
+  local extra=$1; shift
+  { echo "$extra"; for f in "$@"; do echo "== $f"; cat "$f"; done; } | sha256sum | cut -c1-16
+}
+# build_image TAG HASH DOCKER_BUILD_ARGS... : skip when TAG carries HASH already
+build_image() {
+  local tag=$1 hash=$2; shift 2
+  if [ "$(image_label "$tag")" = "$hash" ]; then
+    log "$tag is up to date"
+    return 0
+  fi
+  log "building $tag"
+  local t0=$SECONDS
+  local blog="$CACHE/build-${tag//[\/:]/_}.log"
+  if ! DOCKER_BUILDKIT=0 docker build --label "org.stratus.inputs=$hash" -t "$tag" "$@" >"$blog" 2>&1; then
+    tail -n 30 "$blog" >&2
+    log "building $tag failed (full log: $blog)"
+    exit 1
+  fi
+  log "built $tag in $((SECONDS - t0)) s"
+}
+
+# --- 2. base images from the OS packages ---------------------------------------------
+build_debian() {
+  local tag=$PREFIX/debian:bookworm
+  [ -n "$(image_id "$tag")" ] && { log "$tag exists"; return 0; }
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || { log "debootstrap is missing"; exit 1; }
+  local dir="$CACHE/rootfs-bookworm"
+  rm -rf "$dir"
+  log "debootstrap --variant=minbase bookworm (about a minute)"
+  local t0=$SECONDS
+  sudo_ debootstrap --variant=minbase bookworm "$dir" "${STRATUS_DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
+    > "$CACHE/debootstrap.log" 2>&1 || { log "debootstrap failed, see $CACHE/debootstrap.log"; exit 1; }
+  sudo_ rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
+  sudo_ tar -C "$dir" -c . | docker import -c 'CMD ["/bin/bash"]' -c 'ENV LANG=C.UTF-8' \
+    -c "LABEL org.stratus.inputs=debootstrap-minbase-bookworm" - "$tag" >/dev/null
+  sudo_ rm -rf "$dir"
+  log "imported $tag in $((SECONDS - t0)) s"
+}
+
+build_local_bases() {
+  build_debian
+  local deb; deb=$(image_id "$PREFIX/debian:bookworm")
+  local f
+  for spec in python:3.11-slim rabbitmq:3.10 zookeeper:3.8; do
+    local name=${spec%%:*}
+    local files=(docker/local/$name.Dockerfile)
+    for f in docker/local/$name*; do [ "$f" != "docker/local/$name.Dockerfile" ] && files+=("$f"); done
+    build_image "$PREFIX/$spec" "$(hash_of "$deb" "${files[@]}")" \
+      --build-arg "DEBIAN_IMAGE=$PREFIX/debian:bookworm" -f "docker/local/$name.Dockerfile" docker/local
+  done
+}
+
+# --- 3. wheelhouse and 4. the Stratus images ------------------------------------------
+source_files() {
+  find "${PACKAGES[@]}" -type f \( -name '*.py' -o -name '*.csv' -o -name '*.yaml' -o -name '*.json' \) \
+    ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort
+}
+
+build_wheelhouse() {
+  local py="$ROOT/.venv/bin/python"
+  [ -x "$py" ] || py=python3
+  local src="$CACHE/src" out="$CACHE/wheels"
+  rm -rf "$src" "$out"
+  mkdir -p "$src" "$out"
+  # A clean copy of the sources: setuptools' build/ in the tree could carry stale modules.
+  tar -c pyproject.toml $(source_files) | tar -x -C "$src"
+  log "building the wheelhouse (the project and its dependencies)"
+  "$py" -m pip wheel -q --disable-pip-version-check -w "$out" "$src" > "$CACHE/wheel.log" 2>&1 \
+    || { log "pip wheel failed, see $CACHE/wheel.log"; exit 1; }
+  rm -rf wheelhouse/deps wheelhouse/app
+  mkdir -p wheelhouse/deps wheelhouse/app
+  mv "$out"/stratus-*.whl wheelhouse/app/
+  mv "$out"/*.whl wheelhouse/deps/
+  rm -rf "$src" "$out"
+}
+
+build_stratus() {
+  local pyimg
+  if [ "$BASE_KIND" = official ]; then pyimg=python:3.11-slim; else pyimg=$PREFIX/python:3.11-slim; fi
+  local app=$PREFIX/app:latest
+  local apphash
+  apphash=$(hash_of "$(image_id "$pyimg")" docker/Dockerfile.base docker/healthcheck.py .dockerignore \
+            pyproject.toml $(source_files))
+  if [ "$(image_label "$app")" != "$apphash" ]; then
+    build_wheelhouse
+    build_image "$app" "$apphash" --build-arg "PYTHON_IMAGE=$pyimg" -f docker/Dockerfile.base .
+  else
+    log "$app is up to date"
+  fi
+  local appid; appid=$(image_id "$app")
+  for c in "${COMPONENTS[@]}"; do
+    [ -f "$c/Dockerfile" ] || { log "$c/Dockerfile is missing; skipping"; continue; }
+    # No context: the component Dockerfiles copy nothing.
+    build_image "$PREFIX/$c:latest" "$(hash_of "$appid" "$c/Dockerfile")" \
+      --build-arg "APP_IMAGE=$app" - < "$c/Dockerfile"
+  done
+}
+
+write_env() {
+  local gid; gid=$(stat -c %g /var/run/docker.sock 2>/dev/null || echo 0)
+  local body
+  if [ "$BASE_KIND" = official ]; then
+    body="STRATUS_IMAGE_PREFIX=$PREFIX
+STRATUS_DOCKER_GID=$gid"
+  else
+    body="STRATUS_IMAGE_PREFIX=$PREFIX
+STRATUS_RABBITMQ_IMAGE=$PREFIX/rabbitmq:3.10
+STRATUS_ZOOKEEPER_IMAGE=$PREFIX/zookeeper:3.8
+STRATUS_DOCKER_GID=$gid"
+  fi
+  printf '%s\n' "$body" > "$CACHE/images.env"
+  # docker-compose reads .env next to the compose file: the local images then
+  # need no exports. Only files this script wrote are replaced.
+  local marker="# written by scripts/docker-images.sh: the images built on this machine"
+  for d in compose orchestrator; do
+    if [ ! -e "$d/.env" ] || head -1 "$d/.env" | grep -qF "$marker"; then
+      printf '%s\n%s\n' "$marker" "$body" > "$d/.env"
+    fi
+  done
+  if [ $PRINT_ENV = 1 ]; then sed 's/^/export /' "$CACHE/images.env"; fi
+}
+
+main() {
+  local t0=$SECONDS
+  ensure_tools
+  ensure_engine
+  if [ "$BASE_KIND" != official ]; then build_local_bases; fi
+  build_stratus
+  write_env
+  # Drop the untagged images earlier builds of ours left behind (ours only: by label).
+  docker image prune -f --filter label=org.stratus.inputs >/dev/null 2>&1 || true
+  log "images ready in $((SECONDS - t0)) s"
+}
+main
