@@ -1,0 +1,69 @@
+"""Orchestrator high availability: two orchestrators under a ZooKeeper
+election; kill -9 the leader and the standby takes over the running workers."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from bus import ops
+from bus import zk as bzk
+from harness import wait_for
+from test_orchestrator import EV_TABLE, Orch, cleanup, worker_pids_of
+
+
+def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
+    a = Orch(cluster, "orch-a")
+    b = None
+    try:
+        v = a.wait_healthy_cluster(1)
+        assert v["orchestrator"]["leading"]
+        b = Orch(cluster, "orch-b")
+        wait_for(lambda: b.view()["orchestrator"]["candidates"] == 2, 10, 0.1, what="two orchestrator candidates")
+        vb = b.view()
+        assert not vb["orchestrator"]["leading"]
+        # the standby shows the cluster but does not act
+        assert sorted(b.pids()) == sorted(a.pids())
+        status, body, _ = b.post("/api/v1/crash/slave")
+        assert status == 503 and "standby" in body["error"]
+        regs = bzk.children_json(cluster.zk, cluster.paths.service("orchestrator"))
+        assert [r["port"] for r in regs.values()] == [a.port]
+
+        db = cluster.client()
+        db.write([EV_TABLE])
+        lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
+        pids = a.pids()
+        assert set(pids) == worker_pids_of(cluster)
+
+        # kill -9 the leading orchestrator (its gunicorn arbiter and worker)
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        a.proc.wait(10)
+        t0 = time.monotonic()
+        wait_for(lambda: b.view()["orchestrator"]["leading"], 20, 0.05, what="the standby to lead")
+        took = time.monotonic() - t0
+        print(f"\nstandby took over {took:.2f}s after kill -9 of the leader")
+        assert took < 10
+        # it adopted the workers it found: same pids, no new cluster
+        assert b.pids() == pids
+        time.sleep(3)   # a few reconcile rounds later, still the same workers
+        v = b.view()
+        assert b.pids() == pids and v["term"] == 1 and len(v["elections"]) == 1
+        assert worker_pids_of(cluster) == set(pids)
+        assert "adopted 2 running workers" in cluster.log("orch-b")
+        regs = bzk.children_json(cluster.zk, cluster.paths.service("orchestrator"))
+        assert [r["port"] for r in regs.values()] == [b.port]
+
+        # a later crash/master still recovers, driven by the new leader
+        master = next(w for w in v["workers"] if w["role"] == "master")
+        status, body, _ = b.post("/api/v1/crash/master")
+        assert status == 200 and body == [str(master["pid"])]
+        r = db.write([ops.insert("ev", {"id": 2, "k": "after"})], timeout=20)
+        assert r.lsn == lsn + 1
+        v = b.wait_healthy_cluster(1)
+        assert v["term"] == 2 and master["pid"] not in b.pids()
+        rows = db.read(ops.select("ev", order_by=["id"]), min_lsn=r.lsn).result
+        assert [x["k"] for x in rows] == ["before", "after"]
+    finally:
+        left = cleanup(cluster, *[o for o in (a, b) if o is not None])
+    # the successor's clean shutdown stopped the workers it adopted too
+    assert left == set()
