@@ -8,6 +8,9 @@ Routes (every answer is JSON and names the instance that gave it):
   GET  /health                 200 {"status": "ok"}  (503 after POST /_sick)
   POST /_sick, POST /_well     fail / pass the health check from now on
   GET  /_stats                 {"instance", "requests": N, "seen": [last request ids]}
+  any  /_drop                  counts the request, then closes without answering
+  any  /_sleep?s=SECONDS       answers after sleeping
+  any  path?lsn=N              also answers X-Stratus-LSN: N (a stand-in for a write)
   GET  /products/{name}        {"data": {"name", "price", "quantity", "instance"}}, 404 for "missing"
   any  other path              200 {"instance", "method", "path", "headers"}
 With --bus, a key-value store through the Stratus bus (read-your-writes):
@@ -21,6 +24,7 @@ import json
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from bus import registry, zk as bzk
@@ -33,8 +37,14 @@ class State:
         self.requests = 0
         self.sick = False
         self.seen: list[str] = []
+        self.product_reads = 0
         self.lock = threading.Lock()
         self.db = None
+
+
+def _query(target: str) -> dict:
+    from urllib.parse import parse_qsl
+    return dict(parse_qsl(target.partition("?")[2]))
 
 
 def make_handler(state: State):
@@ -77,20 +87,31 @@ def make_handler(state: State):
             if path in ("/_sick", "/_well") and m == "POST":
                 state.sick = path == "/_sick"
                 return self._send(200, {})
+            if path.endswith("/_drop"):
+                self.close_connection = True
+                return
+            if path.endswith("/_sleep"):
+                time.sleep(float(_query(self.path).get("s", "1")))
             if path == "/_stats":
                 with state.lock:
                     return self._send(200, {"instance": state.name, "requests": state.requests,
-                                            "seen": list(state.seen)})
+                                            "product_reads": state.product_reads, "seen": list(state.seen)})
             if path.startswith("/products/") and m == "GET":
                 name = path.split("/")[2]
                 if name == "missing":
                     return self._send(404, {"error": {"code": 404, "message": "product not found"}})
+                with state.lock:
+                    state.product_reads += 1
+                    n = state.product_reads
                 return self._send(200, {"data": {"name": name, "price": 15.99, "quantity": 100,
-                                                 "instance": state.name}})
+                                                 "instance": state.name, "read": n}},
+                                  {"X-Seen-Min-LSN": self.headers.get("X-Stratus-Min-LSN", "")})
             if path.startswith("/kv/") and state.db is not None:
                 return self._kv(m, path.split("/", 2)[2], body)
+            extra = {"X-Stratus-LSN": _query(self.path)["lsn"]} if "lsn" in _query(self.path) else None
             return self._send(200, {"instance": state.name, "method": m, "path": self.path,
-                                    "headers": dict(self.headers.items()), "body": body.decode("utf-8", "replace")})
+                                    "headers": dict(self.headers.items()), "body": body.decode("utf-8", "replace")},
+                              extra)
 
         def _kv(self, method: str, key: str, body: bytes) -> None:
             from bus import ops

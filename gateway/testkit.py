@@ -1,0 +1,92 @@
+"""Helpers for the gateway's tests and benchmark: start a real gateway and
+real registered upstreams as processes of a test cluster (tests/harness.py
+LocalCluster), and talk to them over plain keep-alive HTTP."""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+
+def free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def wait_until(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            last = exc
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+class Client:
+    """One keep-alive HTTP connection; JSON in and out."""
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 15.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None):
+        data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        hdrs = dict(headers or {})
+        if data is not None:
+            hdrs.setdefault("Content-Type", "application/json")
+        self.conn.request(method, path, body=data, headers=hdrs)
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        if resp.will_close:
+            self.conn.close()
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = raw
+        return resp.status, parsed, resp
+
+    def get(self, path, **kw):
+        return self.request("GET", path, **kw)
+
+    def close(self):
+        self.conn.close()
+
+
+def start_gateway(cluster, key: str = "gateway", **env) -> int:
+    """A gateway process on a free port, answering /health; returns the port."""
+    port = free_port()
+    env = {k if k.startswith("STRATUS_") else f"STRATUS_GATEWAY_{k.upper()}": str(v) for k, v in env.items()}
+    cluster.spawn(key, ["-m", "gateway", "--port", str(port)], **env)
+    wait_until(lambda: Client(port, timeout=2).get("/health")[0] == 200, 30, what=f"{key} to listen")
+    return port
+
+
+def start_upstream(cluster, key: str, service: str, *args: str, **env) -> int:
+    """A trivial upstream registered as `service`; returns its port once it
+    is listening and registered."""
+    port = free_port()
+    cluster.spawn(key, ["-m", "gateway.trivial_upstream", "--service", service, "--port", str(port), *args], **env)
+    wait_until(lambda: Client(port, timeout=2).get("/health")[0] == 200, 30, what=f"{key} to listen")
+    path = cluster.paths.service(service)
+    wait_until(lambda: any(c.startswith(f"127.0.0.1:{port}-") for c in (cluster.zk.get_children(path)
+                                                                          if cluster.zk.exists(path) else [])),
+               15, what=f"{key} to register")
+    return port
+
+
+def healthy_count(gw_port: int, service: str) -> int:
+    status, body, _ = Client(gw_port, timeout=2).get("/health")
+    return body["upstreams"].get(service, {}).get("healthy", 0) if status == 200 else 0
+
+
+def wait_healthy(gw_port: int, service: str, n: int, timeout: float = 20.0) -> None:
+    wait_until(lambda: healthy_count(gw_port, service) == n, timeout, what=f"{n} healthy {service} instances")
