@@ -400,5 +400,37 @@ def test_switchover_under_write_load_loses_nothing(cluster):
         cleanup(cluster, orch)
 
 
+def test_cli_status_crash_and_switchover(cluster):
+    import subprocess
+    import sys
+    orch = Orch(cluster)
+
+    def stratus(*args):
+        env = {**cluster.env, "STRATUS_ORCHESTRATOR_PORT": str(orch.port)}
+        p = subprocess.run([sys.executable, "-m", "stratus.cli", *args], env=env, capture_output=True,
+                           text=True, timeout=60)
+        return p.returncode, p.stdout + p.stderr
+    try:
+        v = orch.wait_healthy_cluster(1)
+        master = next(w for w in v["workers"] if w["role"] == "master")
+        slave = next(w for w in v["workers"] if w["role"] == "slave")
+        rc, out = stratus("status")
+        assert rc == 0, out
+        assert f"Cluster: {cluster.name} (term 1)" in out and "Leader" in out and "Replica" in out
+        assert master["id"] in out and str(slave["pid"]) in out and "slave target 1" in out
+        rc, out = stratus("crash", "slave")
+        assert rc == 0 and f"pid {slave['pid']}" in out, out
+        v = orch.wait_healthy_cluster(1)
+        new_slave = next(w for w in v["workers"] if w["role"] == "slave")
+        rc, out = stratus("switchover", "--candidate", new_slave["id"])
+        assert rc == 0 and f"{master['id']} -> {new_slave['id']} (term 2)" in out, out
+        rc, out = stratus("status", "--url", f"http://127.0.0.1:{free_port()}")
+        assert rc == 1 and "cannot reach the orchestrator" in out
+        rc, out = stratus("switchover", "--candidate", "w-nobody")
+        assert rc == 1 and "409" in out
+    finally:
+        cleanup(cluster, orch)
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-v", "-s"])
