@@ -7,6 +7,7 @@ product (require not exists + insert), so a restart never resets stock and
 several instances starting at once cannot insert a product twice."""
 from __future__ import annotations
 
+import atexit
 import csv
 import logging
 import threading
@@ -120,6 +121,7 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None,
     if restocker:
         r = Restocker(settings, db)
         r.start()
+        atexit.register(r.stop)
         app.extensions["toystore_restocker"] = r
 
     @app.get("/products/<name>")

@@ -74,15 +74,28 @@ class Restocker(threading.Thread):
         self.rounds = 0
         self.restocked = 0
         self.holding = False
+        self.interval = max(0.1, float(settings.restock_interval))
+        self._zk = None
+        self._lock = None
 
     def stop(self) -> None:
+        """Stop acting and give the role up now (the next instance need not
+        wait for this one's ZooKeeper session to expire)."""
         self.stop_event.set()
+        lock, zk = self._lock, self._zk
+        try:
+            if lock is not None:
+                lock.release()
+            if zk is not None:
+                zk.stop()
+        except Exception:
+            pass
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             zk = None
             try:
-                zk = bzk.connect(self.settings, timeout=max(self.settings.zk_timeout, 2.0))
+                zk = self._zk = bzk.connect(self.settings, timeout=max(self.settings.zk_timeout, 2.0))
                 lost = threading.Event()
 
                 def on_state(state):
@@ -94,6 +107,7 @@ class Restocker(threading.Thread):
                 log.warning("restocker: %r; retrying", exc)
             finally:
                 self.holding = False
+                self._zk = self._lock = None
                 if zk is not None:
                     try:
                         zk.stop()
@@ -103,7 +117,7 @@ class Restocker(threading.Thread):
             self.stop_event.wait(1.0)
 
     def _hold_role(self, zk, lost: threading.Event) -> None:
-        lock = zk.Lock(self.paths.lock(schema.RESTOCK_LOCK), identifier=self.id)
+        lock = self._lock = zk.Lock(self.paths.lock(schema.RESTOCK_LOCK), identifier=self.id)
         while not self.stop_event.is_set() and not lost.is_set():
             if lock.acquire(timeout=1.0):
                 break
@@ -112,7 +126,7 @@ class Restocker(threading.Thread):
         try:
             me = f"{lock.path}/{lock.node}"
             self.holding = True
-            log.info("restock role taken by %s (every %gs)", self.id, self.settings.restock_interval)
+            log.info("restock role taken by %s (every %gs)", self.id, self.interval)
             while not self.stop_event.is_set():
                 if lost.is_set() or not zk.exists(me):
                     log.warning("restock role lost by %s", self.id)
@@ -128,7 +142,7 @@ class Restocker(threading.Thread):
                     bzk.put_json(zk, status_path(self.paths), {
                         "holder": self.id, "rounds": self.rounds, "restocked": self.restocked,
                         "last": done, "at": time.time()})
-                self.stop_event.wait(self.settings.restock_interval)
+                self.stop_event.wait(self.interval)
         finally:
             self.holding = False
             try:
