@@ -195,14 +195,16 @@ class Client:
     was given, so it always reads its own writes; every response is checked
     against the OpenAPI document."""
 
-    def __init__(self, rs: "RideShare", *, follow_lsn: bool = True):
+    def __init__(self, rs: "RideShare", *, follow_lsn: bool = True, instance: int = 0):
         self.rs = rs
+        self.users_url = rs.all_urls["users"][instance % len(rs.all_urls["users"])]
+        self.rides_url = rs.all_urls["rides"][instance % len(rs.all_urls["rides"])]
         self.session = requests.Session()
         self.follow_lsn = follow_lsn
         self.lsn = 0
 
     def call(self, service: str, method: str, path: str, **kw) -> requests.Response:
-        base = self.rs.users_url if service == "users" else self.rs.rides_url
+        base = self.users_url if service == "users" else self.rides_url
         headers = dict(kw.pop("headers", None) or {})
         if self.follow_lsn and self.lsn and "X-Stratus-Min-LSN" not in headers:
             headers["X-Stratus-Min-LSN"] = str(self.lsn)
@@ -239,10 +241,11 @@ class Client:
 
 
 class RideShare:
-    def __init__(self, cluster: LocalCluster, users_url: str, rides_url: str):
+    def __init__(self, cluster: LocalCluster, urls: dict[str, list[str]]):
         self.cluster = cluster
-        self.users_url = users_url
-        self.rides_url = rides_url
+        self.all_urls = urls
+        self.users_url = urls["users"][0]
+        self.rides_url = urls["rides"][0]
         self.openapi = OpenAPI()
         self._clients: list[Client] = []
         self._lock = threading.Lock()
@@ -254,10 +257,11 @@ class RideShare:
         return c
 
     def reset(self) -> None:
-        c = self.client()
-        assert c.users("POST", "/api/v1/db/clear").status_code == 200
-        for svc in ("users", "rides"):
-            assert c.call(svc, "DELETE", "/api/v1/_count").status_code == 200
+        assert self.client().users("POST", "/api/v1/db/clear").status_code == 200
+        for i in range(max(len(u) for u in self.all_urls.values())):
+            c = self.client(instance=i)
+            for svc in ("users", "rides"):
+                assert c.call(svc, "DELETE", "/api/v1/_count").status_code == 200
 
     def close(self) -> None:
         for c in self._clients:
@@ -282,12 +286,12 @@ class RideShare:
             for svc, us in urls.items():
                 for u in us:
                     wait_for(lambda u=u: _answers(u + "/api/v1/_count"), 30, what=f"{svc} at {u}")
-            rs = cls(cluster, urls["users"][0], urls["rides"][0])
-            rs.all_urls = urls
+            rs = cls(cluster, urls)
             # the tables exist once a read of them answers
-            c = rs.client()
-            wait_for(lambda: c.users("GET").status_code in (200, 204), 20, what="users tables")
-            wait_for(lambda: c.rides("GET", "/api/v1/rides/count").status_code == 200, 20, what="rides tables")
+            for i in range(instances):
+                c = rs.client(instance=i)
+                wait_for(lambda: c.users("GET").status_code in (200, 204), 20, what="users tables")
+                wait_for(lambda: c.rides("GET", "/api/v1/rides/count").status_code == 200, 20, what="rides tables")
             rs.reset()
             yield rs
         finally:
