@@ -54,7 +54,7 @@ class GatewayConfig:
     max_body_bytes: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_MAX_BODY_BYTES", 1024 * 1024))
     # Upstreams.
     upstream_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_UPSTREAM_TIMEOUT", 30.0))
-    connect_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_CONNECT_TIMEOUT", 1.0))
+    connect_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_CONNECT_TIMEOUT", 3.0))
     health_interval: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_HEALTH_INTERVAL", 1.0))
     health_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_HEALTH_TIMEOUT", 0.8))
     pool_idle: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_POOL_IDLE", 20.0))

@@ -101,12 +101,12 @@ class Reader:
         deadline = time.monotonic() + self.read_timeout
         # Tolerate empty lines before a request line (RFC 9112 2.2).
         while True:
+            if self.buf[:1] in (b"\r", b"\n"):
+                stripped = self.buf.lstrip(b"\r\n")
+                del self.buf[:len(self.buf) - len(stripped)]
             end = self.buf.find(b"\r\n\r\n")
             if end >= 0:
                 break
-            stripped = self.buf.lstrip(b"\r\n")
-            if len(stripped) != len(self.buf):
-                del self.buf[:len(self.buf) - len(stripped)]
             if len(self.buf) > self.max_header:
                 raise HttpError(431, f"request head larger than {self.max_header} bytes")
             if self.buf and not self.buf[:1].isalpha():

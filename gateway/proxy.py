@@ -102,7 +102,11 @@ def forward(pool: ServicePool, cfg, method: str, target: str, headers: list[tupl
             return Upstream(status, out_headers, data, inst, attempts=attempt)
         except ConnectFailed as exc:
             last_error = f"could not connect to {inst.addr}: {exc}"
-            pool.mark_down(inst, str(exc))
+            if isinstance(exc.__cause__, ConnectionRefusedError):
+                # Nothing listens there any more (e.g. killed): out of rotation
+                # until a health check passes. A slow connect (a full backlog)
+                # is left to the health checks to judge.
+                pool.mark_down(inst, str(exc))
             if on_error:
                 on_error("connect")
         except socket.timeout:

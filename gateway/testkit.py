@@ -43,6 +43,7 @@ class Client:
         hdrs = dict(headers or {})
         if data is not None:
             hdrs.setdefault("Content-Type", "application/json")
+        self._drop_if_closed()
         self.conn.request(method, path, body=data, headers=hdrs)
         resp = self.conn.getresponse()
         raw = resp.read()
@@ -53,6 +54,20 @@ class Client:
         except ValueError:
             parsed = raw
         return resp.status, parsed, resp
+
+    def _drop_if_closed(self) -> None:
+        # Like urllib3: a pooled connection the server has closed while it was
+        # idle (a keep-alive timeout) is replaced before it is reused.
+        sock = self.conn.sock
+        if sock is None:
+            return
+        import select
+        try:
+            readable = select.select([sock], [], [], 0)[0]
+        except (OSError, ValueError):
+            readable = [sock]
+        if readable:
+            self.conn.close()
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)

@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-register", action="store_true")
     args = ap.parse_args(argv)
     settings = load()
+    ThreadingHTTPServer.request_queue_size = 256  # the listen backlog (5 by default)
     server = ThreadingHTTPServer((settings.bind_host, args.port), None)
     server.daemon_threads = True
     port = server.server_address[1]
