@@ -66,13 +66,16 @@ def valid_ride_id(ride_id: int) -> bool:
 
 
 # --- the app -------------------------------------------------------------------
-def create_app() -> Flask:
+def create_app(*, ensure_schema: bool = True) -> Flask:
+    """The app; with ensure_schema (the default) a background thread creates
+    the tables as soon as the bus answers."""
     app = base_app("rides")
     counter = web.RequestCounter("/api/v1/rides")
     schema = web.SchemaGuard(lambda: rs.create_tables(db()))
     web.install(app, counter, schema)
     app.extensions["rideshare_counter"] = counter
-    schema.start_background("rides")
+    if ensure_schema:
+        schema.start_background("rides")
 
     def read(query):
         reply = db().read(query, min_lsn=web.min_lsn())

@@ -24,13 +24,16 @@ def db():
     return bus_client.shared("users")
 
 
-def create_app() -> Flask:
+def create_app(*, ensure_schema: bool = True) -> Flask:
+    """The app; with ensure_schema (the default) a background thread creates
+    the tables as soon as the bus answers."""
     app = base_app("users")
     counter = web.RequestCounter("/api/v1/users")
     schema = web.SchemaGuard(lambda: rs.create_tables(db()))
     web.install(app, counter, schema)
     app.extensions["rideshare_counter"] = counter
-    schema.start_background("users")
+    if ensure_schema:
+        schema.start_background("users")
 
     @app.put("/api/v1/users")
     def add_user():
