@@ -411,3 +411,20 @@ def test_read_your_writes_across_services(c):
         rid = c.add_ride(f"u{i}", 50, 60)   # rides sees the user the users service just wrote
         assert c.rides("GET", f"/api/v1/rides/{rid}").json()["created_by"] == f"u{i}"
     assert len(c.users("GET").json()) == 10
+
+
+def test_join_right_after_creation_without_lsn_header(rs, c):
+    """A client that does not send the LSN back may hit a slave that has not
+    seen the ride yet: the join asks the master (inside a write) before
+    answering "no such ride", so it still succeeds."""
+    for i in range(15):
+        c.add_user(f"creator{i}")
+        c.add_user(f"rider{i}")
+    blind = rs.client(follow_lsn=False)
+    for i in range(15):
+        r = c.rides("POST", json={"created_by": f"creator{i}", "timestamp": future_ts(), "source": 30 + i,
+                                  "destination": 31 + i})
+        assert r.status_code == 201
+        rid = c.ride_ids(30 + i, 31 + i)[0]
+        r = blind.rides("POST", f"/api/v1/rides/{rid}", json={"username": f"rider{i}"})
+        assert r.status_code == 200, (i, r.text)

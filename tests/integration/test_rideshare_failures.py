@@ -78,3 +78,32 @@ def test_no_database_worker_504(tmp_path):
         check_all(urls, 504)
     finally:
         cluster.close()
+
+
+def test_services_started_before_the_database_then_restarted(tmp_path):
+    """Start order does not matter: the services create their tables once a
+    master answers; a restarted instance finds the tables and the data."""
+    cluster = LocalCluster(tmp_path, request_timeout=1)
+    try:
+        urls = start(cluster)
+        r = requests.put(urls["users"] + "/api/v1/users", json={"username": "alice", "password": pw()}, timeout=10)
+        assert r.status_code == 504          # no worker yet
+        cluster.bootstrap(slaves=1)
+
+        def put_alice():
+            r = requests.put(urls["users"] + "/api/v1/users", json={"username": "alice", "password": pw()}, timeout=10)
+            return r.status_code in (201, 400) and r
+        wait_for(put_alice, 30, 0.2, what="the users service to reach the new master")
+        ride = {"created_by": "alice", "timestamp": future_ts(), "source": 1, "destination": 2}
+        wait_for(lambda: requests.post(urls["rides"] + "/api/v1/rides", json=ride, timeout=10).status_code == 201,
+                 30, 0.2, what="the rides service to reach the new master")
+        # restart both services: same tables, same data
+        for svc in ("users", "rides"):
+            cluster.kill(svc)
+        urls = start(cluster)
+        r = requests.get(urls["rides"] + "/api/v1/rides/count", timeout=10)
+        assert r.status_code == 200 and r.json() == [1]
+        r = requests.get(urls["users"] + "/api/v1/users", timeout=10)
+        assert r.status_code == 200 and r.json() == ["alice"]
+    finally:
+        cluster.close()
