@@ -1,0 +1,35 @@
+"""The per-directory bring-up: orchestrator/ first (it creates the network),
+then users/, rides/ and gateway/, each with its own `docker-compose up -d`.
+Then `down` (keeping volumes) and `up` again: the orchestrator removed its
+worker containers on the way down, and RabbitMQ's and ZooKeeper's named
+volumes kept the data."""
+import pytest
+from dockerkit import grader_sequence, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
+
+DIRS = ["orchestrator", "users", "rides", "gateway"]
+
+
+def test_per_directory_bring_up_down_and_up_again(make_stack):
+    s = make_stack("dirs")
+    for d in DIRS:
+        s.up(d)
+    s.wait_gateway()
+    s.wait_rideshare()
+    grader_sequence(s.gateway, "dirs")
+    assert s.gateway.put("/api/v1/users", {"username": "keeper", "password": "b" * 40}) == (201, {})
+    assert len(s.running_workers()) >= 2
+
+    for d in reversed(DIRS):
+        s.compose(d, "down", "-t", "45")
+    # The orchestrator removed its workers on SIGTERM (runtime.close).
+    assert s.worker_containers(all_=True) == []
+
+    for d in DIRS:
+        s.up(d)
+    s.wait_gateway()
+    s.wait_rideshare()
+    wait_for(lambda: (lambda r: r[0] == 200 and "keeper" in r[1])(s.gateway.get("/api/v1/users")), 60,
+             what="the user written before `down` to be there after `up`")
+    grader_sequence(s.gateway, "dirs2")

@@ -1,0 +1,316 @@
+"""The Docker runtime's logic without a Docker engine: names, labels, the
+environment a worker gets, event parsing, and the start/kill/adopt/close
+flows against a small in-memory fake of the docker SDK. The real behaviour
+(containers, die events, docker-compose down) is tested in the Docker stage."""
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from bus.settings import Settings
+from orchestrator.runtimes.docker import (DockerRuntime, cluster_filters, container_name, die_event,
+                                          parse_started, volume_name, worker_env, worker_image, worker_labels)
+
+
+def settings(**kw) -> Settings:
+    return dataclasses.replace(Settings(), cluster="c1", amqp_url="amqp://guest:guest@rabbitmq:5672/%2F",
+                               zk_hosts="zookeeper:2181", **kw)
+
+
+# --- pure helpers -------------------------------------------------------------------
+def test_names_and_labels_are_per_cluster_and_worker():
+    assert container_name("c1", "w-1") == "stratus-c1-w-1"
+    assert volume_name("c1", "w-1") == "stratus-c1-w-1-data"
+    assert worker_labels("c1", "w-1") == {"stratus.cluster": "c1", "stratus.role": "worker",
+                                          "stratus.worker_id": "w-1", "stratus.volume": "stratus-c1-w-1-data"}
+    assert cluster_filters("c1") == {"label": ["stratus.cluster=c1", "stratus.role=worker"]}
+
+
+def test_worker_env_passes_settings_but_not_secrets_or_runtime_knobs():
+    environ = {"STRATUS_SCALE_WINDOW": "8", "STRATUS_ADMIN_PASSWORD": "pw", "STRATUS_TOKEN_SECRET": "s",
+               "STRATUS_WORKER_IMAGE": "x/worker", "STRATUS_DOCKER_NETWORK": "net", "STRATUS_STATE_DIR": "/host",
+               "STRATUS_AMQP_URL": "amqp://ignored", "PATH": "/usr/bin", "HOME": "/root"}
+    env = worker_env(environ, settings(zk_timeout=1.5), "w-9")
+    assert env["STRATUS_SCALE_WINDOW"] == "8"
+    assert env["STRATUS_AMQP_URL"] == "amqp://guest:guest@rabbitmq:5672/%2F"  # as the orchestrator resolved it
+    assert env["STRATUS_ZK_HOSTS"] == "zookeeper:2181"
+    assert env["STRATUS_CLUSTER"] == "c1"
+    assert env["STRATUS_ZK_TIMEOUT"] == "1.5"
+    assert env["STRATUS_WORKER_ID"] == "w-9"
+    assert env["STRATUS_STATE_DIR"] == "/var/lib/stratus"
+    for secret in ("STRATUS_ADMIN_PASSWORD", "STRATUS_TOKEN_SECRET", "STRATUS_WORKER_IMAGE",
+                   "STRATUS_DOCKER_NETWORK", "PATH", "HOME"):
+        assert secret not in env
+
+
+def test_worker_image_default_and_override():
+    assert worker_image({}) == "stratus/worker:latest"
+    assert worker_image({"STRATUS_IMAGE_PREFIX": "reg.example/st"}) == "reg.example/st/worker:latest"
+    assert worker_image({"STRATUS_WORKER_IMAGE": "mine/w:1"}) == "mine/w:1"
+
+
+def test_parse_started():
+    assert parse_started("1970-01-01T00:00:10.5Z") == pytest.approx(10.5)
+    assert parse_started("2026-11-23T10:43:52.381928123Z") == pytest.approx(1795430632.381928, abs=1e-5)
+    assert parse_started("0001-01-01T00:00:00Z") == 0.0
+    assert parse_started("") == 0.0 and parse_started(None) == 0.0 and parse_started("garbage") == 0.0
+
+
+def _event(action="die", cluster="c1", role="worker", wid="w-1", code="137"):
+    attrs = {"stratus.cluster": cluster, "stratus.role": role, "stratus.worker_id": wid, "name": "x"}
+    if code is not None:
+        attrs["exitCode"] = code
+    return {"Type": "container", "Action": action, "Actor": {"ID": "cid1", "Attributes": attrs}}
+
+
+def test_die_event_parsing():
+    assert die_event(_event(), "c1") == ("cid1", "w-1", 137)
+    assert die_event(_event(code=None), "c1") == ("cid1", "w-1", None)
+    assert die_event(_event(action="start"), "c1") is None
+    assert die_event(_event(cluster="other"), "c1") is None
+    assert die_event(_event(role="gateway"), "c1") is None
+    assert die_event({"Type": "network", "Action": "die"}, "c1") is None
+
+
+# --- a fake docker SDK ----------------------------------------------------------------
+class NotFound(Exception):
+    status_code = 404
+
+
+class FakeContainer:
+    def __init__(self, api, cid, name, labels, pid, status="running"):
+        self.api, self.id, self.name, self.labels = api, cid, name, labels
+        self.attrs = {"State": {"Status": status, "Running": status == "running", "Pid": pid if status == "running" else 0,
+                                "StartedAt": "2026-01-01T00:00:00.5Z", "ExitCode": 0}}
+        self.stop_timeout = None
+
+    def reload(self):
+        pass
+
+    def _die(self, code):
+        if self.attrs["State"]["Status"] != "running":
+            return
+        self.attrs["State"].update(Status="exited", Running=False, Pid=0, ExitCode=code)
+        self.api.emit({"Type": "container", "Action": "die",
+                       "Actor": {"ID": self.id, "Attributes": {**self.labels, "exitCode": str(code)}}})
+
+    def kill(self, signal="SIGKILL"):
+        self._die(137)
+
+    def stop(self, timeout=10):
+        self.stop_timeout = timeout
+        self._die(0)
+
+    def remove(self, force=False):
+        self.api.containers_by_id.pop(self.id, None)
+
+
+class FakeVolume:
+    def __init__(self, api, name, labels):
+        self.api, self.name, self.attrs = api, name, {"Labels": labels}
+
+    def remove(self, force=False):
+        self.api.volumes_by_name.pop(self.name, None)
+
+
+class FakeStream:
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.items = []
+        self.closed = False
+
+    def put(self, ev):
+        with self.cond:
+            self.items.append(ev)
+            self.cond.notify_all()
+
+    def close(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def __iter__(self):
+        while True:
+            with self.cond:
+                while not self.items and not self.closed:
+                    self.cond.wait(0.1)
+                if self.closed:
+                    return
+                ev = self.items.pop(0)
+            yield ev
+
+
+class FakeDocker:
+    """Just enough of docker.DockerClient for the runtime."""
+
+    def __init__(self):
+        self.containers_by_id: dict[str, FakeContainer] = {}
+        self.volumes_by_name: dict[str, FakeVolume] = {}
+        self.streams: list[FakeStream] = []
+        self.runs: list[tuple[str, dict]] = []
+        self.next_pid = 1000
+        self.containers = self._Containers(self)
+        self.volumes = self._Volumes(self)
+
+    def emit(self, ev):
+        for s in self.streams:
+            s.put(ev)
+
+    def events(self, decode=True, filters=None):
+        s = FakeStream()
+        self.streams.append(s)
+        return s
+
+    def close(self):
+        pass
+
+    def add(self, name, labels, status="running"):
+        self.next_pid += 1
+        c = FakeContainer(self, f"id-{name}", name, labels, self.next_pid, status)
+        self.containers_by_id[c.id] = c
+        return c
+
+    @staticmethod
+    def _match(labels, filters):
+        return all(labels.get(k) == v for k, v in (f.split("=", 1) for f in (filters or {}).get("label", [])))
+
+    class _Containers:
+        def __init__(self, api):
+            self.api = api
+
+        def run(self, image, **kw):
+            self.api.runs.append((image, kw))
+            return self.api.add(kw["name"], kw["labels"])
+
+        def get(self, cid):
+            try:
+                return self.api.containers_by_id[cid]
+            except KeyError:
+                raise NotFound(cid)
+
+        def list(self, all=False, filters=None):
+            return [c for c in list(self.api.containers_by_id.values())
+                    if self.api._match(c.labels, filters) and (all or c.attrs["State"]["Status"] == "running")]
+
+    class _Volumes:
+        def __init__(self, api):
+            self.api = api
+
+        def create(self, name, labels=None):
+            v = FakeVolume(self.api, name, labels or {})
+            self.api.volumes_by_name[name] = v
+            return v
+
+        def get(self, name):
+            try:
+                return self.api.volumes_by_name[name]
+            except KeyError:
+                raise NotFound(name)
+
+        def list(self, filters=None):
+            return [v for v in list(self.api.volumes_by_name.values())
+                    if self.api._match(v.attrs["Labels"], filters)]
+
+
+def wait(pred, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+@pytest.fixture
+def fake():
+    return FakeDocker()
+
+
+@pytest.fixture
+def runtime(fake):
+    rt = DockerRuntime(settings(), client_factory=lambda: fake,
+                       environ={"STRATUS_WORKER_IMAGE": "img/worker:t", "STRATUS_DOCKER_NETWORK": "net1",
+                                "STRATUS_SCALE_WINDOW": "5"})
+    yield rt
+    rt.close(remove_workers=False)
+
+
+def test_start_worker_runs_a_labelled_container_with_its_own_volume(runtime, fake):
+    h = runtime.start_worker("w-1")
+    image, kw = fake.runs[0]
+    assert image == "img/worker:t"
+    assert kw["command"] == ["python", "-m", "worker", "--id", "w-1"]
+    assert kw["network"] == "net1" and kw["name"] == "stratus-c1-w-1"
+    assert kw["labels"]["stratus.cluster"] == "c1" and kw["labels"]["stratus.worker_id"] == "w-1"
+    assert kw["volumes"] == {"stratus-c1-w-1-data": {"bind": "/var/lib/stratus", "mode": "rw"}}
+    assert "stratus-c1-w-1-data" in fake.volumes_by_name
+    assert kw["environment"]["STRATUS_SCALE_WINDOW"] == "5"
+    assert h.pid == fake.containers_by_id[h.ref].attrs["State"]["Pid"] > 0
+    assert set(runtime.workers()) == {"w-1"}
+
+
+def test_a_die_event_reports_the_exit_and_removes_container_and_volume(runtime, fake):
+    exits = []
+    runtime.on_exit(lambda wid, code: exits.append((wid, code)))
+    h = runtime.start_worker("w-1")
+    runtime.start_worker("w-2")
+    runtime.kill_worker("w-1")
+    wait(lambda: exits == [("w-1", 137)])
+    assert set(runtime.workers()) == {"w-2"}
+    wait(lambda: h.ref not in fake.containers_by_id and "stratus-c1-w-1-data" not in fake.volumes_by_name)
+    with pytest.raises(KeyError):
+        runtime.kill_worker("w-unknown")
+
+
+def test_stop_worker_is_graceful_with_the_timeout(runtime, fake):
+    exits = []
+    runtime.on_exit(lambda wid, code: exits.append((wid, code)))
+    h = runtime.start_worker("w-1")
+    c = fake.containers_by_id[h.ref]
+    runtime.stop_worker("w-1", timeout=7)
+    assert c.stop_timeout == 7
+    assert runtime.workers() == {}
+    wait(lambda: exits == [("w-1", 0)])
+
+
+def test_adopt_takes_running_containers_and_removes_dead_ones(fake):
+    running = fake.add("stratus-c1-w-a", worker_labels("c1", "w-a"))
+    fake.volumes.create(volume_name("c1", "w-a"), worker_labels("c1", "w-a"))
+    dead = fake.add("stratus-c1-w-b", worker_labels("c1", "w-b"), status="exited")
+    fake.volumes.create(volume_name("c1", "w-b"), worker_labels("c1", "w-b"))
+    other = fake.add("stratus-c2-w-c", worker_labels("c2", "w-c"))
+    fake.volumes.create("stratus-c1-w-gone-data", worker_labels("c1", "w-gone"))  # orphan volume
+    rt = DockerRuntime(settings(), client_factory=lambda: fake, environ={})
+    try:
+        adopted = rt.adopt()
+        assert [(h.id, h.pid, h.labels["adopted"]) for h in adopted] == [("w-a", running.attrs["State"]["Pid"], True)]
+        assert adopted[0].started == pytest.approx(parse_started("2026-01-01T00:00:00.5Z"))
+        assert dead.id not in fake.containers_by_id
+        assert set(fake.volumes_by_name) == {"stratus-c1-w-a-data"}
+        assert other.id in fake.containers_by_id  # another cluster's worker is not ours
+        assert set(rt.workers()) == {"w-a"}
+        assert rt.adopt() == []  # idempotent
+    finally:
+        rt.close(remove_workers=False)
+
+
+def test_close_removes_every_labelled_container_of_the_cluster(fake):
+    other = fake.add("stratus-c2-w-c", worker_labels("c2", "w-c"))
+    rt = DockerRuntime(settings(), client_factory=lambda: fake, environ={})
+    rt.start_worker("w-1")
+    rt.start_worker("w-2")
+    fake.add("stratus-c1-w-3", worker_labels("c1", "w-3"), status="exited")  # left by an earlier run
+    rt.close(remove_workers=True)
+    assert [c.id for c in fake.containers_by_id.values()] == [other.id]
+    assert fake.volumes_by_name == {}
+    assert rt.workers() == {}
+
+
+def test_close_without_removal_leaves_workers_for_a_successor(fake):
+    rt = DockerRuntime(settings(), client_factory=lambda: fake, environ={})
+    h = rt.start_worker("w-1")
+    rt.close(remove_workers=False)
+    assert fake.containers_by_id[h.ref].attrs["State"]["Status"] == "running"
