@@ -27,7 +27,7 @@ from .restock import Restocker
 log = logging.getLogger("stratus.catalog")
 
 CSV_PATH = Path(__file__).resolve().parent / "products.csv"
-STARTUP_WAIT = 20.0  # create_app waits this long for the seed, then goes on in the background
+STARTUP_WAIT = 5.0  # create_app waits this long for the seed, then goes on in the background (503 until then)
 
 
 def error_body(status: int, message: str) -> dict:

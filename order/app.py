@@ -31,7 +31,7 @@ from bus.tenants import toystore_schema as schema
 
 log = logging.getLogger("stratus.order")
 
-STARTUP_WAIT = 20.0
+STARTUP_WAIT = 5.0  # then the tables are created in the background (503 until then)
 WRITE_ATTEMPTS = 3       # the same write (same request id) after a Timeout or Unavailable
 MAX_ORDER_NUMBER = 2**63 - 1
 

@@ -274,3 +274,70 @@ def test_orders_survive_restart_of_services(stack):
     for r in rows:
         status, body, _ = call(stack.order, "GET", f"/orders/{r['number']}")
         assert (status, body) == (200, {"data": r})
+
+
+def test_orders_survive_restart_of_every_component(stack):
+    """Workers too: stop the whole data plane and the services, start them again."""
+    c = stack.cluster
+    rows = db_rows(stack.db, "orders")
+    products = db_rows(stack.db, "products")
+    for key in ("catalog2", "order2", "s1", "w1"):
+        c.kill(key)
+    c.promote("w1")
+    c.start_worker("w1")          # same ids, same database files
+    c.wait_master("w1")
+    c.start_worker("s1")
+    c.wait_ready(["s1"])
+    stack.catalog = start_catalog(c, "catalog3", STRATUS_RESTOCK_INTERVAL=3600)
+    stack.order = start_order(c, "order3")
+    for r in rows:
+        status, body, _ = call(stack.order, "GET", f"/orders/{r['number']}")
+        assert (status, body) == (200, {"data": r})
+    assert db_rows(stack.db, "products") == products
+    # numbering continues after the last order
+    status, body, _ = call(stack.order, "POST", "/orders", {"name": "Tux", "quantity": 1})
+    assert (status, body) == (200, {"data": {"order_number": len(rows)}})
+
+
+def test_database_timeout_is_504_never_400(stack):
+    """No worker answers: reads and the order write time out -> 504, and nothing is sold."""
+    c = stack.cluster
+    catalog = start_catalog(c, "catalog-t", STRATUS_RESTOCK_INTERVAL=3600, STRATUS_REQUEST_TIMEOUT=1)
+    order = start_order(c, "order-t", STRATUS_REQUEST_TIMEOUT=1)
+    products = db_rows(stack.db, "products")
+    for key in ("s1", "w1"):
+        c.kill(key)
+    try:
+        status, body, _ = call(catalog, "GET", "/products/Tux")
+        assert_error(status, body, 504)
+        status, body, _ = call(order, "GET", "/orders/0")
+        assert_error(status, body, 504)
+        status, body, _ = call(order, "POST", "/orders", {"name": "Tux", "quantity": 1})
+        assert_error(status, body, 504)
+    finally:
+        c.start_worker("w1")
+        c.wait_master("w1")
+    # the timed-out order was sent (its message expired unapplied, or it was applied once)
+    after = {r["name"]: r["quantity"] for r in db_rows(stack.db, "products")}
+    before = {r["name"]: r["quantity"] for r in products}
+    assert before["Tux"] - after["Tux"] in (0, 1)
+    assert {k: v for k, v in after.items() if k != "Tux"} == {k: v for k, v in before.items() if k != "Tux"}
+
+
+def test_bus_unreachable_is_503(stack):
+    """An order service whose broker cannot be reached answers 503, never 400."""
+    from harness import free_port
+    from test_toystore_support import wait_http
+    c = stack.cluster
+    port = free_port()
+    c.spawn("order-u", ["-m", "order"], STRATUS_ORDER_PORT=port, STRATUS_REQUEST_TIMEOUT=1,
+            STRATUS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base, "/health", timeout=30)
+    status, body, _ = call(base, "POST", "/orders", {"name": "Tux", "quantity": 1})
+    assert_error(status, body, 503)
+    status, body, _ = call(base, "GET", "/orders/0")
+    assert_error(status, body, 503)
+    # input errors are still input errors
+    status, body, _ = call(base, "POST", "/orders", {"name": "Tux", "quantity": 0})
+    assert_error(status, body, 400)
