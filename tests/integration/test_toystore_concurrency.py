@@ -139,3 +139,29 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
     wait_for(lambda: stock(alive, "Kite") == 100, interval + 2.0, interval=0.05, what="Kite restocked")
     assert _restockers(cluster, rest) == _holders(cluster, rest)
     assert bzk.get_json(cluster.zk, status_path(cluster.paths))["holder"] != st["holder"]
+
+
+def test_catalogs_starting_at_once_seed_each_toy_once_and_a_restart_keeps_stock(cluster):
+    import re
+    from catalog.app import load_catalog
+    from harness import free_port
+    from test_toystore_support import wait_http
+    cluster.bootstrap(slaves=1)
+    db = cluster.client()
+    ports = [free_port() for _ in range(3)]
+    for i, port in enumerate(ports):   # all three before waiting for any
+        cluster.spawn(f"cat{i}", ["-m", "catalog"], STRATUS_CATALOG_PORT=port, STRATUS_RESTOCK_INTERVAL=3600)
+    for port in ports:
+        wait_http(f"http://127.0.0.1:{port}", "/products/Tux")
+    shipped = load_catalog()
+    assert db_rows(db, "products") == sorted(shipped, key=lambda p: p["name"])
+    inserted = [int(m) for i in range(3)
+                for m in re.findall(r"(\d+) inserted now", log_text(cluster, f"cat{i}"))]
+    assert len(inserted) == 3 and sum(inserted) == len(shipped)
+    # a restart of every catalog does not reset stock
+    set_stock(db, "Fox", 42)
+    for i in range(3):
+        cluster.kill(f"cat{i}")
+    base = start_catalog(cluster, "cat-again", STRATUS_RESTOCK_INTERVAL=3600)
+    assert stock(base, "Fox") == 42
+    assert "0 inserted now" in log_text(cluster, "cat-again")
