@@ -38,6 +38,7 @@ log = logging.getLogger("stratus.orchestrator")
 RECONCILE_EVERY = 2.0     # safety-net reconcile period (seconds)
 SAMPLE_EVERY = 0.5        # how often read counters are summed
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
+EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
 
 
 class ControlError(Exception):
@@ -79,6 +80,10 @@ class Controller:
         self.counters = {"crash_master": 0, "crash_slave": 0, "elections": 0, "switchovers": 0,
                          "workers_started": 0, "workers_drained": 0}
         self._thread: threading.Thread | None = None
+        # Crash-loop protection: workers that die soon after their start slow new starts down.
+        self._started_at: dict[str, float] = {}
+        self._early_exits: list[float] = []
+        self._last_start = 0.0
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> "Controller":
@@ -128,8 +133,26 @@ class Controller:
             self.wake.set()
 
     def _on_worker_exit(self, worker_id: str, code) -> None:
-        self.dead[worker_id] = time.time()
+        now = time.time()
+        self.dead[worker_id] = now
+        started = self._started_at.pop(worker_id, None)
+        if (started is not None and now - started < EARLY_EXIT and code not in (0, -9, -15)
+                and worker_id not in self.retiring and worker_id not in self.draining):
+            self._early_exits.append(now)   # not a drain, a switchover or a crash we were asked for
+            log.warning("worker %s exited with %s %.1fs after its start", worker_id, code, now - started)
         self.wake.set()
+
+    def _start_backoff(self) -> float:
+        """Seconds to wait between starts: 0 normally, growing while workers
+        keep dying right after their start (broker down, broken install...)."""
+        now = time.time()
+        self._early_exits = [t for t in self._early_exits if now - t < 60]
+        n = len(self._early_exits)
+        return 0.0 if n < 3 else min(30.0, 0.5 * 2 ** (n - 3))
+
+    def _may_start(self) -> bool:
+        backoff = self._start_backoff()
+        return backoff == 0 or time.time() - self._last_start >= backoff
 
     # --- leading -------------------------------------------------------------------
     def _lead(self) -> None:
@@ -251,6 +274,10 @@ class Controller:
                     reason = (f"master {old} died: {wid} has applied LSN {cand.get('applied_lsn', 0)}, "
                               f"the most among {'ready ' if cand.get('ready') else ''}slaves (pid {cand.get('pid')})")
                 else:
+                    if not self._may_start():
+                        log.warning("no master and workers keep dying at start: retrying in up to %.1fs",
+                                    self._start_backoff())
+                        return None
                     wid = new_worker_id()
                     term = set_leader(self.zk, self.paths, wid, expected_version=version)
                     self._start(wid)
@@ -274,6 +301,9 @@ class Controller:
             if master.get("booting"):
                 return  # a fresh master first; its slaves once it is registered
             for _ in range(target - len(slaves)):
+                if not self._may_start():
+                    log.warning("workers keep dying at start: next start in up to %.1fs", self._start_backoff())
+                    return
                 self._start(new_worker_id())
         elif len(slaves) > target:
             newest = sorted(slaves.values(), key=lambda w: (float(w.get("started") or 0), int(w.get("pid") or 0)),
@@ -283,6 +313,7 @@ class Controller:
 
     def _start(self, wid: str) -> None:
         h = self.runtime.start_worker(wid)
+        self._last_start = self._started_at[wid] = time.time()
         self.counters["workers_started"] += 1
 
     def _drain(self, wid: str) -> None:
