@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 
 from .config import GatewayConfig
+from .upstream_conn import UpstreamConn
 
 log = logging.getLogger("stratus.gateway.balancer")
 
@@ -35,7 +36,7 @@ class Instance:
         self.outstanding = 0
         self.served = 0
         self.failures = 0
-        self._idle: list[tuple[http.client.HTTPConnection, float]] = []
+        self._idle: list[tuple[UpstreamConn, float]] = []
         self._lock = threading.Lock()
 
     def begin(self) -> None:
@@ -53,9 +54,11 @@ class Instance:
         return f"{self.host}:{self.port}"
 
     # -- persistent connections ---------------------------------------------------
-    def take_connection(self, cfg: GatewayConfig) -> tuple[http.client.HTTPConnection, bool]:
+    def take_connection(self, cfg: GatewayConfig) -> tuple[UpstreamConn, bool]:
         """(connection, reused). A pooled connection that the upstream has
-        closed meanwhile (readable or idle too long) is dropped, not reused."""
+        closed meanwhile (readable, or idle too long) is dropped, not reused.
+        A new connection is returned unconnected: the caller connects it, so
+        a failure to connect is told apart from a failure after sending."""
         now = time.monotonic()
         while True:
             with self._lock:
@@ -74,10 +77,9 @@ class Instance:
                 conn.close()
                 continue
             return conn, True
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=cfg.upstream_timeout)
-        return conn, False
+        return UpstreamConn(self.host, self.port), False
 
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, conn: UpstreamConn) -> None:
         if self.removed:
             conn.close()
             return

@@ -9,12 +9,12 @@ keep-alive connection, with the retry rules:
   client gets 502 (or 504 on a timeout)."""
 from __future__ import annotations
 
-import http.client
 import logging
 import socket
 from dataclasses import dataclass
 
 from .balancer import Instance, NoInstance, ServicePool
+from .upstream_conn import UpstreamError
 
 log = logging.getLogger("stratus.gateway.proxy")
 
@@ -52,33 +52,23 @@ def _send(inst: Instance, cfg, method: str, target: str, headers: list[tuple[str
     `.reused` set)."""
     conn, reused = inst.take_connection(cfg)
     if not reused:
-        conn.timeout = cfg.connect_timeout
         try:
-            conn.connect()
-        except (OSError, http.client.HTTPException) as exc:
+            conn.connect(cfg.connect_timeout, cfg.upstream_timeout)
+        except OSError as exc:
             conn.close()
             raise ConnectFailed(f"{type(exc).__name__}: {exc}") from exc
-        conn.sock.settimeout(cfg.upstream_timeout)
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
-        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
-        for k, v in headers:
-            conn.putheader(k, v)
-        if body or method in ("POST", "PUT", "PATCH"):
-            conn.putheader("Content-Length", str(len(body)))
-        conn.endheaders(body if body else None)
-        resp = conn.getresponse()
-        data = resp.read()
+        status, resp_headers, data, keep = conn.request(method, target, headers, body)
     except BaseException as exc:
         conn.close()
         exc.reused = reused  # type: ignore[attr-defined]
         raise
-    out_headers = strip_hop_by_hop(resp.getheaders(), frozenset({"content-length"}))
-    if resp.will_close:
-        conn.close()
-    else:
+    out_headers = strip_hop_by_hop(resp_headers, frozenset({"content-length"}))
+    if keep:
         inst.give_back(conn)
-    return resp.status, out_headers, data
+    else:
+        conn.close()
+    return status, out_headers, data
 
 
 def forward(pool: ServicePool, cfg, method: str, target: str, headers: list[tuple[str, str]], body: bytes, *,
@@ -113,7 +103,7 @@ def forward(pool: ServicePool, cfg, method: str, target: str, headers: list[tupl
             if on_error:
                 on_error("timeout")
             return Upstream(504, [], b"", inst, error="upstream timed out", attempts=attempt)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, UpstreamError) as exc:
             last_error = f"{inst.addr}: {type(exc).__name__}: {exc}"
             only_connect_failures = False
             if on_error:

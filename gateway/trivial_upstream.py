@@ -51,6 +51,7 @@ def make_handler(state: State):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "trivial-upstream"
+        disable_nagle_algorithm = True  # headers and body go out in two writes
 
         def log_message(self, fmt, *args):  # quiet: the gateway logs requests
             pass
