@@ -22,6 +22,7 @@ from . import web
 from .web import InputError
 
 DIGITS = re.compile(r"^[0-9]{1,9}$")
+TIMESTAMP = re.compile(r"^[0-9]{2}-[0-9]{2}-[0-9]{4}:[0-9]{2}-[0-9]{2}-[0-9]{2}$")  # strptime alone takes "1-8-2031:0-0-0"
 MAX_ID = 2**63 - 1
 
 
@@ -47,7 +48,7 @@ def parse_area(value, name: str) -> int:
 
 def parse_timestamp(value) -> int:
     """DD-MM-YYYY:SS-MM-HH, read as UTC -> seconds since the epoch."""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or not TIMESTAMP.match(value):
         raise InputError("timestamp must be a string DD-MM-YYYY:SS-MM-HH")
     try:
         dt = datetime.strptime(value, rs.TIMESTAMP_FORMAT)

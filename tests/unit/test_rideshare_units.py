@@ -42,7 +42,7 @@ def test_timestamp_round_trip_utc():
 
 @pytest.mark.parametrize("value", ["21-08-2031", "2031-08-21 03:04:05", "32-01-2031:00-00-00", "21-08-2031:00-60-00",
                                    "21-08-2031:00-00-24", "29-02-2031:00-00-00", "", 1945393445, None,
-                                   "21-08-2031:00-00-00 "])
+                                   "21-08-2031:00-00-00 ", "1-8-2031:0-0-0", "21-08-31:00-00-00", "２1-08-2031:00-00-00"])
 def test_timestamp_refused(value):
     with pytest.raises(web.InputError):
         rides_app.parse_timestamp(value)
