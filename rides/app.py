@@ -37,7 +37,7 @@ def parse_area(value, name: str) -> int:
         raise InputError(f"{name} must be an area number from 1 to 198")
     if isinstance(value, int):
         area = value
-    elif isinstance(value, str) and DIGITS.match(value):
+    elif isinstance(value, str) and DIGITS.fullmatch(value):
         area = int(value)
     else:
         raise InputError(f"{name} must be an area number from 1 to 198")
@@ -48,7 +48,7 @@ def parse_area(value, name: str) -> int:
 
 def parse_timestamp(value) -> int:
     """DD-MM-YYYY:SS-MM-HH, read as UTC -> seconds since the epoch."""
-    if not isinstance(value, str) or not TIMESTAMP.match(value):
+    if not isinstance(value, str) or not TIMESTAMP.fullmatch(value):
         raise InputError("timestamp must be a string DD-MM-YYYY:SS-MM-HH")
     try:
         dt = datetime.strptime(value, rs.TIMESTAMP_FORMAT)

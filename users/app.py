@@ -40,7 +40,7 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         body = web.json_object(("username", "password"))
         username = web.text_field(body, "username")
         password = web.text_field(body, "password")
-        if not SHA1_HEX.match(password):
+        if not SHA1_HEX.fullmatch(password):
             raise InputError("password must be exactly 40 hexadecimal characters (a SHA-1 digest)")
         schema.ensure()
         try:

@@ -27,7 +27,7 @@ def test_parse_area_ok(value, area):
 
 
 @pytest.mark.parametrize("value", [0, 199, -1, "0", "199", "", " 1", "1 ", "+1", "1.0", 1.0, True, False, None,
-                                   [1], {"a": 1}, "١", "abc", "9" * 20])
+                                   [1], {"a": 1}, "١", "abc", "9" * 20, "1\n", "12\n"])
 def test_parse_area_refused(value):
     with pytest.raises(web.InputError):
         rides_app.parse_area(value, "source")
@@ -42,7 +42,8 @@ def test_timestamp_round_trip_utc():
 
 @pytest.mark.parametrize("value", ["21-08-2031", "2031-08-21 03:04:05", "32-01-2031:00-00-00", "21-08-2031:00-60-00",
                                    "21-08-2031:00-00-24", "29-02-2031:00-00-00", "", 1945393445, None,
-                                   "21-08-2031:00-00-00 ", "1-8-2031:0-0-0", "21-08-31:00-00-00", "２1-08-2031:00-00-00"])
+                                   "21-08-2031:00-00-00 ", "1-8-2031:0-0-0", "21-08-31:00-00-00", "２1-08-2031:00-00-00",
+                                   "21-08-2031:00-00-00\n"])
 def test_timestamp_refused(value):
     with pytest.raises(web.InputError):
         rides_app.parse_timestamp(value)
@@ -107,7 +108,8 @@ def test_app_answers_bad_input_before_any_db_call(flask_app):
     assert cl.get("/api/v1/_count").get_json() == [7]  # the 404 is not a rides route
     users = users_app.create_app(ensure_schema=False).test_client()
     assert users.put("/api/v1/users", json={"username": "a", "password": "z" * 40}).status_code == 400
-    assert users.get("/api/v1/_count").get_json() == [1]
+    assert users.put("/api/v1/users", json={"username": "a", "password": "a" * 40 + "\n"}).status_code == 400
+    assert users.get("/api/v1/_count").get_json() == [2]
 
 
 def _routes(app) -> dict[str, set[str]]:
