@@ -86,6 +86,15 @@ class SchemaGuard:
         threading.Thread(target=loop, name=f"{name}-schema", daemon=True).start()
 
 
+def _is_text(s: str) -> bool:
+    """False for strings holding a lone surrogate (JSON allows "\\ud800"; the bus cannot carry it)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def json_object(required: tuple[str, ...]) -> dict:
     """The request body as a JSON object holding `required` fields. Raises
     InputError (400) otherwise, RequestEntityTooLarge (413) above the limit."""
@@ -105,6 +114,8 @@ def json_object(required: tuple[str, ...]) -> dict:
     for k, v in body.items():
         if len(k) > MAX_FIELD or (isinstance(v, str) and len(v) > MAX_FIELD):
             raise InputError(f"field {k[:40]!r} is longer than {MAX_FIELD} characters")
+        if not _is_text(k) or (isinstance(v, str) and not _is_text(v)):
+            raise InputError(f"field {k[:40]!r} is not valid Unicode text")
     missing = [f for f in required if f not in body or body[f] is None or body[f] == ""]
     if missing:
         raise InputError(f"missing or empty field(s): {', '.join(missing)}")

@@ -75,7 +75,9 @@ def flask_app():
 @pytest.mark.parametrize("data,ok", [(b'{"a": "b"}', True), (b"[1]", False), (b"nope", False), (b"", False),
                                      (b"null", False), (b'{"a": ""}', False), (b'{"b": 1}', False),
                                      (b'{"a": "' + b"x" * 256 + b'"}', False), (b'{"a": "x", "' + b"k" * 256 + b'": 1}', False),
-                                     (b'{"a": "' + b"x" * 255 + b'"}', True), (b"\xff\xfe", False)])
+                                     (b'{"a": "' + b"x" * 255 + b'"}', True), (b"\xff\xfe", False),
+                                     (b'{"a": "\\ud800"}', False), (b'{"a": "ok", "\\udfff": 1}', False),
+                                     (b'{"a": "\\u00e9\\ud83d\\ude00"}', True)])
 def test_json_object(flask_app, data, ok):
     with flask_app.test_request_context("/api/v1/rides", method="POST", data=data):
         if ok:
