@@ -127,7 +127,7 @@ class Restocker(threading.Thread):
             me = f"{lock.path}/{lock.node}"
             self.holding = True
             log.info("restock role taken by %s (every %gs)", self.id, self.interval)
-            while not self.stop_event.is_set():
+            while not self.stop_event.wait(self.interval):  # a round every interval, the first one after it
                 if lost.is_set() or not zk.exists(me):
                     log.warning("restock role lost by %s", self.id)
                     return
@@ -142,7 +142,6 @@ class Restocker(threading.Thread):
                     bzk.put_json(zk, status_path(self.paths), {
                         "holder": self.id, "rounds": self.rounds, "restocked": self.restocked,
                         "last": done, "at": time.time()})
-                self.stop_event.wait(self.interval)
         finally:
             self.holding = False
             try:

@@ -31,7 +31,7 @@ def stack(tmp_path_factory):
     try:
         cluster.bootstrap(slaves=1)
         db = cluster.client()
-        # the restocker's first round runs at start; the next one after the tests
+        # the restocker acts once an hour: not during these tests
         s = Stack(cluster, db, start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600),
                   start_order(cluster, "order"))
         yield s
