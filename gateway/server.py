@@ -56,6 +56,7 @@ class Server:
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._stop = threading.Event()
+        self._lingering = threading.BoundedSemaphore(32)
         self._threads: list[threading.Thread] = []
         gateway.server = self
         m = gateway.metrics
@@ -114,7 +115,20 @@ class Server:
             sock.sendall(error_response(503, "gateway overloaded: try again shortly"))
         except OSError:
             pass
-        threading.Thread(target=_linger_close, args=(sock,), daemon=True).start()
+        # Drain and close off the accept thread, with a bounded number of
+        # helpers; past that, close at once.
+        if self._lingering.acquire(blocking=False):
+            def run():
+                try:
+                    _linger_close(sock)
+                finally:
+                    self._lingering.release()
+            threading.Thread(target=run, daemon=True).start()
+        else:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     # -- serving a connection -----------------------------------------------------
     def _worker(self) -> None:

@@ -125,3 +125,41 @@ def test_rideshare_user_gets_a_user_token(cluster):
     assert status == 403, body
     # A user token is fine on the public routes.
     assert c.get("/api/v1/users", headers={"Authorization": f"Bearer {user_token}"})[0] == 200
+
+
+def test_admin_routes_reach_the_real_orchestrator(cluster):
+    """The orchestrator's leader registers as service "orchestrator"; the gateway finds it there."""
+    import os
+    import signal
+    from pathlib import Path
+
+    orch_port = free_port()
+    proc = cluster.spawn("orch", ["-m", "orchestrator"], STRATUS_ORCHESTRATOR_PORT=str(orch_port))
+    try:
+        gw = start_gateway(cluster, STRATUS_ADMIN_PASSWORD="pw-admin",
+                           STRATUS_ORCHESTRATOR_URL="http://127.0.0.1:1")  # the fallback must not be used
+        wait_healthy(gw, "orchestrator", 1, timeout=60)
+        c = Client(gw)
+        admin = _grant(c, "admin", "pw-admin")[1]["token"]
+        auth = {"Authorization": f"Bearer {admin}"}
+        assert c.get("/api/v1/worker/list")[0] == 401
+        pids = wait_until(lambda: (r := c.get("/api/v1/worker/list", headers=auth))[0] == 200 and len(r[1]) >= 2
+                          and r[1], 60, what="the orchestrator's workers")
+        assert pids == sorted(pids) and all(isinstance(p, int) for p in pids)
+        status, body, _ = c.get("/api/v1/cluster", headers=auth)
+        assert status == 200 and isinstance(body, dict), body
+        status, body, _ = c.request("POST", "/api/v1/db/read", {"op": "select", "table": "nope"}, headers=auth)
+        assert status == 400, (status, body)  # the orchestrator's own answer, passed through
+    finally:
+        # A clean stop: the orchestrator stops the workers it started.
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(30)
+        marker = f"STRATUS_CLUSTER={cluster.name}".encode()
+        for d in Path("/proc").iterdir():  # any worker of this cluster still alive is killed
+            try:
+                if d.name.isdigit() and b"worker" in (d / "cmdline").read_bytes() and \
+                        marker in (d / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(d.name), signal.SIGKILL)
+            except OSError:
+                continue
