@@ -38,6 +38,8 @@ log = logging.getLogger("stratus.orchestrator")
 RECONCILE_EVERY = 2.0     # safety-net reconcile period (seconds)
 SAMPLE_EVERY = 0.5        # how often read counters are summed
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
+BOOT_GRACE = 60.0         # a started worker must register within this
+REREGISTER_GRACE = 10.0   # a slave whose session expired may re-register within this
 EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
 
 
@@ -84,6 +86,7 @@ class Controller:
         self._started_at: dict[str, float] = {}
         self._early_exits: list[float] = []
         self._last_start = 0.0
+        self._registered: dict[str, float] = {}   # worker id -> last time its znode was seen
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> "Controller":
@@ -228,19 +231,52 @@ class Controller:
         return bool(added)
 
     # --- the view of the cluster ------------------------------------------------------
-    def members(self, snapshot: dict[str, dict] | None = None) -> dict[str, dict]:
+    def members(self, snapshot: dict[str, dict] | None = None, *, leader_id: str | None = None,
+                act: bool = False) -> dict[str, dict]:
         """Live workers: membership znodes, plus workers the runtime runs that
-        have not registered yet, minus those known dead."""
+        have not registered yet, minus those known dead.
+
+        A process the runtime still runs but whose znode is gone has lost its
+        ZooKeeper session: the master among them is dead for the election at
+        once (a master exits when its session is lost; if it hangs instead, its
+        term check fails after the election), a slave gets REREGISTER_GRACE
+        seconds to come back with a new session. A worker that never registers
+        within BOOT_GRACE is stuck. With `act`, such workers are declared dead
+        and killed (only the reconcile loop acts)."""
         snapshot = workers(self.zk, self.paths) if snapshot is None else snapshot
         now = time.time()
         for wid, t in list(self.dead.items()):
             if now - t > DEAD_MEMORY and wid not in snapshot:
                 self.dead.pop(wid, None)
         out = {wid: w for wid, w in snapshot.items() if wid not in self.dead}
+        for wid in out:
+            self._registered[wid] = now
         for wid, h in self.runtime.workers().items():
-            if wid not in self.dead and wid not in out:
-                out[wid] = {"id": wid, "pid": h.pid, "role": "slave", "state": "starting", "term": 0,
-                            "applied_lsn": 0, "ready": False, "reads": 0, "started": h.started, "booting": True}
+            if wid in self.dead or wid in out:
+                continue
+            last = self._registered.get(wid)
+            if last is None:
+                lost = now - (h.started or now) > BOOT_GRACE
+                why = f"did not register within {BOOT_GRACE:g}s"
+            else:
+                lost = wid == leader_id or now - last > REREGISTER_GRACE
+                why = "lost its ZooKeeper session"
+            if lost and act:
+                log.warning("worker %s (pid %d) %s: killing it", wid, h.pid, why)
+                self.dead[wid] = now
+                self._registered.pop(wid, None)
+                try:
+                    self.runtime.kill_worker(wid)
+                except Exception as exc:
+                    log.warning("killing %s failed: %r", wid, exc)
+                continue
+            if lost and wid == leader_id:
+                continue
+            out[wid] = {"id": wid, "pid": h.pid, "role": "slave", "state": "starting" if last is None else "unregistered",
+                        "term": 0, "applied_lsn": 0, "ready": False, "reads": 0, "started": h.started,
+                        "booting": last is None}
+        for wid in [w for w, t in self._registered.items() if now - t > DEAD_MEMORY and w not in out]:
+            self._registered.pop(wid, None)
         return out
 
     # --- reconcile -----------------------------------------------------------------
@@ -248,13 +284,13 @@ class Controller:
         with self.lock:
             if not self.leading:
                 return
-            members = self.members(snapshot)
             leader, version = read_leader(self.zk, self.paths)
+            members = self.members(snapshot, leader_id=leader.id, act=True)
             if leader.id is None or leader.id not in members:
                 leader = self._elect(leader, version, members)
                 if leader is None:
                     return
-                members = self.members()
+                members = self.members(leader_id=leader.id)
             self._size_slaves(leader.id, members)
 
     def _elect(self, leader, version: int, members: dict[str, dict]):

@@ -432,5 +432,37 @@ def test_cli_status_crash_and_switchover(cluster):
         cleanup(cluster, orch)
 
 
+def test_hung_workers_are_replaced_once_their_session_expires(cluster):
+    """SIGSTOP: the process lives on but stops answering; ZooKeeper drops its
+    znode when its session expires and the orchestrator replaces it."""
+    orch = Orch(cluster)
+    try:
+        v = orch.wait_healthy_cluster(1)
+        master = next(w for w in v["workers"] if w["role"] == "master")
+        db = cluster.client()
+        db.write([EV_TABLE])
+        lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
+        os.kill(master["pid"], signal.SIGSTOP)
+        t0 = time.monotonic()
+        r = db.write([ops.insert("ev", {"id": 2, "k": "after"})], timeout=30)
+        print(f"\nhung master: first acknowledged write after {time.monotonic() - t0:.2f}s")
+        assert r.lsn == lsn + 1 and r.worker != master["id"]
+        v = orch.wait_healthy_cluster(1)
+        assert master["pid"] not in orch.pids() and v["term"] == 2
+        assert "lost its ZooKeeper session: killing it" in cluster.log("orch")
+        assert master["pid"] not in worker_pids_of(cluster)   # killed, not left stopped
+
+        slave = next(w for w in v["workers"] if w["role"] == "slave")
+        os.kill(slave["pid"], signal.SIGSTOP)
+        # a slave gets REREGISTER_GRACE (10 s) to come back with a new session, then is replaced
+        wait_for(lambda: slave["pid"] not in orch.pids(), 30, 0.2, what="the hung slave to be replaced")
+        v = orch.wait_healthy_cluster(1, timeout=30)
+        assert slave["pid"] not in worker_pids_of(cluster)
+        rows = db.read(ops.select("ev", order_by=["id"]), min_lsn=r.lsn).result
+        assert [x["k"] for x in rows] == ["before", "after"]
+    finally:
+        cleanup(cluster, orch)
+
+
 if __name__ == "__main__":
     pytest.main([__file__, "-v", "-s"])
