@@ -137,3 +137,37 @@ def test_no_instances_answers_503_json(cluster):
         assert resp.getheader("Content-Type") == "application/json"
     status, body, _ = c.get("/nope")
     assert status == 404 and "error" in body
+
+
+def test_real_rides_instances_spread_and_survive_kill9(cluster):
+    """Three real rides services (gunicorn, registered in ZooKeeper): each
+    instance counts the requests it answered on /api/v1/rides routes."""
+    from gateway.testkit import free_port
+    cluster.bootstrap(slaves=1)
+    ports = [free_port() for _ in range(3)]
+    for i, p in enumerate(ports):
+        cluster.spawn(f"rides{i}", ["-m", "rides"], STRATUS_RIDES_PORT=str(p))
+    gw = start_gateway(cluster)
+    wait_healthy(gw, "rides", 3, timeout=60)
+    c = Client(gw)
+    wait_until(lambda: c.get("/api/v1/rides/count")[0] == 200, 30, what="rides tables")
+    for p in ports:
+        assert Client(p).request("DELETE", "/api/v1/_count")[0] == 200
+
+    for _ in range(300):
+        status, body, _ = c.get("/api/v1/rides/count")
+        assert status == 200, body
+    counts = [Client(p).get("/api/v1/_count")[1][0] for p in ports]
+    assert sum(counts) == 300 and all(80 <= n <= 120 for n in counts), counts
+
+    os.kill(cluster.procs["rides0"].pid, signal.SIGKILL)
+    cluster.procs["rides0"].wait(10)
+    for i in range(150):
+        status, body, _ = c.get("/api/v1/rides/count")
+        assert status == 200, (i, status, body)
+    wait_healthy(gw, "rides", 2, timeout=15)
+    before = [Client(p).get("/api/v1/_count")[1][0] for p in ports[1:]]
+    for _ in range(100):
+        assert c.get("/api/v1/rides/count")[0] == 200
+    after = [Client(p).get("/api/v1/_count")[1][0] for p in ports[1:]]
+    assert sum(after) - sum(before) == 100  # the survivors answered all of them
