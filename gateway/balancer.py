@@ -13,7 +13,6 @@ import http.client
 import itertools
 import logging
 import select
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -254,7 +253,3 @@ def parse_base_url(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or 80
 
-
-def is_connect_error(exc: BaseException) -> bool:
-    return isinstance(exc, (ConnectionRefusedError, socket.gaierror)) or (
-        isinstance(exc, (socket.timeout, TimeoutError, OSError)) and "connect" in str(exc).lower())

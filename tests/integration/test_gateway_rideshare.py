@@ -3,7 +3,6 @@ times, against a master and 3 slaves and the real users and rides services
 (two instances of each), with plain clients that never send an LSN header:
 the gateway remembers the LSN each client was given and sends it upstream."""
 import hashlib
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
