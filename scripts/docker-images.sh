@@ -21,8 +21,9 @@
 # The compose files default to the official images; the names to use here are
 # written to .docker-cache/images.env and to compose/.env and orchestrator/.env.
 #
-# Exit status: 0 built or up to date; 3 no Docker engine can be used here
-# (the reason is printed); anything else: a build failed.
+# Exit status: 0 built or up to date; 3 no Docker engine can be used here;
+# 4 the base images cannot be made here (no Debian mirror, no registry for the
+# official bases): both print the reason. Anything else: a Stratus build failed.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -38,6 +39,7 @@ mkdir -p "$CACHE"
 log() { echo "docker-images: $*" >&2; }
 sudo_() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"; else return 1; fi; }
 no_engine() { log "no Docker engine: $*"; exit 3; }
+no_base() { log "the base images cannot be built here: $*"; exit 4; }
 
 # --- 1. tools and engine -------------------------------------------------------
 ensure_tools() {
@@ -63,7 +65,10 @@ ensure_engine() {
   docker info >/dev/null 2>&1 && return 0
   local dockerd; dockerd=$(command -v dockerd || echo /usr/sbin/dockerd)
   [ -x "$dockerd" ] || no_engine "dockerd is not installed"
-  [ "$(id -u)" = 0 ] || no_engine "the engine is not running and only root can start dockerd here"
+  if [ "$(id -u)" != 0 ]; then
+    local why; why=$(docker info 2>&1 >/dev/null | grep -v '^$' | tail -n 1 || true)
+    no_engine "docker info fails for $(id -un) (${why:-no answer}), and only root can start dockerd"
+  fi
   if [ -S /var/run/docker.sock ] && pgrep -x dockerd >/dev/null 2>&1; then
     log "dockerd runs but does not answer yet; waiting"
   else
@@ -84,7 +89,7 @@ hash_of() { # hash_of EXTRA_STRING FILE... : the inputs of one image
 }
 # build_image TAG HASH DOCKER_BUILD_ARGS... : skip when TAG carries HASH already
 build_image() {
-  local tag=$1 hash=$2; shift 2
+  local tag=$1 hash=$2 fail=${BUILD_FAIL_CODE:-1}; shift 2
   if [ "$(image_label "$tag")" = "$hash" ]; then
     log "$tag is up to date"
     return 0
@@ -95,7 +100,8 @@ build_image() {
   if ! DOCKER_BUILDKIT=0 docker build --label "org.stratus.inputs=$hash" -t "$tag" "$@" >"$blog" 2>&1; then
     tail -n 30 "$blog" >&2
     log "building $tag failed (full log: $blog)"
-    exit 1
+    [ "$fail" = 4 ] && no_base "$tag needs apt inside docker build (is the Debian mirror reachable?)"
+    exit "$fail"
   fi
   log "built $tag in $((SECONDS - t0)) s"
 }
@@ -104,13 +110,13 @@ build_image() {
 build_debian() {
   local tag=$PREFIX/debian:bookworm
   [ -n "$(image_id "$tag")" ] && { log "$tag exists"; return 0; }
-  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || { log "debootstrap is missing"; exit 1; }
+  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || no_base "debootstrap is missing"
   local dir="$CACHE/rootfs-bookworm"
   rm -rf "$dir"
   log "debootstrap --variant=minbase bookworm (about a minute)"
   local t0=$SECONDS
   sudo_ debootstrap --variant=minbase bookworm "$dir" "${STRATUS_DEBIAN_MIRROR:-http://deb.debian.org/debian}" \
-    > "$CACHE/debootstrap.log" 2>&1 || { log "debootstrap failed, see $CACHE/debootstrap.log"; exit 1; }
+    > "$CACHE/debootstrap.log" 2>&1 || { tail -n 5 "$CACHE/debootstrap.log" >&2; no_base "debootstrap failed (is the Debian mirror reachable?), see $CACHE/debootstrap.log"; }
   sudo_ rm -rf "$dir"/var/cache/apt/archives/*.deb "$dir"/var/lib/apt/lists/*
   sudo_ tar -C "$dir" -c . | docker import -c 'CMD ["/bin/bash"]' -c 'ENV LANG=C.UTF-8' \
     -c "LABEL org.stratus.inputs=debootstrap-minbase-bookworm" - "$tag" >/dev/null
@@ -126,7 +132,7 @@ build_local_bases() {
     local name=${spec%%:*}
     local files=(docker/local/$name.Dockerfile)
     for f in docker/local/$name*; do [ "$f" != "docker/local/$name.Dockerfile" ] && files+=("$f"); done
-    build_image "$PREFIX/$spec" "$(hash_of "$deb" "${files[@]}")" \
+    BUILD_FAIL_CODE=4 build_image "$PREFIX/$spec" "$(hash_of "$deb" "${files[@]}")" \
       --build-arg "DEBIAN_IMAGE=$PREFIX/debian:bookworm" -f "docker/local/$name.Dockerfile" docker/local
   done
 }
@@ -157,7 +163,12 @@ build_wheelhouse() {
 
 build_stratus() {
   local pyimg
-  if [ "$BASE_KIND" = official ]; then pyimg=python:3.11-slim; else pyimg=$PREFIX/python:3.11-slim; fi
+  if [ "$BASE_KIND" = official ]; then
+    pyimg=python:3.11-slim
+    [ -n "$(image_id "$pyimg")" ] || docker pull -q "$pyimg" >/dev/null 2>&1 || no_base "cannot pull $pyimg"
+  else
+    pyimg=$PREFIX/python:3.11-slim
+  fi
   local app=$PREFIX/app:latest
   local apphash
   apphash=$(hash_of "$(image_id "$pyimg")" docker/Dockerfile.base docker/healthcheck.py .dockerignore \

@@ -137,6 +137,28 @@ def test_failover_when_the_master_container_is_killed(stack):
              what="the dead master's container to be removed")
 
 
+def test_a_restarted_orchestrator_adopts_the_running_worker_containers(stack):
+    wait_for(lambda: ready_slaves(stack), 90, what="a ready slave")
+    master = leader(stack)
+    before = {c["worker_id"]: c["id"] for c in stack.running_workers()}
+    orch = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={stack.project('compose')}",
+                "--filter", "label=com.docker.compose.service=orchestrator"]).stdout.split()
+    assert len(orch) == 1, orch
+    run(["docker", "kill", orch[0]])  # a crash: no chance to clean up
+    assert {c["worker_id"] for c in stack.running_workers()} == set(before)  # the workers outlive it
+    stack.compose("compose", "up", "-d", "orchestrator")
+    wait_for(lambda: stack.cluster()["orchestrator"]["leading"], 90, what="the orchestrator to lead again")
+    # It took over the same containers: the master kept its container and its role.
+    assert leader(stack) == master
+    running = {c["worker_id"]: c["id"] for c in stack.running_workers()}
+    assert running.get(master) == before[master]
+    kept = [w for w in before if running.get(w) == before[w]]
+    assert len(kept) >= min(len(before), 2), (before, running)
+    logs = run(["docker", "logs", orch[0]], check=False)
+    assert "adopted" in logs.stdout + logs.stderr
+    grader_sequence(stack.gateway, "adopt")
+
+
 def test_autoscaling_grows_then_shrinks(stack):
     wait_for(lambda: len(ready_slaves(stack)) >= 1, 90, what="a ready slave")
     start = len(stack.running_workers())
