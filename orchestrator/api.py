@@ -8,6 +8,7 @@ import logging
 import threading
 
 from flask import Flask, Response, jsonify, request
+from kazoo.exceptions import KazooException
 
 from bus.client import DBClient
 from bus.errors import DBError
@@ -81,6 +82,11 @@ def create_app(holder: Holder | None = None) -> Flask:
     @app.errorhandler(DBError)
     def _dberror(exc: DBError):
         return _db_error(exc)
+
+    @app.errorhandler(KazooException)
+    def _zk_error(exc: KazooException):
+        log.warning("ZooKeeper error: %r", exc)
+        return json_error(503, f"ZooKeeper is not reachable now ({type(exc).__name__})")
 
     # --- the database ------------------------------------------------------------
     @app.post("/api/v1/db/read")
