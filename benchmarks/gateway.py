@@ -8,7 +8,7 @@ A real local cluster (a master and one slave), the real users service
 load runs in 4 processes x 4 threads with a lean keep-alive client, so the
 load generator is not the bottleneck it would be in one Python process.
 
-    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--record]
+    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--json out.json]
 
 Bounded: 4 runs of `seconds` each, plus ~20 s of start-up."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, pct, record
+from _common import ROOT, machine, pct
 
 sys.path.insert(0, str(ROOT))
 
@@ -101,7 +101,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     rows = {}
@@ -149,10 +148,6 @@ def main() -> int:
     print(summary, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    if args.record:
-        body = f"{args.clients} keep-alive clients, {args.seconds:g} s per run, loopback.\n\n```\n"
-        body += "\n".join(fmt(k, v) for k, v in rows.items()) + "\n" + summary + "\n```\n"
-        record("Gateway overhead (benchmarks/gateway.py)", body)
     return 0
 
 
