@@ -193,3 +193,27 @@ def test_real_rides_instances_spread_and_survive_kill9(cluster):
         assert c.get("/api/v1/rides/count")[0] == 200
     after = [Client(p).get("/api/v1/_count")[1][0] for p in ports[1:]]
     assert sum(after) - sum(before) == 100  # the survivors answered all of them
+
+
+def test_forwarded_headers_request_ids_and_access_log(cluster):
+    up = start_upstream(cluster, "up0", "rides")
+    gw = start_gateway(cluster)
+    wait_healthy(gw, "rides", 1)
+    c = Client(gw)
+    status, body, resp = c.request("PUT", "/api/v1/rides/9?x=1", {"a": 1}, headers={
+        "X-Request-Id": "client-chosen-id.1", "X-Forwarded-For": "10.0.0.9", "Connection": "keep-alive, X-Private",
+        "X-Private": "secret", "Keep-Alive": "timeout=5", "X-Stratus-Min-LSN": "7"})
+    assert status == 200 and body["method"] == "PUT" and body["path"] == "/api/v1/rides/9?x=1" and body["body"] == '{"a": 1}'
+    h = {k.lower(): v for k, v in body["headers"].items()}
+    assert h["x-request-id"] == "client-chosen-id.1" and resp.getheader("X-Request-Id") == "client-chosen-id.1"
+    assert h["x-forwarded-for"] == "10.0.0.9, 127.0.0.1" and h["x-stratus-min-lsn"] == "7"
+    assert "x-private" not in h and "keep-alive" not in h and "connection" not in h  # hop-by-hop stripped
+    # An unusable id is replaced by a generated one, which the upstream sees too.
+    status, body, resp = c.get("/api/v1/rides/9", headers={"X-Request-Id": "bad id with spaces"})
+    rid = resp.getheader("X-Request-Id")
+    assert rid and rid != "bad id with spaces" and body["headers"]["X-Request-Id"] == rid
+    assert rid in Client(up).get("/_stats")[1]["seen"]
+    # One access log line per request, with method, path, status, time, upstream and request id.
+    line = wait_until(lambda: [ln for ln in cluster.log("gateway").splitlines() if f"rid={rid}" in ln], 5,
+                      what="the access log line")[0]
+    assert "GET /api/v1/rides/9 200" in line and f"upstream=127.0.0.1:{up}" in line and "ms" in line
