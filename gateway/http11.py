@@ -207,7 +207,8 @@ def render(status: int, headers: list[tuple[str, str]], body: bytes, *, keep_ali
     out = [f"HTTP/1.1 {status} {REASONS.get(status, 'Unknown')}\r\n"]
     for k, v in headers:
         out.append(f"{k}: {v}\r\n")
-    if status >= 200 and status not in (204, 304):
+    if status >= 200 and status not in (204, 304) and not (head_only and any(
+            k.lower() == "content-length" for k, _ in headers)):
         out.append(f"Content-Length: {len(body)}\r\n")
     out.append("Connection: keep-alive\r\n" if keep_alive else "Connection: close\r\n")
     out.append("\r\n")

@@ -63,7 +63,8 @@ def _send(inst: Instance, cfg, method: str, target: str, headers: list[tuple[str
         conn.close()
         exc.reused = reused  # type: ignore[attr-defined]
         raise
-    out_headers = strip_hop_by_hop(resp_headers, frozenset({"content-length"}))
+    # The body is re-framed by the gateway; a HEAD answer keeps the length it announces.
+    out_headers = strip_hop_by_hop(resp_headers, frozenset() if method == "HEAD" else frozenset({"content-length"}))
     if keep:
         inst.give_back(conn)
     else:

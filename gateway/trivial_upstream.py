@@ -64,7 +64,8 @@ def make_handler(state: State):
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(body)
+            if self.command != "HEAD":
+                self.wfile.write(body)
 
         def _body(self) -> bytes:
             n = int(self.headers.get("Content-Length") or 0)

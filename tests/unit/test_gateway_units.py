@@ -264,3 +264,8 @@ def test_instance_counters_are_thread_safe():
     for t in ts:
         t.join()
     assert inst.outstanding == 0 and inst.served == 40000
+
+
+def test_render_head_keeps_the_announced_length():
+    out = render(200, [("Content-Length", "42")], b"", keep_alive=True, head_only=True)
+    assert out.count(b"Content-Length") == 1 and b"Content-Length: 42" in out
