@@ -182,10 +182,26 @@ class Controller:
             self._loop()
         finally:
             self.leading = False
-            if self.registration is not None:
-                self.registration.close()
-                self.registration = None
+            reg, self.registration = self.registration, None
+            if reg is not None:
+                reg.close()
+                threading.Thread(target=self._unregister_late, args=(reg.path, gen), daemon=True).start()
             log.info("orchestrator %s stopped leading", self.ident)
+
+    def _unregister_late(self, path: str, gen: int) -> None:
+        """A registration can be re-created by a session reconnect racing its
+        close: make sure a former leader does not stay in the registry."""
+        for _ in range(5):
+            if self.stopping.wait(1.0):
+                return
+            if self.leading or self.generation != gen:
+                return
+            try:
+                self.zk.delete(path)
+            except NoNodeError:
+                pass
+            except Exception:
+                continue
 
     def _watch_fired(self, gen: int):
         if gen != self.generation or not self.leading:
