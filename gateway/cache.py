@@ -122,7 +122,10 @@ class InvalidationListener:
         while not self._stop.is_set():
             conn = None
             try:
-                conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
+                params = connection_params(self.settings.amqp_url)
+                # A name operators (and tests) can find in `rabbitmqctl list_connections`.
+                params.client_properties = {"connection_name": f"stratus-gateway-invalidation {self.names.cluster}"}
+                conn = pika.BlockingConnection(params)
                 ch = conn.channel()
                 declare_invalidation(ch, self.names)
                 q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue

@@ -4,6 +4,8 @@ cache switched off, the LSN guard, the LRU bound; and end to end with the
 real catalog and order services."""
 import time
 
+import pytest
+
 from gateway.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
 
 
@@ -115,3 +117,36 @@ def test_real_catalog_and_order_through_the_cache(cluster):
                5, what="the invalidation to reach the gateway")
     status, body, _ = a.get("/products/NoSuchToy")
     assert status == 404 and body["error"]["code"] == 404
+
+
+def test_cache_is_emptied_and_bypassed_while_the_invalidation_feed_is_down(cluster):
+    import shutil
+    import subprocess
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to cut the gateway's AMQP connection")
+    cat = start_upstream(cluster, "catalog", "catalog")
+    gw = start_gateway(cluster)
+    wait_healthy(gw, "catalog", 1)
+    wait_feed(gw)
+    c = Client(gw)
+    c.get("/products/Tux")
+    assert c.get("/products/Tux")[2].getheader("X-Cache") == "HIT"
+
+    # Close exactly this gateway's invalidation connection (named after this test's cluster).
+    name = f"stratus-gateway-invalidation {cluster.name}"
+    out = subprocess.run(["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+                         capture_output=True, text=True, timeout=60).stdout
+    conns = [line.split("\t")[0] for line in out.splitlines() if name in line]
+    assert len(conns) == 1, out
+    subprocess.run(["rabbitmqctl", "-q", "close_connection", conns[0], "test: cut the invalidation feed"],
+                   capture_output=True, timeout=60, check=True)
+    # Messages sent while it was down are lost, so nothing cached before survives the reconnection.
+    wait_until(lambda: c.get("/health")[1]["cache"]["entries"] == 0, 20, what="the cache to be emptied")
+    reads = product_reads(cat)
+    wait_feed(gw)
+    status, _, resp = c.get("/products/Tux")
+    assert status == 200 and resp.getheader("X-Cache") == "MISS" and product_reads(cat) == reads + 1
+    assert c.get("/products/Tux")[2].getheader("X-Cache") == "HIT"
+    # And invalidations work on the new connection.
+    cluster.client().publish(cluster.names.invalidate_exchange, b"Tux")
+    wait_until(lambda: c.get("/products/Tux")[2].getheader("X-Cache") == "MISS", 5, what="the invalidation")
