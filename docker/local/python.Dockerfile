@@ -4,7 +4,7 @@ ARG DEBIAN_IMAGE=stratus/debian:bookworm
 FROM ${DEBIAN_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 PYTHONUNBUFFERED=1
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
  && ln -sf /usr/bin/python3 /usr/local/bin/python \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 CMD ["python3"]
