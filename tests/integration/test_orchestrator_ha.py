@@ -34,6 +34,12 @@ def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
         lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
         pids = a.pids()
         assert set(pids) == worker_pids_of(cluster)
+        # reads counted in the current scaling window (kept in ZooKeeper for the standby)
+        for _ in range(30):
+            assert a.post("/api/v1/db/read", ops.count("ev"))[0] == 200
+        window = wait_for(lambda: (v := a.view())["reads_in_window"] >= 30 and v, 10, 0.1,
+                          what="the leader to count the reads")
+        time.sleep(1.0)   # the state is saved on every change; let the last save land
 
         # kill -9 the leading orchestrator (its gunicorn arbiter and worker)
         os.killpg(a.proc.pid, signal.SIGKILL)
@@ -45,6 +51,9 @@ def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
         assert took < 10
         # it adopted the workers it found: same pids, no new cluster
         assert b.pids() == pids
+        # it continues the same scaling window with the reads counted so far
+        vb = b.view()
+        assert vb["window_start"] == window["window_start"] and vb["reads_in_window"] == window["reads_in_window"]
         time.sleep(3)   # a few reconcile rounds later, still the same workers
         v = b.view()
         assert b.pids() == pids and v["term"] == 1 and len(v["elections"]) == 1
@@ -66,4 +75,42 @@ def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
     finally:
         left = cleanup(cluster, *[o for o in (a, b) if o is not None])
     # the successor's clean shutdown stopped the workers it adopted too
+    assert left == set()
+
+
+def test_master_dying_with_the_orchestrator_is_replaced_by_the_successor(cluster):
+    """kill -9 the leading orchestrator and the master together: the standby
+    adopts the surviving slave, finds the leader gone and elects it; an
+    adopted worker killed from outside is noticed and replaced too."""
+    a = Orch(cluster, "orch-a")
+    b = None
+    try:
+        v = a.wait_healthy_cluster(1)
+        b = Orch(cluster, "orch-b")
+        wait_for(lambda: b.view()["orchestrator"]["candidates"] == 2, 10, 0.1, what="two orchestrator candidates")
+        master = next(w for w in v["workers"] if w["role"] == "master")
+        slave = next(w for w in v["workers"] if w["role"] == "slave")
+        db = cluster.client()
+        db.write([EV_TABLE])
+        lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
+
+        os.killpg(a.proc.pid, signal.SIGKILL)
+        os.kill(master["pid"], signal.SIGKILL)
+        a.proc.wait(10)
+        r = db.write([ops.insert("ev", {"id": 2, "k": "after"})], timeout=30)
+        assert r.lsn == lsn + 1 and r.worker == slave["id"]
+        v = b.wait_healthy_cluster(1)
+        assert v["orchestrator"]["leading"] and v["leader"] == slave["id"] and v["term"] == 2
+        assert v["elections"][-1]["old"] == master["id"]
+        assert slave["pid"] in b.pids() and master["pid"] not in b.pids()
+
+        # the promoted slave was adopted, not started by b: kill it from outside
+        os.kill(slave["pid"], signal.SIGKILL)
+        r = db.write([ops.insert("ev", {"id": 3, "k": "again"})], timeout=30)
+        v = b.wait_healthy_cluster(1)
+        assert v["term"] == 3 and slave["pid"] not in b.pids()
+        rows = db.read(ops.select("ev", order_by=["id"]), min_lsn=r.lsn).result
+        assert [x["k"] for x in rows] == ["before", "after", "again"]
+    finally:
+        left = cleanup(cluster, *[o for o in (a, b) if o is not None])
     assert left == set()
