@@ -28,6 +28,7 @@ log = logging.getLogger("stratus.orchestrator.runtime")
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 ADOPTED_POLL = 0.2
+CLOSE_DRAIN = 5.0
 
 
 def pid_alive(pid: int, worker_id: str | None = None) -> bool:
@@ -150,7 +151,10 @@ class ProcessRuntime(Runtime):
         if not remove_workers:
             return
         handles = list(self.workers().values())
-        threads = [threading.Thread(target=self.stop_worker, args=(h.id,), daemon=True) for h in handles]
+        # Drain in parallel, kill after CLOSE_DRAIN seconds: whoever stops us
+        # (a test harness, systemd, make down) rarely waits much longer.
+        threads = [threading.Thread(target=self.stop_worker, args=(h.id,), kwargs={"timeout": CLOSE_DRAIN},
+                                    daemon=True) for h in handles]
         for t in threads:
             t.start()
         for t in threads:
