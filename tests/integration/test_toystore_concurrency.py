@@ -122,12 +122,15 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
         conn.close()
 
     # exactly one instance held the role and acted, for all three restocks
+    # (its log line follows the write and the invalidations: wait for it)
+    wait_for(lambda: sum(log_text(cluster, k).count("restocked ") for k in keys) >= 3, 5, what="restock log lines")
     assert len(_holders(cluster, keys)) == 1
     acting = _restockers(cluster, keys)
     assert acting == _holders(cluster, keys)
     assert log_text(cluster, acting[0]).count("restocked ") >= 3
-    st = bzk.get_json(cluster.zk, status_path(cluster.paths))
-    assert st["restocked"] >= 3 and st["last"]
+    st = wait_for(lambda: (d := bzk.get_json(cluster.zk, status_path(cluster.paths))) and d["restocked"] >= 3 and d,
+                  5, what="the restocker's status znode")
+    assert st["last"] and st["rounds"] >= 3
 
     # the holder dies: another instance takes the role and restocks
     first = acting[0]
@@ -137,8 +140,10 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
     set_stock(db, "Kite", 0)
     alive = bases[keys.index(rest[0])]
     wait_for(lambda: stock(alive, "Kite") == 100, interval + 2.0, interval=0.05, what="Kite restocked")
+    wait_for(lambda: _restockers(cluster, rest), 5, what="the new restocker's log line")
     assert _restockers(cluster, rest) == _holders(cluster, rest)
-    assert bzk.get_json(cluster.zk, status_path(cluster.paths))["holder"] != st["holder"]
+    wait_for(lambda: bzk.get_json(cluster.zk, status_path(cluster.paths))["holder"] != st["holder"], 5,
+             what="the status znode names the new holder")
 
 
 def test_catalogs_starting_at_once_seed_each_toy_once_and_a_restart_keeps_stock(cluster):
