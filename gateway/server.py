@@ -49,7 +49,9 @@ class Server:
         self.cfg = cfg
         host = cfg.base.bind_host if host is None else host
         port = cfg.listen_port if port is None else port
-        self.sock = socket.create_server((host, port), backlog=1024)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, port), family=family, backlog=1024,
+                                         dualstack_ipv6=family == socket.AF_INET6 and socket.has_dualstack_ipv6())
         self.address = self.sock.getsockname()[:2]
         self.queue: queue.Queue = queue.Queue(maxsize=max(0, cfg.queue) or 1)
         self._queue_cap = max(0, cfg.queue)
