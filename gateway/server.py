@@ -53,8 +53,11 @@ class Server:
         self.sock = socket.create_server((host, port), family=family, backlog=1024,
                                          dualstack_ipv6=family == socket.AF_INET6 and socket.has_dualstack_ipv6())
         self.address = self.sock.getsockname()[:2]
-        self.queue: queue.Queue = queue.Queue(maxsize=max(0, cfg.queue) or 1)
+        # Connections admitted = being served + waiting; at most threads + queue.
+        self.queue: queue.Queue = queue.Queue()
         self._queue_cap = max(0, cfg.queue)
+        self._capacity = max(1, cfg.threads) + self._queue_cap
+        self._admitted = 0
         self._busy = 0
         self._busy_lock = threading.Lock()
         self._stop = threading.Event()
@@ -84,10 +87,7 @@ class Server:
         except OSError:
             pass
         for _ in range(len(self._threads)):
-            try:
-                self.queue.put_nowait(None)
-            except queue.Full:
-                break
+            self.queue.put_nowait(None)
 
     # -- accepting ----------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -100,12 +100,13 @@ class Server:
                 time.sleep(0.01)
                 continue
             self.gateway.metrics.connection()
-            if self._queue_cap == 0 and self._busy >= self.cfg.threads:
-                self._reject(sock, addr)
-                continue
-            try:
+            with self._busy_lock:
+                admit = self._admitted < self._capacity
+                if admit:
+                    self._admitted += 1
+            if admit:
                 self.queue.put_nowait((sock, addr, time.monotonic()))
-            except queue.Full:
+            else:
                 self._reject(sock, addr)
 
     def _reject(self, sock: socket.socket, addr) -> None:
@@ -152,6 +153,7 @@ class Server:
             finally:
                 with self._busy_lock:
                     self._busy -= 1
+                    self._admitted -= 1
 
     def _wait_next(self, reader: Reader, first: bool) -> bool:
         """True when the next request has started to arrive; False when the
