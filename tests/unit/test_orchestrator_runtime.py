@@ -51,7 +51,8 @@ def test_start_exit_callback_adopt_and_close(tmp_path):
         started = [a.pid, b.pid]
         assert set(rt.workers()) == {"w-a", "w-b"}
         assert (rt.run_dir / "w-a.json").exists() and (rt.log_dir / "w-a.log").exists()
-        assert wait(lambda: pid_alive(a.pid, "w-a") and pid_alive(b.pid, "w-b"))  # exec done
+        assert wait(lambda: (tmp_path / "w-a.up").exists() and (tmp_path / "w-b.up").exists())  # both exec'd
+        assert pid_alive(a.pid, "w-a") and pid_alive(b.pid, "w-b")
         assert not pid_alive(a.pid, "w-b")        # a pid is matched to its worker id
 
         # a crash is reported by the reaper at once, with the exit status
