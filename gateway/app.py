@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class Gateway:
         for s in SERVICES:
             self.upstreams.pool(s)
         self.tokens = TokenService(cfg)
+        if zk is not None:  # a running gateway: open the bus connection for logins now, not on the first one
+            threading.Thread(target=self._warm_bus, name="auth-bus", daemon=True).start()
         self.lsns = LSNTracker(cfg.lsn_clients, cfg.lsn_ttl)
         self.cache = ProductCache(cfg.cache_size, cfg.cache_enabled)
         self.invalidations = None
@@ -81,6 +84,12 @@ class Gateway:
                 lambda: [({"event": k}, getattr(self.cache, k)) for k in ("hits", "misses", "bypasses", "invalidations")])
         m.gauge("stratus_gateway_cache_entries", "Products in the cache.", lambda: [({}, len(self.cache))])
         m.gauge("stratus_gateway_lsn_clients", "Clients whose last LSN is remembered.", lambda: [({}, len(self.lsns))])
+
+    def _warm_bus(self) -> None:
+        try:
+            self.tokens.db()
+        except Exception as exc:  # the client reconnects on its own; logins report 503 meanwhile
+            log.warning("bus client for logins not ready: %s", exc)
 
     # -- gauges ------------------------------------------------------------------------------
     def _instances_gauge(self):
