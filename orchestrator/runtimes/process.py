@@ -46,7 +46,13 @@ def pid_alive(pid: int, worker_id: str | None = None) -> bool:
         if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
             return False
         if worker_id is not None:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            raw = b""
+            for _ in range(5):   # empty while the process is in the middle of exec()
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+                if raw:
+                    break
+                time.sleep(0.02)
+            argv = raw.split(b"\0")
             if worker_id.encode() not in argv or b"worker" not in argv:
                 return False
     except (OSError, IndexError):
