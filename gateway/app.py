@@ -60,11 +60,11 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig, *, zk=None, listen_for_invalidations: bool = True):
         self.cfg = cfg
         self.metrics = Metrics()
+        self.tokens = TokenService(cfg)  # first: generates the secrets, or stops the start cleanly
         self.upstreams = Upstreams(cfg, zk, fallbacks={
             "orchestrator": parse_base_url(cfg.base.orchestrator_base_url())})
         for s in SERVICES:
             self.upstreams.pool(s)
-        self.tokens = TokenService(cfg)
         if zk is not None:  # a running gateway: open the bus connection for logins now, not on the first one
             threading.Thread(target=self._warm_bus, name="auth-bus", daemon=True).start()
         self.lsns = LSNTracker(cfg.lsn_clients, cfg.lsn_ttl)

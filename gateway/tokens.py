@@ -87,8 +87,12 @@ class TokenService:
     def __init__(self, cfg: GatewayConfig, *, db_factory=_users_client):
         self.cfg = cfg
         state = cfg.base.state_path
-        self.signer = Signer(cfg.token_secret or load_or_create(state / "token-secret", nbytes=32))
-        self.admin_password = cfg.admin_password or load_or_create(state / "admin-password")
+        try:
+            self.signer = Signer(cfg.token_secret or load_or_create(state / "token-secret", nbytes=32))
+            self.admin_password = cfg.admin_password or load_or_create(state / "admin-password")
+        except OSError as exc:
+            raise SystemExit(f"gateway: cannot keep generated secrets in {state} ({exc}); make STRATUS_STATE_DIR "
+                             "writable, or set STRATUS_TOKEN_SECRET and STRATUS_ADMIN_PASSWORD") from None
         self._db_factory = db_factory
         self._db = None
         self._db_lock = threading.Lock()
