@@ -18,8 +18,11 @@ from test_toystore_support import (db_rows, gateway_available, start_catalog, st
 pytestmark = pytest.mark.timeout(300)
 
 
-def run_client(cluster, out, *args, timeout=120):
-    cmd = [sys.executable, "-m", "stratus.load_toystore", "--quiet", "--json", str(out), *args]
+def run_client(cluster, out, *args, timeout=120, cli=False):
+    """The client as a process: `python -m stratus.load_toystore`, or with
+    cli=True the real command line, `stratus load toystore` (stratus.cli)."""
+    entry = ["stratus.cli", "load", "toystore"] if cli else ["stratus.load_toystore"]
+    cmd = [sys.executable, "-m", *entry, "--quiet", "--json", str(out), *args]
     p = subprocess.run(cmd, cwd=ROOT, env=cluster.env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, json.loads(out.read_text()) if out.exists() else None, p.stdout + p.stderr
 
@@ -32,9 +35,9 @@ def assert_orders_in_table(db, summary):
     return table
 
 
-def check_run(cluster, db, tmp_path, *urls):
+def check_run(cluster, db, tmp_path, *urls, cli=False):
     rc, summary, output = run_client(cluster, tmp_path / "load.json", *urls, "--clients", "5", "--p", "0.5",
-                                     "--duration", "4", "--seed", "7")
+                                     "--duration", "4", "--seed", "7", cli=cli)
     assert rc == 0, output
     assert summary["mismatches"] == [], output
     assert summary["orders_placed"] > 0, output
@@ -56,7 +59,7 @@ def test_five_clients_half_order_no_mismatch(cluster, tmp_path):
     if gateway_available():
         gw = start_gateway(cluster, "gw")
         (tmp_path / "load.json").unlink()
-        check_run(cluster, db, tmp_path, "--url", gw)
+        check_run(cluster, db, tmp_path, "--url", gw, cli=True)
 
 
 def test_client_reports_a_mismatch(cluster, tmp_path):
