@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -28,6 +29,8 @@ class Metrics:
         self.gauges = {}   # name -> callable returning [(labels dict, value)]
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        if method not in METHODS:
+            method = "OTHER"  # clients choose methods: keep the label set bounded
         with self._lock:
             self.requests[(route, method, status)] += 1
             counts = self.hist.get(route)

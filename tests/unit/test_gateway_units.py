@@ -269,3 +269,11 @@ def test_instance_counters_are_thread_safe():
 def test_render_head_keeps_the_announced_length():
     out = render(200, [("Content-Length", "42")], b"", keep_alive=True, head_only=True)
     assert out.count(b"Content-Length") == 1 and b"Content-Length: 42" in out
+
+
+def test_metrics_labels_stay_bounded():
+    m = Metrics()
+    for i in range(1000):
+        m.observe("unknown", f"M{i}", 404, 0.001)
+    assert len(m.requests) == 1
+    assert 'method="OTHER",status="404"} 1000' in m.render()
