@@ -214,6 +214,11 @@ STRATUS_DOCKER_GID=$gid"
 
 main() {
   local t0=$SECONDS
+  # One build at a time (two `make test` runs may overlap): they share the wheelhouse and the tags.
+  exec 9>"$CACHE/images.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock -w 900 9 || { log "another build holds $CACHE/images.lock for 15 min"; exit 1; }
+  fi
   ensure_tools
   ensure_engine
   if [ "$BASE_KIND" != official ]; then build_local_bases; fi

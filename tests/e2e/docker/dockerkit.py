@@ -156,6 +156,17 @@ def grader_sequence(gw: Http, tag: str) -> None:
     assert status == 204 and body is None, (status, body)
 
 
+def toystore_smoke(gw: Http) -> None:
+    """The toy store through the gateway: a product, an order of it, the order back."""
+    status, body = gw.get("/products/Tux")
+    assert status == 200 and body["data"]["name"] == "Tux", (status, body)
+    status, body = gw.post("/orders", {"name": "Tux", "quantity": 1})
+    assert status == 200 and isinstance(body["data"]["order_number"], int), (status, body)
+    n = body["data"]["order_number"]
+    status, body = gw.get(f"/orders/{n}")
+    assert status == 200 and body["data"] == {"number": n, "name": "Tux", "quantity": 1}, (status, body)
+
+
 class Stack:
     """One test's containers: one or more compose projects sharing a network
     and a cluster name, plus the worker containers the orchestrator starts."""

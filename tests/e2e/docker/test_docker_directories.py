@@ -1,14 +1,15 @@
 """The per-directory bring-up: orchestrator/ first (it creates the network),
-then users/, rides/ and gateway/, each with its own `docker-compose up -d`.
+then users/, rides/, catalog/, order/ and gateway/, each with its own
+`docker-compose up -d`.
 Then `down` (keeping volumes) and `up` again: the orchestrator removed its
 worker containers on the way down, and RabbitMQ's and ZooKeeper's named
 volumes kept the data."""
 import pytest
-from dockerkit import grader_sequence, wait_for
+from dockerkit import grader_sequence, toystore_smoke, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
-DIRS = ["orchestrator", "users", "rides", "gateway"]
+DIRS = ["orchestrator", "users", "rides", "catalog", "order", "gateway"]
 
 
 def test_per_directory_bring_up_down_and_up_again(make_stack):
@@ -18,6 +19,8 @@ def test_per_directory_bring_up_down_and_up_again(make_stack):
     s.wait_gateway()
     s.wait_rideshare()
     grader_sequence(s.gateway, "dirs")
+    wait_for(lambda: s.gateway.get("/products/Tux")[0] == 200, 60, what="the catalog behind the gateway")
+    toystore_smoke(s.gateway)
     assert s.gateway.put("/api/v1/users", {"username": "keeper", "password": "b" * 40}) == (201, {})
     assert len(s.running_workers()) >= 2
 

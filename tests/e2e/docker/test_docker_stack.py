@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from dockerkit import Http, Stack, grader_sequence, run, wait_for
+from dockerkit import Http, Stack, grader_sequence, run, toystore_smoke, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -48,6 +48,11 @@ def test_grader_sequence_through_the_gateway(stack):
     containers = stack.running_workers()
     members = {w["id"] for w in stack.cluster()["workers"]}
     assert containers and {c["worker_id"] for c in containers} == members
+
+
+def test_toystore_through_the_gateway(stack):
+    wait_for(lambda: stack.gateway.get("/products/Tux")[0] == 200, 60, what="the catalog behind the gateway")
+    toystore_smoke(stack.gateway)
 
 
 def test_admin_routes_need_a_token(stack):
