@@ -156,7 +156,7 @@ def main() -> int:
             t.join(20)
         print(f"failover over {len(times)} trials: median {statistics.median(times):.3f} s, "
               f"max {max(times):.3f} s ({len(w.acks)} writes acknowledged, {a.writers} writers at "
-              f"{a.rate:g}/s each)")
+              f"{f'{a.rate:g}/s each' if a.rate > 0 else 'full speed'})")
         ok = statistics.median(times) <= 2.0 and max(times) <= 5.0
         print("targets (median <= 2 s, max <= 5 s):", "met" if ok else "NOT met")
         return 0 if ok else 1
