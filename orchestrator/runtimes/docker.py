@@ -14,8 +14,10 @@ host's pid namespace). Deaths come from the Docker events stream (`die`,
 filtered by the cluster's labels), so a killed container is reported at once;
 the dead container and its volume are then removed. adopt() takes over the
 running containers an earlier orchestrator left with this cluster's labels and
-removes the dead ones. close() stops and removes every container (and volume)
-with this cluster's labels, so `docker-compose down` leaves no worker behind.
+removes the dead ones. close() stops and removes the containers (and volumes)
+it started or adopted, and any dead ones of the cluster, so `docker-compose
+down` leaves no worker behind; a standby orchestrator, which runs none, leaves
+the leader's workers alone.
 
 Environment read here (besides the Settings):
   STRATUS_WORKER_IMAGE    default $STRATUS_IMAGE_PREFIX/worker:latest (prefix: stratus)
@@ -261,8 +263,14 @@ class DockerRuntime(Runtime):
             self._events_thread.join(5)
         if not remove_workers:
             return
+        with self._lock:
+            mine = set(self._handles)
         try:
-            containers = self.client.containers.list(all=True, filters=cluster_filters(self.cluster))
+            # The workers this runtime started or adopted, and dead leftovers; a
+            # running worker it never adopted belongs to another (leading) orchestrator.
+            containers = [c for c in self.client.containers.list(all=True, filters=cluster_filters(self.cluster))
+                          if (c.labels or {}).get(LABEL_WORKER) in mine
+                          or (c.attrs.get("State") or {}).get("Status") != "running"]
         except Exception:
             log.exception("cannot list the worker containers to remove them")
             return

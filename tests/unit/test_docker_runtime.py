@@ -297,7 +297,7 @@ def test_adopt_takes_running_containers_and_removes_dead_ones(fake):
         rt.close(remove_workers=False)
 
 
-def test_close_removes_every_labelled_container_of_the_cluster(fake):
+def test_close_removes_its_workers_and_the_dead_ones_of_the_cluster(fake):
     other = fake.add("stratus-c2-w-c", worker_labels("c2", "w-c"))
     rt = DockerRuntime(settings(), client_factory=lambda: fake, environ={})
     rt.start_worker("w-1")
@@ -307,6 +307,13 @@ def test_close_removes_every_labelled_container_of_the_cluster(fake):
     assert [c.id for c in fake.containers_by_id.values()] == [other.id]
     assert fake.volumes_by_name == {}
     assert rt.workers() == {}
+
+
+def test_a_standby_closing_leaves_the_leaders_running_workers_alone(fake):
+    leaders = fake.add("stratus-c1-w-l", worker_labels("c1", "w-l"))  # started by the leading orchestrator
+    standby = DockerRuntime(settings(), client_factory=lambda: fake, environ={})
+    standby.close(remove_workers=True)
+    assert leaders.id in fake.containers_by_id and leaders.attrs["State"]["Status"] == "running"
 
 
 def test_close_without_removal_leaves_workers_for_a_successor(fake):
