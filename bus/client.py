@@ -192,6 +192,7 @@ def shared(name: str = "service") -> DBClient:
     global _shared, _shared_pid
     with _shared_lock:
         if _shared is None or _shared_pid != os.getpid():
-            _shared = DBClient(name=name)
+            # Don't wait for the connection under the lock: each request waits for it itself.
+            _shared = DBClient(name=name, connect_timeout=0)
             _shared_pid = os.getpid()
         return _shared

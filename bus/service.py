@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Callable
 
-from flask import Flask, g, jsonify, request
+from flask import Flask, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from .settings import Settings, load
@@ -59,6 +59,9 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
     def _start():
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.started = time.monotonic()
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            _drain(request.content_length)
+            abort(413)
 
     @app.after_request
     def _finish(resp):
@@ -81,6 +84,28 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
         return jsonify({"status": "ok", "service": name})
 
     return app
+
+
+DRAIN_MAX = 1024 * 1024
+
+
+def _drain(length: int) -> None:
+    """Read and drop an oversized body (up to DRAIN_MAX) before answering 413:
+    gunicorn drains at most 64 KiB itself and otherwise closes a keep-alive
+    connection right after the response, which breaks the client's next
+    request on it."""
+    if length > DRAIN_MAX:
+        return
+    stream = request.environ.get("wsgi.input")
+    left = length
+    try:
+        while left > 0 and stream is not None:
+            chunk = stream.read(min(65536, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except Exception:  # the client went away: nothing to answer on
+        pass
 
 
 def json_error(status: int, message: str):

@@ -15,11 +15,11 @@ from flask import Flask, Response, jsonify, request
 from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
-from bus.service import base_app, json_error
+from bus.service import json_error
 from bus.tenants import rideshare_schema as rs
 
-from . import web
-from .web import InputError
+from bus import web
+from bus.web import InputError
 
 DIGITS = re.compile(r"^[0-9]{1,9}$")
 TIMESTAMP = re.compile(r"^[0-9]{2}-[0-9]{2}-[0-9]{4}:[0-9]{2}-[0-9]{2}-[0-9]{2}$")  # strptime alone takes "1-8-2031:0-0-0"
@@ -70,13 +70,7 @@ def valid_ride_id(ride_id: int) -> bool:
 def create_app(*, ensure_schema: bool = True) -> Flask:
     """The app; with ensure_schema (the default) a background thread creates
     the tables as soon as the bus answers."""
-    app = base_app("rides")
-    counter = web.RequestCounter("/api/v1/rides")
-    schema = web.SchemaGuard(lambda: rs.create_tables(db()))
-    web.install(app, counter, schema)
-    app.extensions["rideshare_counter"] = counter
-    if ensure_schema:
-        schema.start_background("rides")
+    app, schema = web.tenant_app("rides", "/api/v1/rides", lambda: rs.create_tables(db()), ensure_schema=ensure_schema)
 
     def read(query):
         reply = db().read(query, min_lsn=web.min_lsn())

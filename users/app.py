@@ -11,11 +11,11 @@ from flask import Flask, Response, jsonify
 from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
-from bus.service import base_app, json_error
+from bus.service import json_error
 from bus.tenants import rideshare_schema as rs
 
-from . import web
-from .web import InputError
+from bus import web
+from bus.web import InputError
 
 SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
@@ -27,13 +27,7 @@ def db():
 def create_app(*, ensure_schema: bool = True) -> Flask:
     """The app; with ensure_schema (the default) a background thread creates
     the tables as soon as the bus answers."""
-    app = base_app("users")
-    counter = web.RequestCounter("/api/v1/users")
-    schema = web.SchemaGuard(lambda: rs.create_tables(db()))
-    web.install(app, counter, schema)
-    app.extensions["rideshare_counter"] = counter
-    if ensure_schema:
-        schema.start_background("users")
+    app, schema = web.tenant_app("users", "/api/v1/users", lambda: rs.create_tables(db()), ensure_schema=ensure_schema)
 
     @app.put("/api/v1/users")
     def add_user():

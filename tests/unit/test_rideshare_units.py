@@ -14,7 +14,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from bus.tenants import rideshare_schema as rs
 from harness import free_port
 from rides import app as rides_app
-from rides import web
+from bus import web
 from stratus import load, load_rides
 from users import app as users_app
 
@@ -166,14 +166,3 @@ def test_load_rides_run_counts_refused_connections():
     summary = load_rides.run(f"http://127.0.0.1:{free_port()}", rate=20, duration=0.5, threads=2, orchestrator=None, out=out)
     assert summary["sent"] == summary["errors"] >= 9 and summary["ok"] == 0
     assert "slaves ?" in out.getvalue()
-
-
-def test_the_two_web_modules_stay_the_same():
-    """users/web.py and rides/web.py are one module kept in two places
-    (components never import each other): only the docstring's pointer differs."""
-    u = (ROOT / "users" / "web.py").read_text().splitlines()
-    r = (ROOT / "rides" / "web.py").read_text().splitlines()
-    assert len(u) == len(r)
-    diff = [(a, b) for a, b in zip(u, r) if a != b]
-    assert diff == [("(rides/web.py is the same file: components never import each other. It is",
-                     "(users/web.py is the same file: components never import each other. It is")]

@@ -1,9 +1,7 @@
-"""HTTP conventions of a RideShare service: JSON bodies checked before any
-write, read-your-writes LSN headers, the per-instance request counter, the
-lazily ensured schema, and DB errors as HTTP statuses.
-
-(users/web.py is the same file: components never import each other. It is
-generic enough to move into bus/service.py one day.)"""
+"""HTTP conventions of a tenant service, on top of bus/service.py: JSON
+bodies checked before any write, read-your-writes LSN headers, the
+per-instance request counter, the lazily ensured schema, and DB errors as
+HTTP statuses. users and rides use it; it knows nothing of either."""
 from __future__ import annotations
 
 import json
@@ -15,13 +13,13 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from bus.errors import DBError
-from bus.service import MAX_BODY, json_error
+from bus.service import MAX_BODY, base_app, json_error
 
 LSN_HEADER = "X-Stratus-LSN"
 MIN_LSN_HEADER = "X-Stratus-Min-LSN"
 MAX_FIELD = 255
 
-log = logging.getLogger("stratus.rideshare")
+log = logging.getLogger("stratus.web")
 
 
 class InputError(Exception):
@@ -142,44 +140,23 @@ def note_lsn(lsn: int) -> None:
         g.min_lsn = max(g.get("min_lsn") or 0, lsn)
 
 
-DRAIN_MAX = 1024 * 1024
-
-
-def _drain(length: int) -> None:
-    """Read and drop an oversized body (up to DRAIN_MAX) before answering 413:
-    gunicorn drains at most 64 KiB itself and otherwise closes a keep-alive
-    connection right after the response, which breaks the client's next
-    request on it."""
-    if length > DRAIN_MAX:
-        return
-    stream = request.environ.get("wsgi.input")
-    left = length
-    try:
-        while left > 0 and stream is not None:
-            chunk = stream.read(min(65536, left))
-            if not chunk:
-                break
-            left -= len(chunk)
-    except Exception:  # the client went away: nothing to answer on
-        pass
-
-
 def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
     """Counter, LSN headers and error handlers on `app`."""
 
-    @app.before_request
-    def _count_and_parse():
+    def _count():
         if counter.matches(request.path):
             counter.incr()
+    # Count before anything else may answer (413 from base_app included).
+    app.before_request_funcs.setdefault(None, []).insert(0, _count)
+
+    @app.before_request
+    def _parse_min_lsn():
         raw = request.headers.get(MIN_LSN_HEADER, "").strip()
         g.min_lsn = None
         if raw:
             if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
                 return json_error(400, f"{MIN_LSN_HEADER} must be a non-negative integer")
             g.min_lsn = int(raw) or None
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            _drain(request.content_length)
-            raise RequestEntityTooLarge()
 
     @app.after_request
     def _lsn_header(resp: Response):
@@ -209,3 +186,17 @@ def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
     def _reset_count():
         counter.reset()
         return jsonify({})
+
+
+def tenant_app(name: str, counted_prefix: str, create_tables, *, ensure_schema: bool = True) -> tuple[Flask, SchemaGuard]:
+    """A service app that counts requests under `counted_prefix` and creates
+    its tables through the bus (in the background from start when
+    ensure_schema, and on demand before a request's first DB operation)."""
+    app = base_app(name)
+    counter = RequestCounter(counted_prefix)
+    schema = SchemaGuard(create_tables)
+    install(app, counter, schema)
+    app.extensions["request_counter"] = counter
+    if ensure_schema:
+        schema.start_background(name)
+    return app, schema
