@@ -268,7 +268,13 @@ class Controller:
         for wid in out:
             self._registered[wid] = now
         for wid, h in self.runtime.workers().items():
-            if wid in self.dead or wid in out:
+            if wid in self.dead:
+                continue
+            if wid in out:
+                if h.pid and out[wid].get("pid") != h.pid:
+                    # In a container the worker sees its own pid namespace: the
+                    # runtime's host pid is the one crash and list calls report.
+                    out[wid] = {**out[wid], "pid": h.pid, "own_pid": out[wid].get("pid")}
                 continue
             last = self._registered.get(wid)
             if last is None:
