@@ -80,12 +80,20 @@ class Server:
         t.start()
         self._threads.append(t)
 
-    def stop(self) -> None:
+    def stop(self, drain: float = 5.0) -> None:
+        """Stop accepting; let requests in progress finish (idle keep-alive
+        connections close within a quarter second), for at most `drain` s."""
         self._stop.set()
         try:
             self.sock.close()
         except OSError:
             pass
+        deadline = time.monotonic() + drain
+        while time.monotonic() < deadline:
+            with self._busy_lock:
+                if self._busy == 0:
+                    break
+            time.sleep(0.05)
         for _ in range(len(self._threads)):
             self.queue.put_nowait(None)
 

@@ -177,3 +177,27 @@ def test_64_keepalive_clients_are_served_concurrently(cluster):
     for t in threads:
         t.join(60)
     assert not errors and not any(t.is_alive() for t in threads)
+
+
+def test_sigterm_lets_the_request_in_progress_finish(cluster):
+    import signal
+    start_upstream(cluster, "up0", "rides")
+    gw = start_gateway(cluster)
+    wait_healthy(gw, "rides", 1)
+    result = {}
+
+    def slow():
+        result["status"] = Client(gw, timeout=10).get("/api/v1/rides/_sleep?s=1.5")[0]
+    t = threading.Thread(target=slow)
+    t.start()
+    time.sleep(0.5)
+    cluster.signal("gateway", signal.SIGTERM)
+    t.join(10)
+    assert result.get("status") == 200
+    assert cluster.procs["gateway"].wait(10) == 0
+    try:
+        socket.create_connection(("127.0.0.1", gw), timeout=1).close()
+        refused = False
+    except OSError:
+        refused = True
+    assert refused  # no longer listening
