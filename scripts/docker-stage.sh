@@ -42,6 +42,8 @@ set +a
 PY="$ROOT/.venv/bin/python"
 [ -x "$PY" ] || PY=python3
 
+# The tests keep each stack's logs here; keep two days of them.
+find "$ROOT/.docker-cache/test-logs" -type f -mtime +2 -delete 2>/dev/null || true
 say "images ready in ${build_s} s; running the Docker tests"
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -m docker -p no:cacheprovider ${DOCKER_PYTEST_ARGS:-} tests/e2e/docker

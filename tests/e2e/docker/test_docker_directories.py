@@ -5,7 +5,7 @@ Then `down` (keeping volumes) and `up` again: the orchestrator removed its
 worker containers on the way down, and RabbitMQ's and ZooKeeper's named
 volumes kept the data."""
 import pytest
-from dockerkit import grader_sequence, toystore_smoke, wait_for
+from dockerkit import Http, grader_sequence, toystore_smoke, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -21,6 +21,11 @@ def test_per_directory_bring_up_down_and_up_again(make_stack):
     grader_sequence(s.gateway, "dirs")
     wait_for(lambda: s.gateway.get("/products/Tux")[0] == 200, 60, what="the catalog behind the gateway")
     toystore_smoke(s.gateway)
+    # The gateway (its own project) reaches the orchestrator by name for the admin routes.
+    admin = Http(s.gateway.base, token=s.admin_token())
+    status, view = admin.get("/api/v1/cluster")
+    assert status == 200 and view["cluster"] == s.id and view["leader"], (status, view)
+    assert s.gateway.get("/api/v1/cluster")[0] == 401
     assert s.gateway.put("/api/v1/users", {"username": "keeper", "password": "b" * 40}) == (201, {})
     assert len(s.running_workers()) >= 2
 

@@ -119,9 +119,11 @@ def test_failover_when_the_master_container_is_killed(stack):
     t.start()
     try:
         wait_for(lambda: len(acked) >= 20, 60, what="20 acknowledged writes before the kill")
+        killed_at = time.monotonic()
         run(["docker", "kill", victim["name"]])
-        new = wait_for(lambda: (lambda l: l if l and l != old else None)(leader(stack)), 60,
+        new = wait_for(lambda: (lambda l: l if l and l != old else None)(leader(stack)), 60, interval=0.1,
                        what="a new master")
+        print(f"failover: {old} killed, {new} master after {time.monotonic() - killed_at:.1f} s")
         after_failover.set()
         wait_for(lambda: len(acked_after) >= 20, 60, what="20 writes acknowledged by the new master")
     finally:
