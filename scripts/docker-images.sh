@@ -45,8 +45,13 @@ no_base() { log "the base images cannot be built here: $*"; exit 4; }
 ensure_tools() {
   local need=()
   command -v dockerd >/dev/null 2>&1 || [ -x /usr/sbin/dockerd ] || need+=(docker.io)
-  command -v docker-compose >/dev/null 2>&1 || need+=(docker-compose)
-  command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+  # docker-compose 1.29 for the tests, unless `docker compose` (v2) is there.
+  command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+  # debootstrap only while the base image is still to be made.
+  if ! command -v debootstrap >/dev/null 2>&1 && [ ! -x /usr/sbin/debootstrap ] \
+     && [ "$BASE_KIND" != official ] && ! docker image inspect "$PREFIX/debian:bookworm" >/dev/null 2>&1; then
+    need+=(debootstrap)
+  fi
   # A reachable engine needs no local dockerd.
   if docker info >/dev/null 2>&1; then
     need=("${need[@]/docker.io}")
