@@ -140,6 +140,35 @@ def note_lsn(lsn: int) -> None:
         g.min_lsn = max(g.get("min_lsn") or 0, lsn)
 
 
+def min_lsn_header() -> int | None:
+    """The request's X-Stratus-Min-LSN: None when absent. Raises InputError
+    (400) when it is not a non-negative integer."""
+    raw = request.headers.get(MIN_LSN_HEADER, "").strip()
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise InputError(f"{MIN_LSN_HEADER} must be a non-negative integer")
+    return int(raw) or None
+
+
+def db_error_response(exc: DBError, *, not_ready: str = "the database is not ready yet",
+                      unexpected_status: int | None = None):
+    """A DB error as an HTTP answer: Unavailable 503, Timeout 504 (never 400:
+    a write may still happen), a table not created yet 503. Other errors keep
+    their status, or get `unexpected_status` when the caller mapped every
+    error it expects itself (then the rest are its bugs)."""
+    if exc.code == "unknown_table":
+        return json_error(503, not_ready)
+    if exc.status >= 500:
+        log.warning("database error: %r", exc)
+        prefix = {503: "database unavailable", 504: "database timeout"}.get(exc.status, "database error")
+        return json_error(exc.status, f"{prefix}: {exc.message}")
+    if unexpected_status is not None:
+        log.error("unexpected database error: %r", exc)
+        return json_error(unexpected_status, f"database error: {exc.message}")
+    return json_error(exc.status, exc.message)
+
+
 def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
     """Counter, LSN headers and error handlers on `app`."""
 
@@ -151,12 +180,7 @@ def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
 
     @app.before_request
     def _parse_min_lsn():
-        raw = request.headers.get(MIN_LSN_HEADER, "").strip()
-        g.min_lsn = None
-        if raw:
-            if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
-                return json_error(400, f"{MIN_LSN_HEADER} must be a non-negative integer")
-            g.min_lsn = int(raw) or None
+        g.min_lsn = min_lsn_header()
 
     @app.after_request
     def _lsn_header(resp: Response):
@@ -173,10 +197,7 @@ def install(app: Flask, counter: RequestCounter, schema: SchemaGuard) -> None:
     def _db_error(exc: DBError):
         if exc.code == "unknown_table":  # tables gone or not made yet: make them on the next request
             schema.forget()
-            return json_error(503, "the database is not ready yet")
-        if exc.status >= 500:
-            log.warning("database error: %r", exc)
-        return json_error(exc.status, exc.message)
+        return db_error_response(exc)
 
     @app.get("/api/v1/_count")
     def _get_count():

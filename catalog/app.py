@@ -13,11 +13,11 @@ import logging
 import threading
 from pathlib import Path
 
-from flask import Flask, jsonify, request
+from flask import Flask, jsonify
 
-from bus import ops
+from bus import ops, web
 from bus.client import DBClient, shared
-from bus.errors import DBError, PreconditionFailed, Timeout, Unavailable
+from bus.errors import DBError, PreconditionFailed
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 from bus.tenants import toystore_schema as schema
@@ -71,20 +71,15 @@ def seed(db: DBClient, products: list[dict]) -> int:
 
 
 def min_lsn_header() -> int | None:
-    raw = request.headers.get("X-Stratus-Min-LSN", "")
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+    """A malformed X-Stratus-Min-LSN is ignored here: the header is only a hint."""
+    try:
+        return web.min_lsn_header()
+    except web.InputError:
+        return None
 
 
 def db_error(exc: DBError):
-    """Unavailable -> 503, Timeout -> 504; anything else is our fault (500)."""
-    if isinstance(exc, Unavailable):
-        return json_error(503, f"database unavailable: {exc.message}")
-    if isinstance(exc, Timeout):
-        return json_error(504, f"database timeout: {exc.message}")
-    if exc.code == "unknown_table":  # the tables are not created yet
-        return json_error(503, "catalog not ready")
-    log.error("unexpected database error: %r", exc)
-    return json_error(500, f"database error: {exc.message}")
+    return web.db_error_response(exc, not_ready="catalog not ready", unexpected_status=500)
 
 
 def _start_seed(db: DBClient, products: list[dict], stop: threading.Event) -> threading.Event:

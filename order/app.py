@@ -20,7 +20,7 @@ import time
 
 from flask import Flask, jsonify, request
 
-from bus import ops
+from bus import ops, web
 from bus.client import DBClient, shared
 from bus.errors import DBError, PreconditionFailed, Timeout, Unavailable
 from bus.protocol import new_id
@@ -91,19 +91,15 @@ def place_order(db: DBClient, name: str, quantity: int, *, attempts: int = WRITE
 
 
 def min_lsn_header() -> int | None:
-    raw = request.headers.get("X-Stratus-Min-LSN", "")
-    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 19 else None
+    """A malformed X-Stratus-Min-LSN is ignored here: the header is only a hint."""
+    try:
+        return web.min_lsn_header()
+    except web.InputError:
+        return None
 
 
 def db_error(exc: DBError):
-    if isinstance(exc, Unavailable):
-        return json_error(503, f"database unavailable: {exc.message}")
-    if isinstance(exc, Timeout):
-        return json_error(504, f"database timeout: {exc.message}")
-    if exc.code == "unknown_table":
-        return json_error(503, "order service not ready")
-    log.error("unexpected database error: %r", exc)
-    return json_error(500, f"database error: {exc.message}")
+    return web.db_error_response(exc, not_ready="order service not ready", unexpected_status=500)
 
 
 def _start_setup(db: DBClient, stop: threading.Event) -> threading.Event:
