@@ -59,8 +59,12 @@ def test_admin_routes_need_a_token(stack):
     status, _ = stack.gateway.post("/api/v1/crash/slave")
     assert status == 401
     admin = Http(stack.gateway.base, token=stack.admin_token())
-    status, pids = admin.get("/api/v1/worker/list")
-    assert status == 200 and len(pids) == len(stack.running_workers()), pids
+
+    def same_pids():  # the worker list is the containers' host pids (bounded: scaling may be moving)
+        status, pids = admin.get("/api/v1/worker/list")
+        assert status == 200, pids
+        return pids == sorted(c["pid"] for c in stack.running_workers())
+    wait_for(same_pids, 30, what="/api/v1/worker/list to match the worker containers' pids")
 
 
 def test_crash_slave_replaces_the_container_with_the_highest_pid(stack):
@@ -81,11 +85,8 @@ def test_crash_slave_replaces_the_container_with_the_highest_pid(stack):
     wait_for(lambda: any(c["worker_id"] not in before_ids for c in stack.running_workers()), 60,
              what="a replacement worker container")
     assert leader(stack) == master and master not in gone
-    if body == ["1"] and victim["pid"] != 1:
-        # The orchestrator reported the pid the worker sees inside its container
-        # (always 1): it must use the runtime's pid (State.Pid) for workers it runs.
-        pytest.xfail("orchestrator reports in-container pids (1), not the container's State.Pid; "
-                     f"killed {sorted(gone)}, highest pid was {victim['worker_id']}/{victim['pid']}")
+    # The pid reported is the container's main pid on the host (State.Pid), not
+    # the 1 the worker sees inside its own pid namespace.
     assert body == [str(victim["pid"])], (body, slaves)
     assert gone == {victim["worker_id"]}
 
