@@ -40,7 +40,9 @@ SAMPLE_EVERY = 0.5        # how often read counters are summed
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
 BOOT_GRACE = 60.0         # a started worker must register within this
 REREGISTER_GRACE = 10.0   # a slave whose session expired may re-register within this
-EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
+EARLY_EXIT = 10.0
+SWITCHOVER_MAX_LAG = 50   # log entries a switchover candidate may lag when it is named
+SWITCHOVER_CATCH_UP = 15.0  # how long a switchover waits for the candidate to get there         # a worker exiting this soon after its start counts toward start backoff
 
 
 class ControlError(Exception):
@@ -87,6 +89,7 @@ class Controller:
         self._early_exits: list[float] = []
         self._last_start = 0.0
         self._registered: dict[str, float] = {}   # worker id -> last time its znode was seen
+        self._switch_lock = threading.Lock()
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> "Controller":
@@ -430,6 +433,14 @@ class Controller:
             return pid
 
     def switchover(self, candidate: str | None = None, *, timeout: float = 20.0) -> dict:
+        if not self._switch_lock.acquire(blocking=False):
+            raise ControlError(409, "a switchover is already in progress")
+        try:
+            return self._switchover(candidate, timeout)
+        finally:
+            self._switch_lock.release()
+
+    def _switchover_plan(self, candidate: str | None):
         with self.lock:
             self._require_leader()
             leader, version = read_leader(self.zk, self.paths)
@@ -441,7 +452,30 @@ class Controller:
                                              exclude=self.draining | self.retiring)
             if cand is None:
                 raise ControlError(409, why)
-            new = cand["id"]
+            return leader, version, cand
+
+    def _switchover(self, candidate: str | None, timeout: float) -> dict:
+        leader, version, cand = self._switchover_plan(candidate)
+        new = cand["id"]
+        # A planned switchover waits until the candidate has nearly caught up
+        # with the master, so that writes pause only briefly while it drains
+        # the log up to its barrier (a "ready" slave can still be far behind).
+        deadline = time.monotonic() + SWITCHOVER_CATCH_UP
+        lag = None
+        while True:
+            ws = workers(self.zk, self.paths)
+            m, c = ws.get(leader.id), ws.get(new)
+            if m is None or c is None:
+                raise ControlError(409, "the master or the candidate left meanwhile; try again")
+            lag = int(m.get("applied_lsn", 0)) - int(c.get("applied_lsn", 0))
+            if lag <= SWITCHOVER_MAX_LAG:
+                break
+            if time.monotonic() > deadline:
+                raise ControlError(503, f"{new} is still {lag} entries behind the master after "
+                                        f"{SWITCHOVER_CATCH_UP:g}s; nothing was changed, try again")
+            time.sleep(0.1)
+        with self.lock:
+            self._require_leader()
             try:
                 term = set_leader(self.zk, self.paths, new, expected_version=version)
             except BadVersionError:
@@ -450,7 +484,7 @@ class Controller:
             self.counters["elections"] += 1
             self.counters["switchovers"] += 1
             record_election(self.zk, self.paths, term=term, old=leader.id, new=new,
-                            reason=f"switchover to {new} (applied LSN {cand.get('applied_lsn', 0)})")
+                            reason=f"switchover to {new} (applied LSN {c.get('applied_lsn', 0)}, {lag} behind)")
             log.info("switchover: term %d, master %s -> %s", term, leader.id, new)
         self.wake.set()   # a replacement slave for the old master, at once
         old_id = leader.id

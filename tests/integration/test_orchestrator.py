@@ -409,9 +409,11 @@ def test_switchover_under_write_load_loses_nothing(cluster):
         db.write([EV_TABLE])
         with Writers(db, 4) as writers:
             wait_for(lambda: len(writers.acked) >= 100, 30, what="writes before the switchover")
-            status, body, _ = orch.post("/api/v1/switchover")
+            t0 = time.monotonic()
+            status, body, _ = orch.post("/api/v1/switchover", timeout=60)
             t = time.monotonic()
-            assert status == 200, body
+            print(f"\nswitchover answered in {t - t0:.2f}s: {body}")
+            assert status == 200, (body, cluster.log("orch")[-3000:])
             assert body["old"] == old["id"] and body["new"] == slave["id"] and body["term"] == 2
             wait_for(lambda: len(writers.acked_after(t)) >= 100, 30, what="writes after the switchover")
         check_no_loss(db, writers)
