@@ -169,12 +169,16 @@ class DockerRuntime(Runtime):
             environment=worker_env(self.environ, self.settings, worker_id),
             network=self.network,
             volumes={vol: {"bind": DATA_DIR, "mode": "rw"}},
-            detach=True,
             log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
         )
+        container = None
         try:
-            container = self.client.containers.run(self.image, **kwargs)
+            # create + start, not run(): a missing image is an error here, never a pull.
+            container = self.client.containers.create(self.image, **kwargs)
+            container.start()
         except Exception:
+            if container is not None:
+                self._remove(container.id, None)
             self._remove_volume(vol)
             raise
         container.reload()

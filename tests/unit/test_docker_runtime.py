@@ -90,6 +90,9 @@ class FakeContainer:
     def reload(self):
         pass
 
+    def start(self):
+        self.started = True
+
     def _die(self, code):
         if self.attrs["State"]["Status"] != "running":
             return
@@ -181,8 +184,10 @@ class FakeDocker:
         def __init__(self, api):
             self.api = api
 
-        def run(self, image, **kw):
+        def create(self, image, **kw):
             self.api.runs.append((image, kw))
+            if image == "missing/image":
+                raise NotFound(image)
             return self.api.add(kw["name"], kw["labels"])
 
         def get(self, cid):
@@ -250,6 +255,16 @@ def test_start_worker_runs_a_labelled_container_with_its_own_volume(runtime, fak
     assert kw["environment"]["STRATUS_SCALE_WINDOW"] == "5"
     assert h.pid == fake.containers_by_id[h.ref].attrs["State"]["Pid"] > 0
     assert set(runtime.workers()) == {"w-1"}
+
+
+def test_a_missing_image_is_an_error_and_leaves_no_volume(fake):
+    rt = DockerRuntime(settings(), client_factory=lambda: fake, environ={"STRATUS_WORKER_IMAGE": "missing/image"})
+    try:
+        with pytest.raises(NotFound):
+            rt.start_worker("w-1")
+        assert fake.volumes_by_name == {} and rt.workers() == {}
+    finally:
+        rt.close(remove_workers=False)
 
 
 def test_a_die_event_reports_the_exit_and_removes_container_and_volume(runtime, fake):
