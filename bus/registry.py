@@ -61,6 +61,8 @@ class Registration:
             threading.Thread(target=self._recreate, daemon=True).start()
 
     def _recreate(self) -> None:
+        if self._closed:
+            return
         try:
             if not self.zk.exists(self.path):
                 self._create()

@@ -48,6 +48,8 @@ READ_PREFETCH = 32
 WRITE_PREFETCH = 512
 LOG_PREFETCH = 1000
 MAX_BATCH = 256
+LOG_RECORDS_PER_TURN = 100  # so promotion and SIGTERM are noticed between chunks of a long replay
+READY_PROBE_RTT = 0.5       # a slave is ready when its probe comes back this fast: it is near the log's head
 
 
 class Fatal(Exception):
@@ -68,6 +70,8 @@ class Worker:
         self.reads = 0
         self.leader = Leader(None, 0)
         self.pending_writes: list = []
+        self.log_backlog: list = []           # log deliveries not applied yet
+        self.probe_sent_at = 0.0
         self.parked: list = []                # reads waiting for their min_lsn
         self.probe_nonce: str | None = None
         self.barrier_nonce: str | None = None
@@ -183,9 +187,10 @@ class Worker:
 
     def _loop(self) -> int | None:
         while True:
-            self.conn.process_data_events(time_limit=0.05)
+            self.conn.process_data_events(time_limit=0 if self.log_backlog else 0.05)
             if self.stopping:
                 return self._drain_and_exit()
+            self._apply_backlog()
             self._steer()
             if self.role == "master":
                 while self.pending_writes and not self.stopping:
@@ -196,6 +201,7 @@ class Worker:
 
     def _drop_connection(self) -> None:
         self.tags.clear()
+        self.log_backlog.clear()     # re-read from our stored offset
         self.parked.clear()          # unacked: the broker redelivers them
         self.pending_writes.clear()  # likewise
         try:
@@ -266,6 +272,7 @@ class Worker:
 
     def _probe(self) -> None:
         self.probe_nonce = uuid.uuid4().hex
+        self.probe_sent_at = time.monotonic()
         self._publish_log(protocol.encode_probe(self.id, self.probe_nonce))
 
     def _steer(self) -> None:
@@ -283,21 +290,35 @@ class Worker:
 
     # --- slave: applying the log -------------------------------------------
     def _on_log(self, ch, method, props, body) -> None:
-        offset = (props.headers or {}).get("x-stream-offset")
-        try:
-            rec = protocol.decode_record(body)
-        except ValueError:
-            log.warning("skipping an unreadable log record at offset %s", offset)
-            ch.basic_ack(method.delivery_tag)
-            return
-        self._apply_record(rec, offset)
-        ch.basic_ack(method.delivery_tag)
+        self.log_backlog.append((method, props, body))
+
+    def _apply_backlog(self) -> None:
+        chunk = self.log_backlog[:LOG_RECORDS_PER_TURN]
+        del self.log_backlog[:LOG_RECORDS_PER_TURN]
+        for method, props, body in chunk:
+            offset = (props.headers or {}).get("x-stream-offset")
+            try:
+                rec = protocol.decode_record(body)
+            except ValueError:
+                log.warning("skipping an unreadable log record at offset %s", offset)
+            else:
+                self._apply_record(rec, offset)
+            if self.ch_log is not None and self.ch_log.is_open:
+                self.ch_log.basic_ack(method.delivery_tag)
+            if "log" not in self.tags:   # promoted meanwhile: the rest is for a slave
+                self.log_backlog.clear()
+                return
 
     def _apply_record(self, rec: dict, offset) -> None:
         kind = rec.get("type")
         if kind == "probe":
             if rec.get("nonce") == self.probe_nonce and self.role == "slave" and not self.ready:
-                self._become_ready()
+                rtt = time.monotonic() - self.probe_sent_at
+                if rtt <= READY_PROBE_RTT:
+                    self._become_ready()
+                else:  # still replaying a long way behind the head: measure again
+                    log.info("probe came back after %.1fs at LSN %d; catching up", rtt, self.store.applied_lsn)
+                    self._probe()
             return
         term = rec["term"]
         if kind == "barrier":
