@@ -40,5 +40,10 @@ test-fast: venv services
 test-docker: venv services
 	@scripts/docker-stage.sh
 
+# Each benchmark prints its figures and, with --record, appends them (dated,
+# with the machine) to docs/benchmarks.md. Run on a quiet machine.
 bench: venv services
-	$(PY) benchmarks/db_client.py
+	$(PY) benchmarks/db_client.py --record
+	$(PY) benchmarks/failover.py --record
+	$(PY) benchmarks/gateway.py --record
+	$(PY) benchmarks/toystore.py --record

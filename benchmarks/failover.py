@@ -38,6 +38,8 @@ from bus.names import Names, Paths  # noqa: E402
 from bus.settings import load  # noqa: E402
 from bus.topology import delete_cluster  # noqa: E402
 
+from _common import pct, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
 
 def free_port() -> int:
     s = socket.socket()
@@ -117,6 +119,7 @@ def main() -> int:
                     help="before each crash, wait until the slave is at most this many entries behind "
                          "(a new slave is 'ready' once it has replayed up to the probe it published at "
                          "start, which under write load can still be far behind the master)")
+    ap.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     a = ap.parse_args()
 
     cluster = f"bench{uuid.uuid4().hex[:8]}"
@@ -159,6 +162,14 @@ def main() -> int:
               f"{f'{a.rate:g}/s each' if a.rate > 0 else 'full speed'})")
         ok = statistics.median(times) <= 2.0 and max(times) <= 5.0
         print("targets (median <= 2 s, max <= 5 s):", "met" if ok else "NOT met")
+        if a.record:
+            record("Failover (kill -9 the master to the first acknowledged write)",
+                   f"`python benchmarks/failover.py --trials {a.trials} --writers {a.writers} --rate {a.rate:g}`\n\n"
+                   f"| trials | median | p90 | max | writes acknowledged | target (median <= 2 s, max <= 5 s) |\n"
+                   f"|---|---|---|---|---|---|\n"
+                   f"| {len(times)} | {statistics.median(times) * 1000:.0f} ms | "
+                   f"{pct(sorted(times), 90) * 1000:.0f} ms | {max(times) * 1000:.0f} ms | {len(w.acks)} | "
+                   f"{'met' if ok else 'NOT met'} |\n")
         return 0 if ok else 1
     finally:
         if db is not None:

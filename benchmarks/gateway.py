@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from _common import ROOT, machine, pct
+from _common import ROOT, machine, pct, record
 
 sys.path.insert(0, str(ROOT))
 
@@ -102,6 +102,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     args = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
@@ -148,6 +149,13 @@ def main() -> int:
     print(summary, flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
+    if args.record:
+        lines = ["| run | p50 | p99 | req/s | requests | errors |", "|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['rps']:.0f} | {r['requests']} | "
+                  f"{r['errors']} |" for k, r in rows.items()]
+        record("Gateway overhead",
+               f"`python benchmarks/gateway.py --seconds {args.seconds:g} --clients {args.clients}`\n\n"
+               + "\n".join(lines) + "\n\n" + summary.replace("\n", "; ") + "\n")
     return 0
 
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ROOT, machine
+from _common import ROOT, machine, record
 
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
@@ -105,6 +105,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--png", default=str(ROOT / "docs" / "toystore-latency.png"))
+    ap.add_argument("--record", action="store_true", help="append the table to docs/benchmarks.md")
     a = ap.parse_args()
     started = time.monotonic()
     rows = bench(a.seconds, a.clients)
@@ -117,6 +118,10 @@ def main() -> int:
     print(f"wrote {a.png}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
+    if a.record:
+        record("Toy store through the gateway (product cache on and off)",
+               f"`python benchmarks/toystore.py --seconds {a.seconds:g} --clients {a.clients}`; "
+               f"plot: docs/toystore-latency.png\n\n```\n{table(rows)}\n```\n")
     return 1 if any(r["mismatches"] for r in rows) else 0
 
 
