@@ -2,6 +2,12 @@
 through the gateway, both with keep-alive and 16 clients; then the
 gateway's throughput proxying to a trivial upstream.
 
+The 16 clients run twice: closed loop (each sends its next request as soon
+as it has an answer), which saturates the 2 cores, so that latency there
+measures the throughput the gateway's CPU takes from the service rather
+than its cost per request; then paced, the same offered load (half of what
+the service sustains directly) both ways, which measures the added latency.
+
 A real local cluster (a master and one slave), the real users service
 (GET /api/v1/users: a read through the bus), a trivial registered upstream
 (gateway/trivial_upstream.py) and a gateway process, all on loopback. The
@@ -10,7 +16,7 @@ load generator is not the bottleneck it would be in one Python process.
 
     .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--json out.json]
 
-Bounded: 4 runs of `seconds` each, plus ~20 s of start-up."""
+Bounded: 10 runs of up to `seconds` each, plus ~20 s of start-up."""
 from __future__ import annotations
 
 import argparse
@@ -31,14 +37,23 @@ from gateway.testkit import Client, free_port, start_gateway, start_upstream, wa
 from harness import LocalCluster  # noqa: E402
 
 
-def _one_client(port: int, path: str, deadline: float, max_requests: int, out: list) -> None:
+def _one_client(port: int, path: str, deadline: float, max_requests: int, out: list,
+                interval: float = 0.0, offset: float = 0.0) -> None:
+    """Closed loop (interval 0: the next request as soon as the answer is in),
+    or paced: one request every `interval` seconds, starting at `offset`."""
     req = f"GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     buf = b""
     lat, errors = [], 0
     n = 0
+    due = time.monotonic() + offset
     while n < max_requests and time.monotonic() < deadline:
+        if interval:
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            due += interval
         t0 = time.perf_counter()
         s.sendall(req)
         while b"\r\n\r\n" not in buf:
@@ -63,9 +78,10 @@ def _one_client(port: int, path: str, deadline: float, max_requests: int, out: l
     out.append((lat, errors))
 
 
-def _proc(port, path, threads, deadline, max_requests, q):
+def _proc(port, path, threads, deadline, max_requests, q, interval=0.0, first=0, clients=1):
     out: list = []
-    ts = [threading.Thread(target=_one_client, args=(port, path, deadline, max_requests, out)) for _ in range(threads)]
+    ts = [threading.Thread(target=_one_client, args=(port, path, deadline, max_requests, out, interval,
+                                                     interval * (first + i) / clients)) for i in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
@@ -74,13 +90,19 @@ def _proc(port, path, threads, deadline, max_requests, q):
     q.put((lat, sum(e for _, e in out)))
 
 
-def load(port: int, path: str, *, clients: int, seconds: float, max_requests: int = 200_000) -> dict:
+def load(port: int, path: str, *, clients: int, seconds: float, max_requests: int = 200_000,
+         rate: float = 0.0) -> dict:
+    """`clients` keep-alive clients for `seconds`: closed loop, or paced to
+    `rate` requests/s in all (spread evenly over the clients and in time)."""
     procs_n = 4 if clients % 4 == 0 else 1
+    per = clients // procs_n
+    interval = clients / rate if rate else 0.0
     q: mp.Queue = mp.Queue()
     start = time.monotonic()
     deadline = start + seconds
-    procs = [mp.Process(target=_proc, args=(port, path, clients // procs_n, deadline, max_requests // clients, q))
-             for _ in range(procs_n)]
+    procs = [mp.Process(target=_proc, args=(port, path, per, deadline, max_requests // clients, q,
+                                            interval, k * per, clients))
+             for k in range(procs_n)]
     for p in procs:
         p.start()
     results = [q.get(timeout=seconds + 60) for _ in procs]
@@ -130,6 +152,15 @@ def main() -> int:
                 load(port, path, clients=args.clients, seconds=warm)
                 rows[name] = r = load(port, path, clients=args.clients, seconds=args.seconds)
                 print(fmt(name, r), flush=True)
+            # The same offered load, paced at half of what the service sustains
+            # directly: latency then shows the gateway's cost per request, not
+            # the CPU it takes from a saturated 2-core machine (closed loop above).
+            paced = round(rows["users service, direct"]["rps"] / 2, -1)
+            for name, port, path in plan[:2]:
+                key = f"{name}, paced at {paced:.0f} req/s"
+                load(port, path, clients=args.clients, seconds=warm, rate=paced)
+                rows[key] = r = load(port, path, clients=args.clients, seconds=args.seconds, rate=paced)
+                print(fmt(key, r), flush=True)
             # One client: the gateway's own added latency, without queueing for the CPU.
             for name, port, path in plan:
                 key = name + ", 1 client"
@@ -141,9 +172,13 @@ def main() -> int:
     td, tg = rows["trivial upstream, direct"], rows["trivial upstream, through the gateway"]
     d1, g1 = rows["users service, direct, 1 client"], rows["users service, through the gateway, 1 client"]
     td1, tg1 = rows["trivial upstream, direct, 1 client"], rows["trivial upstream, through the gateway, 1 client"]
-    summary = (f"gateway overhead, {args.clients} clients: users read p50 {g['p50_ms'] - d['p50_ms']:+.2f} ms, "
+    pd, pg = (r for k, r in rows.items() if ", paced at " in k)
+    summary = (f"gateway overhead, {args.clients} clients, closed loop (CPU saturated): users read p50 "
+               f"{g['p50_ms'] - d['p50_ms']:+.2f} ms, "
                f"p99 {g['p99_ms'] - d['p99_ms']:+.2f} ms; trivial upstream p50 {tg['p50_ms'] - td['p50_ms']:+.2f} ms, "
                f"{tg['rps']:.0f} req/s proxied\n"
+               f"gateway overhead, {args.clients} clients paced at {pd['rps']:.0f} req/s: users read p50 "
+               f"{pg['p50_ms'] - pd['p50_ms']:+.2f} ms, p99 {pg['p99_ms'] - pd['p99_ms']:+.2f} ms\n"
                f"gateway overhead, 1 client: users read p50 {g1['p50_ms'] - d1['p50_ms']:+.2f} ms; "
                f"trivial upstream p50 {tg1['p50_ms'] - td1['p50_ms']:+.2f} ms")
     print(summary, flush=True)
