@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,18 +34,11 @@ from bus import zk as bzk  # noqa: E402
 from bus.client import DBClient, connection_params  # noqa: E402
 from bus.errors import DBError  # noqa: E402
 from bus.names import Names, Paths  # noqa: E402
+from bus.ports import free_port  # noqa: E402
 from bus.settings import load  # noqa: E402
 from bus.topology import delete_cluster  # noqa: E402
 
 from _common import pct, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def http(port: int, method: str, path: str):

@@ -5,16 +5,9 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import time
 
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from bus.ports import free_port  # noqa: F401  (tests and the benchmark import it from here)
 
 
 def wait_until(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,6 +17,8 @@ import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+
+from bus.ports import free_port  # noqa: F401  (the Docker tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[3]
 LOG_DIR = ROOT / ".docker-cache" / "test-logs"
@@ -37,14 +38,6 @@ def wait_for(pred, timeout: float, interval: float = 0.5, what: str = "condition
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def run(cmd: list[str], *, env=None, cwd=None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
