@@ -9,7 +9,8 @@ import time
 from bus import ops
 from bus import zk as bzk
 from harness import wait_for
-from test_orchestrator import EV_TABLE, Orch, cleanup, worker_pids_of
+from harness import EV_TABLE
+from test_orchestrator import Orch, cleanup, worker_pids_of
 
 
 def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
