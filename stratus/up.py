@@ -36,6 +36,13 @@ def log_dir(settings: Settings) -> Path:
 
 
 def alive(pid: int) -> bool:
+    # In the foreground the components are our children: reap one that has
+    # exited, or it stays a zombie that kill(pid, 0) still finds.
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
         return True

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -160,8 +161,11 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(platform):
         wait_for(lambda: call(gw, "GET", "/api/v1/users")[0] in (200, 204), 60, 0.3, "users through the gateway")
         workers = wait_for(lambda: [w["pid"] for w in c.workers().values() if w.get("pid")], 30,
                            what="the workers in ZooKeeper")
+        t0 = time.monotonic()
         os.kill(p.pid, signal.SIGINT)
         assert p.wait(60) == 0
+        # Each component drains within a few seconds; nothing waits out the 20 s kill timeout.
+        assert time.monotonic() - t0 < 15, f"Ctrl-C took {time.monotonic() - t0:.1f} s"
         gone = [*pids.values(), *workers]
         wait_for(lambda: not [q for q in gone if alive(q)], 30, 0.2, "every component and worker to exit")
         assert "Stopped." in (c.log_dir / "up.out").read_text()
