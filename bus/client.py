@@ -6,8 +6,10 @@ future for the reply, which arrives on the client's own responseQ. The
 connection stays open and reconnects on its own; no request opens one.
 
 Errors: Unavailable (503) means the request was never sent; Timeout (504)
-means it was sent and no reply came in time: a write may still happen, and
-re-sending it with the same request id is safe (workers deduplicate by id)."""
+means it was sent and no reply came in time, or the broker restarted before
+the reply came (the reply queue is not durable, so the client says so as soon
+as it reconnects): a write may still happen, and re-sending it with the same
+request id is safe (workers deduplicate by id)."""
 from __future__ import annotations
 
 import logging
@@ -46,6 +48,7 @@ class DBClient:
         self.names = Names(self.settings.cluster)
         self.client_id = f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._pending: dict[str, Future] = {}
+        self._sent: set[str] = set()   # pending requests already handed to the broker
         self._pending_lock = threading.Lock()
         self._outbox: deque = deque()
         self._conn: pika.BlockingConnection | None = None
@@ -96,6 +99,7 @@ class DBClient:
         finally:
             with self._pending_lock:
                 self._pending.pop(req.id, None)
+                self._sent.discard(req.id)
         if isinstance(raw, DBError):
             raise raw
         return decode_reply(raw)
@@ -140,12 +144,38 @@ class DBClient:
             except Exception:
                 self._outbox.appendleft(item)
                 raise
+            if props.correlation_id:
+                with self._pending_lock:
+                    if props.correlation_id in self._pending:
+                        self._sent.add(props.correlation_id)
 
     def _on_reply(self, ch, method, props, body) -> None:
         with self._pending_lock:
             fut = self._pending.get(props.correlation_id)
         if fut is not None and not fut.done():
             fut.set_result(body)
+
+    @staticmethod
+    def _queue_exists(conn, queue: str) -> bool:
+        ch = conn.channel()   # a passive declare of a missing queue closes its channel
+        try:
+            ch.queue_declare(queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            return False
+        ch.close()
+        return True
+
+    def _fail_sent(self) -> None:
+        """Our reply queue is gone (the broker restarted): replies to requests
+        already sent can never arrive, so their callers learn it now rather
+        than at their timeout."""
+        with self._pending_lock:
+            lost = [(i, self._pending[i]) for i in self._sent if i in self._pending]
+            self._sent.clear()
+        for rid, fut in lost:
+            if not fut.done():
+                fut.set_result(Timeout(f"the bus restarted before the reply to {rid} came; "
+                                       "a write may still be applied"))
 
     def _run(self) -> None:
         backoff = 0.1
@@ -155,7 +185,10 @@ class DBClient:
                 conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
                 ch = conn.channel()
                 declare_all(ch, self.names)
+                lost = not self._queue_exists(conn, self.names.response_queue(self.client_id))
                 q = declare_response_queue(ch, self.names, self.client_id)
+                if lost:
+                    self._fail_sent()
                 ch.basic_consume(q, self._on_reply, auto_ack=True)
                 self._conn, self._ch = conn, ch
                 self._connected.set()

@@ -1,0 +1,48 @@
+"""The DB client against the real broker: what a caller sees when RabbitMQ
+restarts under a request in flight."""
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from bus import ops
+from bus.errors import Timeout
+
+
+@pytest.mark.slow
+def test_a_request_in_flight_when_the_broker_restarts_fails_fast_as_a_timeout(cluster):
+    """The reply queue is not durable, so a broker restart loses it and any
+    reply to a request already sent. The client notices its queue was gone
+    when it reconnects and answers the caller then, with a 504-class Timeout
+    (the write may still be applied), not after the caller's full timeout."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to restart the broker")
+    db = cluster.client(name="inflight")   # no worker runs: the write waits in writeQ
+    out = {}
+
+    def call():
+        t0 = time.monotonic()
+        try:
+            db.write([ops.upsert("kv", {"k": "a", "v": 1})], timeout=90)
+            out["result"] = "reply"
+        except Exception as exc:
+            out["result"] = exc
+        out["elapsed"] = time.monotonic() - t0
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60, capture_output=True)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120, capture_output=True)
+        subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120, capture_output=True)
+    t.join(80)
+    assert not t.is_alive(), "the caller is still waiting"
+    assert isinstance(out["result"], Timeout), out
+    assert "restarted" in str(out["result"]) and out["elapsed"] < 60, out
+    # The client keeps working after the restart.
+    with pytest.raises(Timeout):
+        db.read(ops.select("kv"), timeout=1)   # still no worker: a plain timeout, over a live connection
+    assert db.connected
