@@ -23,3 +23,11 @@ def test_a_port_in_use_is_skipped(monkeypatch):
         picks = iter([taken, taken, other])
         monkeypatch.setattr(bus.ports.random, "randrange", lambda lo, hi: next(picks))
         assert free_port() == other
+
+
+def test_no_room_below_the_ephemeral_range_falls_back_to_the_kernel(monkeypatch):
+    import bus.ports
+    monkeypatch.setattr(bus.ports, "_ephemeral_start", lambda: 1024)
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
