@@ -1,4 +1,6 @@
-"""Settings from the STRATUS_* environment variables (see shared spec platform.md)."""
+"""Settings from the STRATUS_* environment variables (see shared spec platform.md).
+The env_* readers are also used by components with settings of their own
+(the gateway): an empty variable means the default; a malformed one stops the start."""
 from __future__ import annotations
 
 import os
@@ -6,7 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 
-def _int(name: str, default: int) -> int:
+def env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -16,7 +18,7 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
 
 
-def _float(name: str, default: float) -> float:
+def env_float(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -26,12 +28,12 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number, got {raw!r}") from exc
 
 
-def _str(name: str, default: str) -> str:
+def env_str(name: str, default: str) -> str:
     raw = os.environ.get(name)
     return default if raw is None or raw == "" else raw
 
 
-def _bool(name: str, default: bool) -> bool:
+def env_bool(name: str, default: bool) -> bool:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
@@ -40,39 +42,39 @@ def _bool(name: str, default: bool) -> bool:
 
 @dataclass(frozen=True)
 class Settings:
-    amqp_url: str = field(default_factory=lambda: _str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
-    zk_hosts: str = field(default_factory=lambda: _str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
-    cluster: str = field(default_factory=lambda: _str("STRATUS_CLUSTER", "default"))
-    runtime: str = field(default_factory=lambda: _str("STRATUS_RUNTIME", "process"))
-    scale_window: float = field(default_factory=lambda: _float("STRATUS_SCALE_WINDOW", 120.0))
-    reads_per_slave: int = field(default_factory=lambda: _int("STRATUS_READS_PER_SLAVE", 20))
-    max_slaves: int = field(default_factory=lambda: _int("STRATUS_MAX_SLAVES", 8))
-    state_dir: str = field(default_factory=lambda: _str("STRATUS_STATE_DIR", "./var"))
+    amqp_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    zk_hosts: str = field(default_factory=lambda: env_str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
+    cluster: str = field(default_factory=lambda: env_str("STRATUS_CLUSTER", "default"))
+    runtime: str = field(default_factory=lambda: env_str("STRATUS_RUNTIME", "process"))
+    scale_window: float = field(default_factory=lambda: env_float("STRATUS_SCALE_WINDOW", 120.0))
+    reads_per_slave: int = field(default_factory=lambda: env_int("STRATUS_READS_PER_SLAVE", 20))
+    max_slaves: int = field(default_factory=lambda: env_int("STRATUS_MAX_SLAVES", 8))
+    state_dir: str = field(default_factory=lambda: env_str("STRATUS_STATE_DIR", "./var"))
     # ZooKeeper session timeout in seconds: how fast a dead worker is noticed.
-    zk_timeout: float = field(default_factory=lambda: _float("STRATUS_ZK_TIMEOUT", 1.0))
+    zk_timeout: float = field(default_factory=lambda: env_float("STRATUS_ZK_TIMEOUT", 1.0))
     # How long a DB request waits for its reply before the client gives up (504).
-    request_timeout: float = field(default_factory=lambda: _float("STRATUS_REQUEST_TIMEOUT", 10.0))
+    request_timeout: float = field(default_factory=lambda: env_float("STRATUS_REQUEST_TIMEOUT", 10.0))
     # How long a slave holds a read whose min_lsn it has not applied yet before
     # handing it to the master.
-    min_lsn_wait: float = field(default_factory=lambda: _float("STRATUS_MIN_LSN_WAIT", 0.5))
+    min_lsn_wait: float = field(default_factory=lambda: env_float("STRATUS_MIN_LSN_WAIT", 0.5))
     # Ports (0 = any free port, for the tenant services).
-    gateway_port: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_PORT", 8080))
-    orchestrator_port: int = field(default_factory=lambda: _int("STRATUS_ORCHESTRATOR_PORT", 8081))
-    users_port: int = field(default_factory=lambda: _int("STRATUS_USERS_PORT", 8082))
-    rides_port: int = field(default_factory=lambda: _int("STRATUS_RIDES_PORT", 8083))
-    catalog_port: int = field(default_factory=lambda: _int("STRATUS_CATALOG_PORT", 8084))
-    order_port: int = field(default_factory=lambda: _int("STRATUS_ORDER_PORT", 8085))
+    gateway_port: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_PORT", 8080))
+    orchestrator_port: int = field(default_factory=lambda: env_int("STRATUS_ORCHESTRATOR_PORT", 8081))
+    users_port: int = field(default_factory=lambda: env_int("STRATUS_USERS_PORT", 8082))
+    rides_port: int = field(default_factory=lambda: env_int("STRATUS_RIDES_PORT", 8083))
+    catalog_port: int = field(default_factory=lambda: env_int("STRATUS_CATALOG_PORT", 8084))
+    order_port: int = field(default_factory=lambda: env_int("STRATUS_ORDER_PORT", 8085))
     # The address services bind to and advertise in the registry.
-    bind_host: str = field(default_factory=lambda: _str("STRATUS_BIND_HOST", "127.0.0.1"))
-    advertise_host: str = field(default_factory=lambda: _str("STRATUS_ADVERTISE_HOST", ""))
+    bind_host: str = field(default_factory=lambda: env_str("STRATUS_BIND_HOST", "127.0.0.1"))
+    advertise_host: str = field(default_factory=lambda: env_str("STRATUS_ADVERTISE_HOST", ""))
     # Where the orchestrator's API is, for the CLI and load scripts.
-    orchestrator_url: str = field(default_factory=lambda: _str("STRATUS_ORCHESTRATOR_URL", ""))
-    gateway_url: str = field(default_factory=lambda: _str("STRATUS_GATEWAY_URL", ""))
+    orchestrator_url: str = field(default_factory=lambda: env_str("STRATUS_ORCHESTRATOR_URL", ""))
+    gateway_url: str = field(default_factory=lambda: env_str("STRATUS_GATEWAY_URL", ""))
     # The store of a worker: a SQLAlchemy URL template; {path} is the worker's SQLite file.
-    db_url: str = field(default_factory=lambda: _str("STRATUS_DB_URL", "sqlite:///{path}"))
-    restock_interval: float = field(default_factory=lambda: _float("STRATUS_RESTOCK_INTERVAL", 10.0))
-    log_level: str = field(default_factory=lambda: _str("STRATUS_LOG_LEVEL", "INFO"))
-    debug: bool = field(default_factory=lambda: _bool("STRATUS_DEBUG", False))
+    db_url: str = field(default_factory=lambda: env_str("STRATUS_DB_URL", "sqlite:///{path}"))
+    restock_interval: float = field(default_factory=lambda: env_float("STRATUS_RESTOCK_INTERVAL", 10.0))
+    log_level: str = field(default_factory=lambda: env_str("STRATUS_LOG_LEVEL", "INFO"))
+    debug: bool = field(default_factory=lambda: env_bool("STRATUS_DEBUG", False))
 
     @property
     def state_path(self) -> Path:

@@ -2,42 +2,9 @@
 STRATUS_GATEWAY_* knobs, all read from the environment at start."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
-from bus.settings import Settings, load
-
-
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-
-
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
-
-
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name, "")
-    if raw == "":
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
-
-
-def _str(name: str, default: str) -> str:
-    raw = os.environ.get(name, "")
-    return default if raw == "" else raw
+from bus.settings import Settings, env_bool, env_float, env_int, env_str, load
 
 
 @dataclass(frozen=True)
@@ -45,33 +12,33 @@ class GatewayConfig:
     base: Settings = field(default_factory=load)
     port: int | None = None            # None: base.gateway_port
     # Server: a bounded pool of connection threads and a bounded accept queue.
-    threads: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_THREADS", 128))
-    queue: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_QUEUE", 128))
-    idle_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_IDLE_TIMEOUT", 30.0))
+    threads: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_THREADS", 128))
+    queue: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_QUEUE", 128))
+    idle_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_IDLE_TIMEOUT", 30.0))
     # A request's head (request line + headers) and body must arrive within this.
-    read_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_READ_TIMEOUT", 10.0))
-    max_header_bytes: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_MAX_HEADER_BYTES", 16 * 1024))
-    max_body_bytes: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_MAX_BODY_BYTES", 1024 * 1024))
+    read_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_READ_TIMEOUT", 10.0))
+    max_header_bytes: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_HEADER_BYTES", 16 * 1024))
+    max_body_bytes: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_BODY_BYTES", 1024 * 1024))
     # Upstreams.
-    upstream_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_UPSTREAM_TIMEOUT", 30.0))
-    connect_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_CONNECT_TIMEOUT", 3.0))
-    health_interval: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_HEALTH_INTERVAL", 1.0))
-    health_timeout: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_HEALTH_TIMEOUT", 0.8))
-    pool_idle: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_POOL_IDLE", 20.0))
-    affinity: bool = field(default_factory=lambda: _bool("STRATUS_GATEWAY_AFFINITY", False))
+    upstream_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_UPSTREAM_TIMEOUT", 30.0))
+    connect_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_CONNECT_TIMEOUT", 3.0))
+    health_interval: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_HEALTH_INTERVAL", 1.0))
+    health_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_HEALTH_TIMEOUT", 0.8))
+    pool_idle: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_POOL_IDLE", 20.0))
+    affinity: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_AFFINITY", False))
     # Read-your-writes: how many clients' LSNs are remembered, and for how long.
-    lsn_clients: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_LSN_CLIENTS", 100_000))
-    lsn_ttl: float = field(default_factory=lambda: _float("STRATUS_GATEWAY_LSN_TTL", 3600.0))
+    lsn_clients: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_LSN_CLIENTS", 100_000))
+    lsn_ttl: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_LSN_TTL", 3600.0))
     # Product cache.
-    cache_enabled: bool = field(default_factory=lambda: _bool("STRATUS_GATEWAY_CACHE", True))
-    cache_size: int = field(default_factory=lambda: _int("STRATUS_GATEWAY_CACHE_SIZE", 8))
+    cache_enabled: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_CACHE", True))
+    cache_size: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_CACHE_SIZE", 8))
     # Tokens.
-    token_ttl: int = field(default_factory=lambda: _int("STRATUS_TOKEN_TTL", 3600))
-    token_secret: str = field(default_factory=lambda: _str("STRATUS_TOKEN_SECRET", ""))
-    admin_password: str = field(default_factory=lambda: _str("STRATUS_ADMIN_PASSWORD", ""))
-    tenant_username: str = field(default_factory=lambda: _str("STRATUS_TENANT_USERNAME", ""))
-    tenant_password: str = field(default_factory=lambda: _str("STRATUS_TENANT_PASSWORD", ""))
-    access_log: bool = field(default_factory=lambda: _bool("STRATUS_GATEWAY_ACCESS_LOG", True))
+    token_ttl: int = field(default_factory=lambda: env_int("STRATUS_TOKEN_TTL", 3600))
+    token_secret: str = field(default_factory=lambda: env_str("STRATUS_TOKEN_SECRET", ""))
+    admin_password: str = field(default_factory=lambda: env_str("STRATUS_ADMIN_PASSWORD", ""))
+    tenant_username: str = field(default_factory=lambda: env_str("STRATUS_TENANT_USERNAME", ""))
+    tenant_password: str = field(default_factory=lambda: env_str("STRATUS_TENANT_PASSWORD", ""))
+    access_log: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_ACCESS_LOG", True))
 
     @property
     def listen_port(self) -> int:
