@@ -1,7 +1,7 @@
 """HTTP conventions of a tenant service, on top of bus/service.py: JSON
 bodies checked before any write, read-your-writes LSN headers, the
 per-instance request counter, the lazily ensured schema, and DB errors as
-HTTP statuses. users and rides use it; it knows nothing of either."""
+HTTP statuses. The tenant services use it; it knows nothing of any of them."""
 from __future__ import annotations
 
 import json
@@ -150,6 +150,31 @@ def min_lsn_header() -> int | None:
         raise InputError(f"{MIN_LSN_HEADER} must be a non-negative integer")
     return int(raw) or None
 
+
+
+def min_lsn_hint() -> int | None:
+    """X-Stratus-Min-LSN taken as a hint: a malformed header is ignored
+    rather than refused (the toy store's choice; RideShare answers 400)."""
+    try:
+        return min_lsn_header()
+    except InputError:
+        return None
+
+
+def data_row(db, query: dict, not_found: str, on_error):
+    """A read of at most one row, answered in the toy store's shape: 200
+    {"data": row}, or 404 `not_found`; `on_error(exc)` answers a DB error.
+    The reply's LSN goes back in X-Stratus-LSN."""
+    try:
+        reply = db.read(query, min_lsn=min_lsn_hint())
+    except DBError as exc:
+        return on_error(exc)
+    if not reply.result:
+        resp, status = json_error(404, not_found)
+    else:
+        resp, status = jsonify({"data": reply.result[0]}), 200
+    resp.headers[LSN_HEADER] = str(reply.lsn)
+    return resp, status
 
 def db_error_response(exc: DBError, *, not_ready: str = "the database is not ready yet",
                       unexpected_status: int | None = None):

@@ -13,12 +13,12 @@ import logging
 import threading
 from pathlib import Path
 
-from flask import Flask, jsonify
+from flask import Flask
 
 from bus import ops, web
 from bus.client import DBClient, shared
 from bus.errors import DBError, PreconditionFailed
-from bus.service import base_app, json_error
+from bus.service import base_app
 from bus.settings import Settings, load
 from bus.tenants import toystore_schema as schema
 
@@ -70,14 +70,6 @@ def seed(db: DBClient, products: list[dict]) -> int:
     return inserted
 
 
-def min_lsn_header() -> int | None:
-    """A malformed X-Stratus-Min-LSN is ignored here: the header is only a hint."""
-    try:
-        return web.min_lsn_header()
-    except web.InputError:
-        return None
-
-
 def db_error(exc: DBError):
     return web.db_error_response(exc, not_ready="catalog not ready", unexpected_status=500)
 
@@ -121,16 +113,7 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None,
 
     @app.get("/products/<name>")
     def get_product(name: str):
-        try:
-            reply = db.read(ops.select(schema.PRODUCTS, [ops.eq("name", name)],
-                                       columns=["name", "price", "quantity"]), min_lsn=min_lsn_header())
-        except DBError as exc:
-            return db_error(exc)
-        if not reply.result:
-            resp, status = json_error(404, "product not found")
-        else:
-            resp, status = jsonify({"data": reply.result[0]}), 200
-        resp.headers["X-Stratus-LSN"] = str(reply.lsn)
-        return resp, status
+        return web.data_row(db, ops.select(schema.PRODUCTS, [ops.eq("name", name)],
+                                           columns=["name", "price", "quantity"]), "product not found", db_error)
 
     return app

@@ -90,14 +90,6 @@ def place_order(db: DBClient, name: str, quantity: int, *, attempts: int = WRITE
             time.sleep(0.2 * attempt)
 
 
-def min_lsn_header() -> int | None:
-    """A malformed X-Stratus-Min-LSN is ignored here: the header is only a hint."""
-    try:
-        return web.min_lsn_header()
-    except web.InputError:
-        return None
-
-
 def db_error(exc: DBError):
     return web.db_error_response(exc, not_ready="order service not ready", unexpected_status=500)
 
@@ -160,16 +152,7 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None) 
     def get_order(raw: str):
         if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_ORDER_NUMBER:
             return json_error(404, "order not found")
-        try:
-            reply = db.read(ops.select(schema.ORDERS, [ops.eq("number", int(raw))],
-                                       columns=["number", "name", "quantity"]), min_lsn=min_lsn_header())
-        except DBError as exc:
-            return db_error(exc)
-        if not reply.result:
-            resp, status = json_error(404, "order not found")
-        else:
-            resp, status = jsonify({"data": reply.result[0]}), 200
-        resp.headers["X-Stratus-LSN"] = str(reply.lsn)
-        return resp, status
+        return web.data_row(db, ops.select(schema.ORDERS, [ops.eq("number", int(raw))],
+                                           columns=["number", "name", "quantity"]), "order not found", db_error)
 
     return app
