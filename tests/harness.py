@@ -57,6 +57,23 @@ def sqlite_checksum(path: Path) -> dict[str, str]:
         conn.close()
 
 
+def restart_rabbitmq(down_for: float = 1.0) -> float:
+    """Restart the broker's application (stop_app, start_app), as a broker
+    restart looks to clients; durable queues and streams survive it. Returns
+    the monotonic time it went down. Skips the test without rabbitmqctl."""
+    import shutil
+    import pytest
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to restart the broker")
+    try:
+        subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60, capture_output=True)
+        down_at = time.monotonic()
+        time.sleep(down_for)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120, capture_output=True)
+        subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120, capture_output=True)
+    return down_at
+
 # --- concurrent writers with a set check (no acknowledged write lost or doubled) ---
 EV_TABLE = ops.create_table("ev", [ops.column("id", "integer", nullable=False),
                                    ops.column("k", "text", nullable=False)], ["id"])

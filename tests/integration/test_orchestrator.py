@@ -16,7 +16,7 @@ import pytest
 
 from bus import ops
 from bus import zk as bzk
-from harness import EV_TABLE, Writers, check_no_loss, free_port, wait_for
+from harness import EV_TABLE, Writers, check_no_loss, free_port, restart_rabbitmq, wait_for
 
 
 # --- helpers (also used by test_orchestrator_ha.py) ------------------------------------
@@ -255,10 +255,6 @@ def test_broker_restart_under_write_load_loses_nothing(cluster):
     reached the log, so it exits rather than risk reusing an LSN, and the
     orchestrator fails over as for any crash. Either way: every acknowledged
     write is there once, and every worker ends with the same content."""
-    import shutil
-    import subprocess
-    if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is needed to restart the broker")
     orch = Orch(cluster)
     try:
         orch.wait_healthy_cluster(1)
@@ -266,13 +262,7 @@ def test_broker_restart_under_write_load_loses_nothing(cluster):
         db.write([EV_TABLE])
         with Writers(db, 4) as writers:
             wait_for(lambda: len(writers.acked) >= 100, 30, what="100 acknowledged writes before the restart")
-            try:
-                subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, timeout=60, capture_output=True)
-                down_at = time.monotonic()
-                time.sleep(1.0)
-            finally:
-                subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, timeout=120, capture_output=True)
-                subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120, capture_output=True)
+            down_at = restart_rabbitmq()
             first = wait_for(lambda: writers.acked_after(down_at), 120, 0.05, what="a write acknowledged after the restart")
             print(f"\nbroker stopped -> first acknowledged write: {first[0][0] - down_at:.1f} s")
             wait_for(lambda: len(writers.acked_after(down_at)) >= 100, 60, what="writes flowing again")
