@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import itertools
+import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
@@ -26,6 +27,11 @@ log = logging.getLogger("stratus.gateway")
 access = logging.getLogger("stratus.gateway.access")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Generated request ids: a random prefix per gateway process and a counter.
+# Unique, which is all a log correlation id needs, and unlike uuid4 it costs
+# no getrandom() call (a GIL hand-over under load) per request.
+_RID_PREFIX = os.urandom(8).hex()
+_RID_SEQ = itertools.count(1)
 SERVICES = ("users", "rides", "catalog", "order", "orchestrator")
 # Headers the gateway sets itself on the way up.
 _DROP_UP = frozenset({"content-length", "x-request-id", "x-stratus-min-lsn", "expect", "x-forwarded-for",
@@ -120,7 +126,7 @@ class Gateway:
         t0 = time.perf_counter()
         rid = req.h.get("x-request-id", "")
         if not _REQUEST_ID.match(rid):
-            rid = uuid.uuid4().hex
+            rid = f"{_RID_PREFIX}{next(_RID_SEQ):08x}"
         try:
             ans = self._dispatch(req, conn, rid)
         except Exception:

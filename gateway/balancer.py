@@ -22,6 +22,12 @@ from .upstream_conn import UpstreamConn
 
 log = logging.getLogger("stratus.gateway.balancer")
 
+# A pooled connection given back this recently is reused without a probe
+# for idempotent requests: upstreams keep idle connections for far longer
+# (gunicorn: 30 s here), and such a request is retried if the upstream did
+# close it.
+FRESH = 1.0
+
 
 class Instance:
     def __init__(self, key: str, host: str, port: int, health: str = "/health", *, static: bool = False):
@@ -53,11 +59,16 @@ class Instance:
         return f"{self.host}:{self.port}"
 
     # -- persistent connections ---------------------------------------------------
-    def take_connection(self, cfg: GatewayConfig) -> tuple[UpstreamConn, bool]:
+    def take_connection(self, cfg: GatewayConfig, *, probe: bool = True) -> tuple[UpstreamConn, bool]:
         """(connection, reused). A pooled connection that the upstream has
         closed meanwhile (readable, or idle too long) is dropped, not reused.
         A new connection is returned unconnected: the caller connects it, so
-        a failure to connect is told apart from a failure after sending."""
+        a failure to connect is told apart from a failure after sending.
+
+        probe=False skips the readability probe (one syscall, and one GIL
+        hand-over when threads are busy) for a connection given back less
+        than FRESH seconds ago; the caller must be able to retry a request
+        that fails on it."""
         now = time.monotonic()
         while True:
             with self._lock:
@@ -68,6 +79,8 @@ class Instance:
             if sock is None or now - since > cfg.pool_idle:
                 conn.close()
                 continue
+            if not probe and now - since < FRESH:
+                return conn, True
             try:
                 readable, _, _ = select.select([sock], [], [], 0)
             except (OSError, ValueError):

@@ -4,7 +4,9 @@ keep-alive connection, with the retry rules:
 - a request that fails to connect is retried once on another instance (it
   never reached the first one), whatever its method;
 - an idempotent request (GET, HEAD, PUT, DELETE, OPTIONS) that fails after
-  being sent (reset, closed, no answer) is also retried once elsewhere;
+  being sent (reset, closed, no answer) is also retried once elsewhere; if
+  it failed on a reused pooled connection and there is no other instance,
+  it is retried on a new connection to the same one;
 - a POST or PATCH that may have reached the upstream is never retried: the
   client gets 502 (or 504 on a timeout)."""
 from __future__ import annotations
@@ -50,7 +52,7 @@ def _send(inst: Instance, cfg, method: str, target: str, headers: list[tuple[str
     """One attempt. Raises ConnectFailed when no connection could be made,
     or the transport error after the request may have been sent (with
     `.reused` set)."""
-    conn, reused = inst.take_connection(cfg)
+    conn, reused = inst.take_connection(cfg, probe=method not in IDEMPOTENT)
     if not reused:
         try:
             conn.connect(cfg.connect_timeout, cfg.upstream_timeout)
@@ -77,13 +79,16 @@ def forward(pool: ServicePool, cfg, method: str, target: str, headers: list[tupl
     tried: set[str] = set()
     last_error = "no instance"
     only_connect_failures = True
+    stale: Instance | None = None   # failed on a reused connection: may be retried on a new one
     for attempt in (1, 2):
         try:
             inst = pool.pick(exclude=tried, affinity_key=affinity_key if attempt == 1 else None)
         except NoInstance:
             if attempt == 1:
                 return Upstream(503, [], b"", None, error="service unavailable")
-            break
+            if stale is None:
+                break
+            inst = stale  # the only instance: its pooled connections were dropped, so this one is new
         tried.add(inst.key)
         inst.begin()
         ok = False
@@ -113,7 +118,12 @@ def forward(pool: ServicePool, cfg, method: str, target: str, headers: list[tupl
             if method not in IDEMPOTENT:
                 return Upstream(502, [], b"", inst, error="bad gateway: the upstream failed; the request was not retried",
                                 attempts=attempt)
-            if not reused:
+            if reused:
+                # Likely a connection the upstream had closed: drop its
+                # siblings too, so a retry here opens a new connection.
+                inst.close_idle()
+                stale = inst
+            else:
                 pool.mark_down(inst, last_error)
         finally:
             inst.end(ok)

@@ -209,8 +209,7 @@ class Server:
                 ans, _rid = self.gateway.handle(req, conn)
                 keep = req.keep_alive and not ans.close and not self._stop.is_set()
                 data = render(ans.status, ans.headers, ans.body, keep_alive=keep, head_only=req.method == "HEAD")
-                sock.settimeout(self.cfg.read_timeout)
-                sock.sendall(data)
+                sock.sendall(data)  # bounded by the kernel send timeout the Reader set
                 if not keep:
                     break
         except (ClientGone, OSError):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import socket
 
+from .http11 import kernel_timeouts
+
 
 class UpstreamError(Exception):
     """The connection failed after the request may have been sent."""
@@ -31,7 +33,7 @@ class UpstreamConn:
         """Raises OSError when no connection can be made."""
         self.sock = socket.create_connection((self.host, self.port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.settimeout(io_timeout)
+        kernel_timeouts(self.sock, io_timeout, io_timeout)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -49,7 +51,15 @@ class UpstreamConn:
 
     def request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
                 ) -> tuple[int, list[tuple[str, str]], bytes, bool]:
-        """(status, headers, body, keep_alive). Raises OSError/UpstreamError."""
+        """(status, headers, body, keep_alive). Raises OSError/UpstreamError,
+        and socket.timeout when a send or recv waits longer than io_timeout."""
+        try:
+            return self._request(method, target, headers, body)
+        except BlockingIOError:  # the kernel timeout (SO_RCVTIMEO/SO_SNDTIMEO) ran out
+            raise socket.timeout("upstream timed out") from None
+
+    def _request(self, method: str, target: str, headers: list[tuple[str, str]], body: bytes
+                 ) -> tuple[int, list[tuple[str, str]], bytes, bool]:
         lines = [f"{method} {target} HTTP/1.1"]
         lines += [f"{k}: {v}" for k, v in headers]
         if body or method in ("POST", "PUT", "PATCH"):
