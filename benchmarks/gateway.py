@@ -2,11 +2,16 @@
 through the gateway, both with keep-alive and 16 clients; then the
 gateway's throughput proxying to a trivial upstream.
 
-The 16 clients run twice: closed loop (each sends its next request as soon
-as it has an answer), which saturates the 2 cores, so that latency there
-measures the throughput the gateway's CPU takes from the service rather
-than its cost per request; then paced, the same offered load (half of what
-the service sustains directly) both ways, which measures the added latency.
+The 16 clients run closed loop first (each sends its next request as soon
+as it has an answer). That saturates the 2 cores, so latency there measures
+the throughput a proxy's CPU takes from the service, not its cost per
+request. Then paced: the same offered load each way, at 25%, 50% and 75%
+of what the service sustains directly, in alternating rounds; that
+measures the latency a proxy hop adds. Last, one client.
+
+When haproxy is installed (`make bench` installs it), the same users runs
+also go through a one-thread HAProxy with keep-alive both ways: a
+reference for what any proxy hop costs on the same machine.
 
 A real local cluster (a master and one slave), the real users service
 (GET /api/v1/users: a read through the bus), a trivial registered upstream
@@ -14,15 +19,19 @@ A real local cluster (a master and one slave), the real users service
 load runs in 4 processes x 4 threads with a lean keep-alive client, so the
 load generator is not the bottleneck it would be in one Python process.
 
-    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--json out.json]
+    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--rounds 3] [--json out.json]
 
-Bounded: 10 runs of up to `seconds` each, plus ~20 s of start-up."""
+Bounded: about 40 runs of up to `seconds` each, plus ~20 s of start-up
+(about 5 minutes with the defaults)."""
 from __future__ import annotations
 
 import argparse
 import json
 import multiprocessing as mp
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -111,7 +120,16 @@ def load(port: int, path: str, *, clients: int, seconds: float, max_requests: in
     elapsed = time.monotonic() - start
     lat = sorted(x for l, _ in results for x in l)
     return {"requests": len(lat), "errors": sum(e for _, e in results), "rps": len(lat) / elapsed,
-            "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000}
+            "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "lat": lat}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Several runs of one kind as one sample."""
+    lat = sorted(x for r in runs for x in r["lat"])
+    secs = sum(r["requests"] / r["rps"] for r in runs if r["rps"])
+    return {"requests": len(lat), "errors": sum(r["errors"] for r in runs), "rps": len(lat) / secs if secs else 0.0,
+            "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "lat": lat,
+            "round_p50_ms": [round(r["p50_ms"], 2) for r in runs]}
 
 
 def fmt(name: str, r: dict) -> str:
@@ -119,14 +137,58 @@ def fmt(name: str, r: dict) -> str:
             f"({r['requests']} requests, {r['errors']} errors)")
 
 
+HAPROXY_CFG = """global
+    maxconn 4096
+    nbthread 1
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend bench
+    bind 127.0.0.1:{port}
+    default_backend users
+backend users
+    http-reuse always
+    server users1 127.0.0.1:{upstream}
+"""
+
+
+def start_haproxy(tmp: str, upstream: int):
+    """HAProxy, one thread, keep-alive both ways, in front of the users service:
+    a reference for what any proxy hop costs on this machine. None when
+    haproxy is not installed (`make bench` installs it)."""
+    exe = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if exe is None:
+        return None, None
+    port = free_port()
+    cfg = Path(tmp) / "haproxy.cfg"
+    cfg.write_text(HAPROXY_CFG.format(port=port, upstream=upstream))
+    proc = subprocess.Popen([exe, "-db", "-f", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: Client(port, timeout=2).get("/health")[0] == 200, 10, what="haproxy to listen")
+    return proc, port
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--paced", type=float, nargs="*", default=[0.25, 0.5, 0.75],
+                    help="paced runs at these fractions of the direct closed-loop throughput")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per paced rate")
     ap.add_argument("--json", help="write the figures to this file")
     ap.add_argument("--record", action="store_true", help="append the figures to docs/benchmarks.md")
     args = ap.parse_args()
-    rows = {}
+    rows: dict[str, dict] = {}
+    cpu_us: dict[str, float] = {}     # CPU per request of the proxy process, by run
+    haproxy = None
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         cluster = LocalCluster(Path(tmp))
         try:
@@ -141,56 +203,92 @@ def main() -> int:
             wait_until(lambda: c.get("/api/v1/users")[0] in (200, 204), 30, what="users tables")
             for i in range(20):
                 c.request("PUT", "/api/v1/users", {"username": f"bench{i}", "password": "a" * 40})
+            haproxy, hp_port = start_haproxy(tmp, users_port)
             time.sleep(0.5)
             print(f"machine: {machine()}", flush=True)
+            if haproxy is None:
+                print("haproxy is not installed: no reference proxy rows", flush=True)
             warm = min(1.0, args.seconds / 4)
-            plan = [("users service, direct", users_port, "/api/v1/users"),
-                    ("users service, through the gateway", gw, "/api/v1/users"),
-                    ("trivial upstream, direct", trivial, "/api/v1/rides/1"),
-                    ("trivial upstream, through the gateway", gw, "/api/v1/rides/1")]
+            proxies = {gw: cluster.procs["gateway"].pid}
+            users = [("users service, direct", users_port), ("users service, through the gateway", gw)]
+            if haproxy is not None:
+                users.append(("users service, through haproxy (reference)", hp_port))
+                proxies[hp_port] = haproxy.pid
+            plan = [(name, port, "/api/v1/users") for name, port in users] + [
+                ("trivial upstream, direct", trivial, "/api/v1/rides/1"),
+                ("trivial upstream, through the gateway", gw, "/api/v1/rides/1")]
             for name, port, path in plan:
                 load(port, path, clients=args.clients, seconds=warm)
+                before = cpu_seconds(proxies[port]) if port in proxies else 0.0
                 rows[name] = r = load(port, path, clients=args.clients, seconds=args.seconds)
-                print(fmt(name, r), flush=True)
-            # The same offered load, paced at half of what the service sustains
-            # directly: latency then shows the gateway's cost per request, not
-            # the CPU it takes from a saturated 2-core machine (closed loop above).
-            paced = round(rows["users service, direct"]["rps"] / 2, -1)
-            for name, port, path in plan[:2]:
-                key = f"{name}, paced at {paced:.0f} req/s"
-                load(port, path, clients=args.clients, seconds=warm, rate=paced)
-                rows[key] = r = load(port, path, clients=args.clients, seconds=args.seconds, rate=paced)
-                print(fmt(key, r), flush=True)
-            # One client: the gateway's own added latency, without queueing for the CPU.
+                extra = ""
+                if port in proxies and r["requests"]:
+                    cpu_us[name] = (cpu_seconds(proxies[port]) - before) / r["requests"] * 1e6
+                    extra = f"  proxy CPU {cpu_us[name]:.0f} us/request"
+                print(fmt(name, r) + extra, flush=True)
+            # The same offered load each way, paced at fractions of what the
+            # service sustains directly: latency then shows what a proxy hop
+            # adds to a request, not the CPU it takes from a saturated 2-core
+            # machine (the closed loop above). A bus read's latency drifts
+            # over seconds, so the ways alternate, round after round, and each
+            # way's rounds are pooled.
+            direct_rps = rows["users service, direct"]["rps"]
+            for frac in args.paced:
+                rate = round(direct_rps * frac, -1)
+                runs: dict[str, list] = {name: [] for name, _ in users}
+                for _ in range(args.rounds):
+                    for name, port in users:
+                        load(port, "/api/v1/users", clients=args.clients, seconds=warm, rate=rate)
+                        runs[name].append(load(port, "/api/v1/users", clients=args.clients, seconds=args.seconds,
+                                               rate=rate))
+                for name, rs in runs.items():
+                    key = f"{name}, paced at {rate:.0f} req/s ({frac:.0%})"
+                    rows[key] = r = pooled(rs)
+                    print(fmt(key, r) + f"  round p50s {r['round_p50_ms']}", flush=True)
+            # One client: a proxy's own added latency, without queueing for the CPU.
             for name, port, path in plan:
                 key = name + ", 1 client"
                 rows[key] = r = load(port, path, clients=1, seconds=min(args.seconds, 3.0))
                 print(fmt(key, r), flush=True)
         finally:
+            if haproxy is not None:
+                haproxy.kill()
+                haproxy.wait(10)
             cluster.close()
-    d, g = rows["users service, direct"], rows["users service, through the gateway"]
+
+    def added(way: str, suffix: str = "") -> str:
+        d, g = rows[f"users service, direct{suffix}"], rows[f"users service, {way}{suffix}"]
+        return f"p50 {g['p50_ms'] - d['p50_ms']:+.2f} ms, p99 {g['p99_ms'] - d['p99_ms']:+.2f} ms"
+
+    ways = ["through the gateway"] + (["through haproxy (reference)"] if haproxy is not None else [])
     td, tg = rows["trivial upstream, direct"], rows["trivial upstream, through the gateway"]
-    d1, g1 = rows["users service, direct, 1 client"], rows["users service, through the gateway, 1 client"]
-    td1, tg1 = rows["trivial upstream, direct, 1 client"], rows["trivial upstream, through the gateway, 1 client"]
-    pd, pg = (r for k, r in rows.items() if ", paced at " in k)
-    summary = (f"gateway overhead, {args.clients} clients, closed loop (CPU saturated): users read p50 "
-               f"{g['p50_ms'] - d['p50_ms']:+.2f} ms, "
-               f"p99 {g['p99_ms'] - d['p99_ms']:+.2f} ms; trivial upstream p50 {tg['p50_ms'] - td['p50_ms']:+.2f} ms, "
-               f"{tg['rps']:.0f} req/s proxied\n"
-               f"gateway overhead, {args.clients} clients paced at {pd['rps']:.0f} req/s: users read p50 "
-               f"{pg['p50_ms'] - pd['p50_ms']:+.2f} ms, p99 {pg['p99_ms'] - pd['p99_ms']:+.2f} ms\n"
-               f"gateway overhead, 1 client: users read p50 {g1['p50_ms'] - d1['p50_ms']:+.2f} ms; "
-               f"trivial upstream p50 {tg1['p50_ms'] - td1['p50_ms']:+.2f} ms")
+    lines = [f"closed loop, {args.clients} clients (CPU saturated): "
+             + "; ".join(f"{w}: users read {added(w)}" for w in ways)
+             + f"; trivial upstream through the gateway: {tg['rps']:.0f} req/s, p50 {tg['p50_ms'] - td['p50_ms']:+.2f} ms"]
+    for frac in args.paced:
+        suffix = next(k for k in rows if k.startswith("users service, direct, paced") and k.endswith(f"({frac:.0%})"))
+        suffix = suffix[len("users service, direct"):]
+        lines.append(f"paced, {args.clients} clients at {rows['users service, direct' + suffix]['rps']:.0f} req/s "
+                     f"({frac:.0%} of direct): " + "; ".join(f"{w}: users read {added(w, suffix)}" for w in ways))
+    lines.append("1 client: " + "; ".join(f"{w}: users read {added(w, ', 1 client')}" for w in ways)
+                 + f"; trivial upstream through the gateway p50 "
+                 f"{rows['trivial upstream, through the gateway, 1 client']['p50_ms'] - rows['trivial upstream, direct, 1 client']['p50_ms']:+.2f} ms")
+    if cpu_us:
+        lines.append("proxy CPU per request (utime + stime), closed loop: "
+                     + "; ".join(f"{k}: {v:.0f} us" for k, v in cpu_us.items()))
+    summary = "\n".join(lines)
     print(summary, flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+        Path(args.json).write_text(json.dumps({k: {f: v for f, v in r.items() if f != "lat"} for k, r in rows.items()},
+                                              indent=2))
     if args.record:
-        lines = ["| run | p50 | p99 | req/s | requests | errors |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['rps']:.0f} | {r['requests']} | "
+        table = ["| run | p50 | p99 | req/s | requests | errors |", "|---|---|---|---|---|---|"]
+        table += [f"| {k} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['rps']:.0f} | {r['requests']} | "
                   f"{r['errors']} |" for k, r in rows.items()]
         record("Gateway overhead",
-               f"`python benchmarks/gateway.py --seconds {args.seconds:g} --clients {args.clients}`\n\n"
-               + "\n".join(lines) + "\n\n" + summary.replace("\n", "; ") + "\n")
+               f"`python benchmarks/gateway.py --seconds {args.seconds:g} --clients {args.clients} "
+               f"--rounds {args.rounds}`\n\n" + "\n".join(table) + "\n\n"
+               + "\n".join(f"- {line}" for line in lines) + "\n")
     return 0
 
 
