@@ -115,3 +115,58 @@ def test_master_dying_with_the_orchestrator_is_replaced_by_the_successor(cluster
     finally:
         left = cleanup(cluster, *[o for o in (a, b) if o is not None])
     assert left == set()
+
+
+def test_a_paused_leader_comes_back_as_a_standby(cluster):
+    """SIGSTOP the leading orchestrator past its ZooKeeper session (a long GC
+    pause, a frozen VM): the standby takes over. When the old leader resumes
+    it finds its session expired and rejoins as a standby: one leader, the
+    same workers, no second election, no registry entry of its own."""
+    a = Orch(cluster, "orch-a")
+    b = None
+    try:
+        a.wait_healthy_cluster(1)
+        b = Orch(cluster, "orch-b")
+        wait_for(lambda: b.view()["orchestrator"]["candidates"] == 2, 10, 0.1, what="two orchestrator candidates")
+        db = cluster.client()
+        db.write([EV_TABLE])
+        lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
+        pids = a.pids()
+
+        os.killpg(a.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            wait_for(lambda: b.view()["orchestrator"]["leading"], 30, 0.05, what="the standby to lead")
+            took = time.monotonic() - t0
+            # while a is frozen, the cluster keeps taking writes under b
+            assert db.write([ops.insert("ev", {"id": 2, "k": "paused"})], timeout=20).lsn == lsn + 1
+        finally:
+            os.killpg(a.proc.pid, signal.SIGCONT)
+        print(f"\nstandby took over {took:.2f}s after the leader froze")
+
+        def a_is_standby():
+            status, body, _ = a.get("/api/v1/cluster")   # 503 while its new session opens
+            return status == 200 and not body["orchestrator"]["leading"] and body["orchestrator"]["candidates"] == 2
+        wait_for(a_is_standby, 30, 0.1, what="the resumed leader to rejoin as a standby")
+        assert "stopped leading" in cluster.log("orch-a")
+        time.sleep(3)   # a few control rounds: neither acts on stale state
+        va, vb = a.view(), b.view()
+        assert vb["orchestrator"]["leading"] and not va["orchestrator"]["leading"]
+        assert b.pids() == pids and worker_pids_of(cluster) == set(pids)
+        assert vb["term"] == 1 and len(vb["elections"]) == 1
+        regs = bzk.children_json(cluster.zk, cluster.paths.service("orchestrator"))
+        assert [r["port"] for r in regs.values()] == [b.port]
+        status, body, _ = a.post("/api/v1/crash/slave")
+        assert status == 503 and "standby" in body["error"]
+        r = db.write([ops.insert("ev", {"id": 3, "k": "after"})], timeout=20)
+        assert r.lsn == lsn + 2
+        rows = db.read(ops.select("ev", order_by=["id"]), min_lsn=r.lsn).result
+        assert [x["k"] for x in rows] == ["before", "paused", "after"]
+    finally:
+        if a.proc.poll() is None:
+            try:
+                os.killpg(a.proc.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        left = cleanup(cluster, *[o for o in (a, b) if o is not None])
+    assert left == set()
