@@ -185,7 +185,11 @@ class DBClient:
                 conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
                 ch = conn.channel()
                 declare_all(ch, self.names)
-                lost = not self._queue_exists(conn, self.names.response_queue(self.client_id))
+                with self._pending_lock:
+                    in_flight = bool(self._sent)
+                # Only with requests in flight is there anything to fail; the
+                # probe's 404 is a pika WARNING, which every start would log.
+                lost = in_flight and not self._queue_exists(conn, self.names.response_queue(self.client_id))
                 q = declare_response_queue(ch, self.names, self.client_id)
                 if lost:
                     self._fail_sent()
