@@ -40,9 +40,9 @@ SAMPLE_EVERY = 0.5        # how often read counters are summed
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
 BOOT_GRACE = 60.0         # a started worker must register within this
 REREGISTER_GRACE = 10.0   # a slave whose session expired may re-register within this
-EARLY_EXIT = 10.0
+EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
 SWITCHOVER_MAX_LAG = 50   # log entries a switchover candidate may lag when it is named
-SWITCHOVER_CATCH_UP = 15.0  # how long a switchover waits for the candidate to get there         # a worker exiting this soon after its start counts toward start backoff
+SWITCHOVER_CATCH_UP = 15.0  # how long a switchover waits for the candidate to get there
 
 
 class ControlError(Exception):
