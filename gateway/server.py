@@ -16,11 +16,13 @@ import time
 
 from .app import ClientConn, Gateway
 from .config import GatewayConfig
-from .http11 import ClientGone, HttpError, Reader, error_response, render
+from .http11 import RECV_SLICE, ClientGone, HttpError, Reader, error_response, render
 
 log = logging.getLogger("stratus.gateway.server")
 
-IDLE_SLICE = 0.25      # how often an idle keep-alive connection looks at the queue
+# How often an idle keep-alive connection looks at the queue: a blocked read
+# returns no sooner than the Reader's kernel receive timeout.
+IDLE_SLICE = RECV_SLICE
 IDLE_GRACE = 0.5       # idle time a connection keeps its thread while others wait
 
 
