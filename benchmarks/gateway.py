@@ -19,7 +19,7 @@ A real local cluster (a master and one slave), the real users service
 load runs in 4 processes x 4 threads with a lean keep-alive client, so the
 load generator is not the bottleneck it would be in one Python process.
 
-    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--rounds 3] [--json out.json]
+    .venv/bin/python benchmarks/gateway.py [--seconds 5] [--clients 16] [--rounds 3] [--json out.json] [--record]
 
 Bounded: about 40 runs of up to `seconds` each, plus ~20 s of start-up
 (about 5 minutes with the defaults)."""
@@ -188,6 +188,7 @@ def main() -> int:
     args = ap.parse_args()
     rows: dict[str, dict] = {}
     cpu_us: dict[str, float] = {}     # CPU per request of the proxy process, by run
+    paced: dict[float, str] = {}      # fraction of the direct throughput -> its rows' key suffix
     haproxy = None
     with tempfile.TemporaryDirectory(prefix="gateway-bench-") as tmp:
         cluster = LocalCluster(Path(tmp))
@@ -235,6 +236,7 @@ def main() -> int:
             direct_rps = rows["users service, direct"]["rps"]
             for frac in args.paced:
                 rate = round(direct_rps * frac, -1)
+                paced[frac] = suffix = f", paced at {rate:.0f} req/s ({frac:.0%})"
                 runs: dict[str, list] = {name: [] for name, _ in users}
                 for _ in range(args.rounds):
                     for name, port in users:
@@ -242,7 +244,7 @@ def main() -> int:
                         runs[name].append(load(port, "/api/v1/users", clients=args.clients, seconds=args.seconds,
                                                rate=rate))
                 for name, rs in runs.items():
-                    key = f"{name}, paced at {rate:.0f} req/s ({frac:.0%})"
+                    key = name + suffix
                     rows[key] = r = pooled(rs)
                     print(fmt(key, r) + f"  round p50s {r['round_p50_ms']}", flush=True)
             # One client: a proxy's own added latency, without queueing for the CPU.
@@ -256,23 +258,22 @@ def main() -> int:
                 haproxy.wait(10)
             cluster.close()
 
-    def added(way: str, suffix: str = "") -> str:
-        d, g = rows[f"users service, direct{suffix}"], rows[f"users service, {way}{suffix}"]
+    def added(way: str, suffix: str = "", upstream: str = "users service") -> str:
+        d, g = rows[f"{upstream}, direct{suffix}"], rows[f"{upstream}, {way}{suffix}"]
         return f"p50 {g['p50_ms'] - d['p50_ms']:+.2f} ms, p99 {g['p99_ms'] - d['p99_ms']:+.2f} ms"
 
     ways = ["through the gateway"] + (["through haproxy (reference)"] if haproxy is not None else [])
-    td, tg = rows["trivial upstream, direct"], rows["trivial upstream, through the gateway"]
+    trivial_rps = rows["trivial upstream, through the gateway"]["rps"]
     lines = [f"closed loop, {args.clients} clients (CPU saturated): "
              + "; ".join(f"{w}: users read {added(w)}" for w in ways)
-             + f"; trivial upstream through the gateway: {tg['rps']:.0f} req/s, p50 {tg['p50_ms'] - td['p50_ms']:+.2f} ms"]
-    for frac in args.paced:
-        suffix = next(k for k in rows if k.startswith("users service, direct, paced") and k.endswith(f"({frac:.0%})"))
-        suffix = suffix[len("users service, direct"):]
+             + f"; trivial upstream through the gateway: {trivial_rps:.0f} req/s, "
+             + added("through the gateway", upstream="trivial upstream")]
+    for frac, suffix in paced.items():
         lines.append(f"paced, {args.clients} clients at {rows['users service, direct' + suffix]['rps']:.0f} req/s "
                      f"({frac:.0%} of direct): " + "; ".join(f"{w}: users read {added(w, suffix)}" for w in ways))
     lines.append("1 client: " + "; ".join(f"{w}: users read {added(w, ', 1 client')}" for w in ways)
-                 + f"; trivial upstream through the gateway p50 "
-                 f"{rows['trivial upstream, through the gateway, 1 client']['p50_ms'] - rows['trivial upstream, direct, 1 client']['p50_ms']:+.2f} ms")
+                 + "; trivial upstream through the gateway: "
+                 + added("through the gateway", ", 1 client", upstream="trivial upstream"))
     if cpu_us:
         lines.append("proxy CPU per request (utime + stime), closed loop: "
                      + "; ".join(f"{k}: {v:.0f} us" for k, v in cpu_us.items()))
