@@ -151,7 +151,6 @@ def min_lsn_header() -> int | None:
     return int(raw) or None
 
 
-
 def min_lsn_hint() -> int | None:
     """X-Stratus-Min-LSN taken as a hint: a malformed header is ignored
     rather than refused (the toy store's choice; RideShare answers 400)."""
@@ -175,6 +174,7 @@ def data_row(db, query: dict, not_found: str, on_error):
         resp, status = jsonify({"data": reply.result[0]}), 200
     resp.headers[LSN_HEADER] = str(reply.lsn)
     return resp, status
+
 
 def db_error_response(exc: DBError, *, not_ready: str = "the database is not ready yet",
                       unexpected_status: int | None = None):

@@ -3,11 +3,11 @@ read-your-writes, the product cache and forwarding. The socket side lives
 in server.py; this module turns one parsed request into one answer."""
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import re
-import itertools
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
