@@ -74,6 +74,7 @@ def restart_rabbitmq(down_for: float = 1.0) -> float:
         subprocess.run(["rabbitmqctl", "-q", "await_startup"], timeout=120, capture_output=True)
     return down_at
 
+
 # --- concurrent writers with a set check (no acknowledged write lost or doubled) ---
 EV_TABLE = ops.create_table("ev", [ops.column("id", "integer", nullable=False),
                                    ops.column("k", "text", nullable=False)], ["id"])
