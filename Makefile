@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down test test-fast test-docker venv services bench clean-state
+.PHONY: up down test test-fast test-docker venv services bench clean-state fuzz
 
 $(VENV)/.installed: pyproject.toml
 	@python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "installing python3-venv"; \
@@ -36,6 +36,11 @@ test: venv services
 
 test-fast: venv services
 	$(PY) -m pytest -q -m "not docker and not slow" $(PYTEST_ARGS) tests
+
+# The property test of the wire protocol with many more generated requests
+# than CI runs (STRATUS_FUZZ_EXAMPLES, 2,000 in make test).
+fuzz: venv services
+	STRATUS_FUZZ_EXAMPLES=$${STRATUS_FUZZ_EXAMPLES:-20000} $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_fuzz_requests.py
 
 test-docker: venv services
 	@scripts/docker-stage.sh

@@ -72,6 +72,21 @@ class Settings:
     gateway_url: str = field(default_factory=lambda: env_str("STRATUS_GATEWAY_URL", ""))
     # The store of a worker: a SQLAlchemy URL template; {path} is the worker's SQLite file.
     db_url: str = field(default_factory=lambda: env_str("STRATUS_DB_URL", "sqlite:///{path}"))
+    # --- data plane hardening (docs/architecture.md) ---
+    # How long a write's request id is remembered with its effect: a retry
+    # inside this window is answered from the first attempt, never re-applied.
+    dedup_retention: float = field(default_factory=lambda: env_float("STRATUS_DEDUP_RETENTION", 86400.0))
+    # A worker named leader that is not master within this many seconds is
+    # treated as failed and another is elected.
+    promotion_timeout: float = field(default_factory=lambda: env_float("STRATUS_PROMOTION_TIMEOUT", 10.0))
+    # Retention of the replication stream: by size (bytes) and by age
+    # (RabbitMQ's x-max-age syntax: 7D, 12h, 30m, 90s). Whole segments are
+    # removed, so a segment size bounds how much is kept past the limit.
+    log_max_bytes: int = field(default_factory=lambda: env_int("STRATUS_LOG_MAX_BYTES", 2 * 1024 ** 3))
+    log_max_age: str = field(default_factory=lambda: env_str("STRATUS_LOG_MAX_AGE", "7D"))
+    log_segment_bytes: int = field(default_factory=lambda: env_int("STRATUS_LOG_SEGMENT_BYTES", 64 * 1024 ** 2))
+    # Workers snapshot their store every this many seconds (0: only on demand).
+    snapshot_every: float = field(default_factory=lambda: env_float("STRATUS_SNAPSHOT_EVERY", 300.0))
     restock_interval: float = field(default_factory=lambda: env_float("STRATUS_RESTOCK_INTERVAL", 10.0))
     log_level: str = field(default_factory=lambda: env_str("STRATUS_LOG_LEVEL", "INFO"))
     debug: bool = field(default_factory=lambda: env_bool("STRATUS_DEBUG", False))
