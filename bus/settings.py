@@ -86,6 +86,9 @@ class Settings:
     log_max_age: str = field(default_factory=lambda: env_str("STRATUS_LOG_MAX_AGE", "7D"))
     log_segment_bytes: int = field(default_factory=lambda: env_int("STRATUS_LOG_SEGMENT_BYTES", 64 * 1024 ** 2))
     # Workers snapshot their store every this many seconds (0: only on demand).
+    # A new worker (empty store) first fetches the latest snapshot from a
+    # ready member; off: it replays the whole retained log (benchmarks compare).
+    snapshot_fetch: bool = field(default_factory=lambda: env_bool("STRATUS_SNAPSHOT_FETCH", True))
     snapshot_every: float = field(default_factory=lambda: env_float("STRATUS_SNAPSHOT_EVERY", 300.0))
     restock_interval: float = field(default_factory=lambda: env_float("STRATUS_RESTOCK_INTERVAL", 10.0))
     log_level: str = field(default_factory=lambda: env_str("STRATUS_LOG_LEVEL", "INFO"))
