@@ -56,6 +56,28 @@ start_rabbitmq() {
   echo "services: RabbitMQ up on 127.0.0.1:5672"
 }
 
+# Tenancy and metrics need two of the plugins RabbitMQ ships: the management
+# HTTP API (15672: the platform creates each tenant's broker account through
+# it) and the Prometheus endpoint (15692). The platform's own account (the one
+# in STRATUS_AMQP_URL, guest by default) gets the `impersonator` tag, so that
+# platform components may publish for a tenant with that tenant's validated
+# user_id. Idempotent; enabling a plugin on a running node needs no restart.
+configure_rabbitmq() {
+  local want=(rabbitmq_management rabbitmq_prometheus) missing=()
+  local enabled; enabled=$(sudo_ rabbitmq-plugins list -e -m 2>/dev/null || true)
+  for p in "${want[@]}"; do grep -qx "$p" <<<"$enabled" || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "services: enabling RabbitMQ plugins ${missing[*]}"
+    sudo_ rabbitmq-plugins enable -q "${missing[@]}" >/dev/null
+  fi
+  local user; user=$(python3 -c 'import os, urllib.parse as u; print(u.unquote(u.urlparse(os.environ.get("STRATUS_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").username or "guest"))')
+  if ! sudo_ rabbitmqctl -q list_users 2>/dev/null | grep -E "^$user\s" | grep -q impersonator; then
+    sudo_ rabbitmqctl -q set_user_tags "$user" administrator impersonator >/dev/null
+    echo "services: RabbitMQ account $user may publish for tenants (impersonator)"
+  fi
+  for _ in $(seq 1 60); do port_open 127.0.0.1 15672 && break; sleep 0.5; done
+}
+
 start_zookeeper() {
   if zk_ok; then echo "services: ZooKeeper already answering on 2181"; return; fi
   echo "services: starting ZooKeeper"
@@ -76,12 +98,13 @@ stop() {
 
 status() {
   port_open 127.0.0.1 5672 && echo "rabbitmq: up" || echo "rabbitmq: down"
+  port_open 127.0.0.1 15672 && echo "rabbitmq management: up" || echo "rabbitmq management: down"
   zk_ok && echo "zookeeper: up" || echo "zookeeper: down"
 }
 
 case "${1:-start}" in
   install) install ;;
-  start) install; start_rabbitmq; start_zookeeper ;;
+  start) install; start_rabbitmq; configure_rabbitmq; start_zookeeper ;;
   stop) stop ;;
   status) status ;;
   *) echo "usage: $0 install|start|stop|status" >&2; exit 2 ;;
