@@ -43,6 +43,9 @@ def env_bool(name: str, default: bool) -> bool:
 @dataclass(frozen=True)
 class Settings:
     amqp_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    # RabbitMQ's management HTTP API: tenants' broker accounts are made through it.
+    amqp_management_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_MANAGEMENT_URL",
+                                                                      "http://127.0.0.1:15672"))
     zk_hosts: str = field(default_factory=lambda: env_str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
     cluster: str = field(default_factory=lambda: env_str("STRATUS_CLUSTER", "default"))
     runtime: str = field(default_factory=lambda: env_str("STRATUS_RUNTIME", "process"))
