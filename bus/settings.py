@@ -48,6 +48,9 @@ class Settings:
                                                                       "http://127.0.0.1:15672"))
     zk_hosts: str = field(default_factory=lambda: env_str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
     cluster: str = field(default_factory=lambda: env_str("STRATUS_CLUSTER", "default"))
+    # The tenant an app instance acts for (its credentials are in STRATUS_AMQP_URL);
+    # empty for the platform's own components.
+    tenant: str = field(default_factory=lambda: env_str("STRATUS_TENANT", ""))
     runtime: str = field(default_factory=lambda: env_str("STRATUS_RUNTIME", "process"))
     scale_window: float = field(default_factory=lambda: env_float("STRATUS_SCALE_WINDOW", 120.0))
     reads_per_slave: int = field(default_factory=lambda: env_int("STRATUS_READS_PER_SLAVE", 20))
