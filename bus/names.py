@@ -32,6 +32,7 @@ class Names:
         self.dead_queue = p + "deadQ"            # ...and are kept for inspection
         self.invalidate_exchange = p + "invalidate"  # fanout: product names whose cache entry is stale
         self.response_prefix = p + "responseQ."  # one reply queue per client
+        self.snapshot_queue = p + "snapshotQ"    # a new worker asks a ready member for a snapshot here
 
     def response_queue(self, client_id: str) -> str:
         return self.response_prefix + client_id
