@@ -75,9 +75,10 @@ def declare_log(ch, names: Names, settings: Settings | None = None) -> None:
     ch.queue_bind(names.log_stream, names.sync_exchange)
 
 
-def declare_snapshot_queue(ch, names: Names) -> None:
-    """Snapshot requests; only ready members consume it (worker/snapshot.py)."""
-    ch.queue_declare(names.snapshot_queue, durable=True)
+def declare_snapshot_queue(ch, names: Names):
+    """Snapshot requests; only ready members consume it (worker/snapshot.py).
+    Returns the declare-ok frame (its consumer_count: members serving now)."""
+    return ch.queue_declare(names.snapshot_queue, durable=True)
 
 
 def declare_invalidation(ch, names: Names) -> None:
