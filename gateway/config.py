@@ -11,9 +11,13 @@ from bus.settings import Settings, env_bool, env_float, env_int, env_str, load
 class GatewayConfig:
     base: Settings = field(default_factory=load)
     port: int | None = None            # None: base.gateway_port
-    # Server: a bounded pool of connection threads and a bounded accept queue.
+    # Server: a selector holds idle and partly received connections; a bounded
+    # pool of threads serves complete requests, which wait in a bounded queue.
     threads: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_THREADS", 128))
     queue: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_QUEUE", 128))
+    # Open client connections: from one address, and in all (also kept under the file limit).
+    max_conn_per_ip: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_CONN_PER_IP", 128))
+    max_connections: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_CONNECTIONS", 10_000))
     idle_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_IDLE_TIMEOUT", 30.0))
     # A request's head (request line + headers) and body must arrive within this.
     read_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_READ_TIMEOUT", 10.0))

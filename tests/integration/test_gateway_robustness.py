@@ -54,7 +54,9 @@ BAD = [
     ("huge body", b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n" + b"x" * 1000, 413),
     ("bad content-length", b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
     ("conflicting content-length", b"POST /api/v1/rides HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
-    ("chunked body", b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 411),
+    ("content-length and chunked", b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\n", 400),
+    ("unicode digits in content-length", b"POST /api/v1/rides HTTP/1.1\r\nContent-Length: \xb2\r\n\r\nab", 400),
     ("dot segments", b"GET /api/v1/users/../db/clear HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 400),
     ("encoded dot segments", b"GET /api/v1/users/%2e%2e/db/clear HTTP/1.1\r\nConnection: close\r\n\r\n", 400),
 ]

@@ -13,7 +13,7 @@ from gateway import router
 from gateway.balancer import Instance, ServicePool
 from gateway.cache import Entry, ProductCache
 from gateway.config import load_config
-from gateway.http11 import HttpError, Reader, parse_head, render
+from gateway.http11 import HttpError, Reader, RequestBuffer, parse_head, render
 from gateway.lsn import LSNTracker, parse_lsn
 from gateway.metrics import Metrics
 from gateway.proxy import strip_hop_by_hop
@@ -123,7 +123,7 @@ def test_reader_limits_and_pipelining():
     for data, status in [(b"GET / HTTP/1.1\r\nX: " + b"a" * 2000 + b"\r\n\r\n", 431),
                          (b"POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", 413),
                          (b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n", 400),
-                         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", 411),
+                         (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab", 400),
                          (b"POST / HTTP/1.1\r\nContent-Length: 10\r\n\r\nabc", 400),
                          (b"\x00\x01\x02garbage", 400)]:
         rd, socks = _reader_over(data)
@@ -132,6 +132,62 @@ def test_reader_limits_and_pipelining():
         assert e.value.status == status, data
         for s in socks:
             s.close()
+
+
+def _frame(data: bytes, *, max_body: int = 100) -> list:
+    """The requests RequestBuffer frames out of `data` fed in one piece,
+    checked to be the same when it is fed one byte at a time."""
+    out = []
+    for pieces in ([data], [data[i:i + 1] for i in range(len(data))]):
+        rb, got = RequestBuffer(max_header_bytes=1024, max_body_bytes=max_body), []
+        for piece in pieces:
+            rb.feed(piece)
+            while (req := rb.take()) is not None:
+                got.append((req.method, req.path, req.body))
+        out.append(got)
+    assert out[0] == out[1]
+    return out[0]
+
+
+def _framing_error(data: bytes, **kw) -> int:
+    with pytest.raises(HttpError) as e:
+        _frame(data, **kw)
+    return e.value.status
+
+
+@pytest.mark.parametrize("value", [
+    "\u0661\u0662".encode(),   # Arabic-Indic digits, UTF-8 on the wire
+    b"\xb2",                   # '\u00b2' as latin-1: str.isdigit() says yes, int() raises
+    b"+5", b"-5", b"5 5", b"1_0", b"0x10", b"5.0", b"", b"5\x0b", b"1234567890123456789",
+])
+def test_a_content_length_that_is_not_ascii_digits_is_400(value):
+    assert _framing_error(b"POST / HTTP/1.1\r\nContent-Length: " + value + b"\r\n\r\nhello") == 400
+
+
+def test_body_framing():
+    assert _frame(b"POST /a HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
+                  b"GET /b HTTP/1.1\r\n\r\n") == [("POST", "/a", b"hello"), ("GET", "/b", b"")]
+    # Chunked bodies, with extensions and trailers, then a pipelined request.
+    assert _frame(b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=1\r\n world\r\n"
+                  b"A \r\n0123456789\r\n0\r\nX-T: 1\r\n\r\nGET /d HTTP/1.1\r\n\r\n") == [
+        ("POST", "/c", b"hello world0123456789"), ("GET", "/d", b"")]
+    chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for bad in [b"zz\r\n", b"-1\r\n", b"1_0\r\n", b"0x5\r\n", b" 5\r\n", b"\r\n", b"\xd9\xa1\r\n",
+                b"ffffffffffffffff\r\n", b"5\r\nhelloXY", b"5\r\nhello\r\n0\r\nno colon\r\n\r\n",
+                b"1" * 2000]:
+        assert _framing_error(chunked + bad) == 400, bad
+    assert _framing_error(chunked + b"40\r\n" + b"a" * 64 + b"\r\n40\r\n") == 413   # 128 > 100
+    for head, status in [
+            (b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 101", 413),
+            (b"POST / HTTP/1.1\r\nHost\n: x", 400)]:
+        assert _framing_error(head + b"\r\n\r\n") == status, head
 
 
 def test_render():
