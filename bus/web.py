@@ -1,23 +1,51 @@
 """HTTP conventions of a tenant service, on top of bus/service.py: JSON
 bodies checked before any write, read-your-writes LSN headers, the
 per-instance request counter, the lazily ensured schema, and DB errors as
-HTTP statuses. The tenant services use it; it knows nothing of any of them."""
+HTTP statuses. The tenant services use it; it knows nothing of any of them.
+
+Complete lists (read_all): one read answers at most READ_LIMIT rows, so a
+list is read in pages by keyset: ordered by a key that is unique among the
+selected rows, each next page is `key > the last row's key` (for a key of
+several columns, the prefix equal and the next column greater, then a
+shorter prefix). Every page asks min_lsn = the highest LSN a page so far
+came from, so no page comes from a replica behind an earlier one; pages
+are not one snapshot (a row written meanwhile may or may not appear, never
+twice). A list longer than LIST_MAX_ROWS, or not read within LIST_BUDGET
+seconds, is refused (ListIncomplete, 503): never answered in part.
+
+Request ids of writes (write, write_id): the bus request id of a write that
+an HTTP request causes is the request's X-Request-Id (bus/service.py keeps
+it in g.request_id) plus a digest of the write's operations. The workers
+remember each applied write's result under its request id, so a retry of
+the HTTP request (same X-Request-Id, same body) sends the same write under
+the same id and gets the first attempt's result, which the service answers
+exactly as it did the first time. A different write, or the same write
+under another X-Request-Id, is a new write. In one process, writes under
+one id go one at a time (the DB client matches replies by request id)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 import threading
 import time
+import uuid
+from contextlib import contextmanager
 
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from bus.errors import DBError
+from bus.errors import DBError, Timeout, Unavailable
 from bus.service import MAX_BODY, base_app, json_error
 
 LSN_HEADER = "X-Stratus-LSN"
 MIN_LSN_HEADER = "X-Stratus-Min-LSN"
 MAX_FIELD = 255
+READ_LIMIT = 10_000       # rows one read answers at most (the workers' limit); a page of read_all
+LIST_MAX_ROWS = 200_000   # a longer list is refused (503), never cut
+LIST_BUDGET = 20.0        # seconds to read a whole list (the gateway waits 30 s for an answer)
+_PLAIN_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,64}$")
 
 log = logging.getLogger("stratus.web")
 
@@ -158,6 +186,117 @@ def min_lsn_hint() -> int | None:
         return min_lsn_header()
     except InputError:
         return None
+
+
+class ListIncomplete(DBError):
+    """A list could not be read whole within LIST_MAX_ROWS / LIST_BUDGET:
+    503 with a message, never a partial list."""
+    code = "list_incomplete"
+    status = 503
+
+
+def read_all(db, query: dict, key: list[str], *, min_lsn: int | None = None, max_rows: int = LIST_MAX_ROWS,
+             budget: float = LIST_BUDGET, page: int = READ_LIMIT) -> tuple[list[dict], int]:
+    """Every row of the select `query`, in ascending `key` order, read in
+    pages of `page` rows (keyset pagination; see the module docstring).
+    `key` must be unique among the rows `query` selects. Returns (rows,
+    the highest LSN a page came from). Raises ListIncomplete past max_rows
+    rows or budget seconds, or the DBError of a page."""
+    deadline = time.monotonic() + budget
+    where = list(query.get("where") or [])
+    base = dict(query)
+    if base.get("columns"):
+        base["columns"] = list(base["columns"]) + [k for k in key if k not in base["columns"]]
+    rows: list[dict] = []
+    lsn = min_lsn or 0
+    level, last = 0, None  # the next page: key[:level] equal to last's, key[level] greater (none: the first)
+    while True:
+        after = [] if last is None else [[k, "=", last[k]] for k in key[:level]] + [[key[level], ">", last[key[level]]]]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ListIncomplete(f"the list was not read whole within {budget:g}s ({len(rows)} rows so far)")
+        reply = db.read(dict(base, where=where + after, order_by=[[k, "asc"] for k in key[level:]], limit=page),
+                        min_lsn=lsn or None, timeout=min(left, db.settings.request_timeout))
+        lsn = max(lsn, reply.lsn)
+        rows.extend(reply.result)
+        if len(rows) > max_rows:
+            raise ListIncomplete(f"the list holds more than {max_rows} rows; it is not answered in part")
+        if len(reply.result) == page:     # maybe more after this page's last row
+            level, last = len(key) - 1, reply.result[-1]
+        elif last is not None and level > 0:  # rows with this prefix are done: a shorter prefix
+            level -= 1
+        else:
+            return rows, lsn
+
+
+def read_list(db, query: dict, key: list[str]) -> list[dict]:
+    """read_all for the current HTTP request: from the request's min LSN,
+    and the LSN it reached becomes the request's (X-Stratus-LSN)."""
+    rows, lsn = read_all(db, query, key, min_lsn=min_lsn())
+    note_lsn(lsn)
+    return rows
+
+
+def write_id(ops: list[dict]) -> str:
+    """The bus request id of `ops` written for the current HTTP request:
+    its X-Request-Id (hashed when it is long or unusual) and a digest of the
+    write (at most 88 characters; the bus takes 128)."""
+    rid = g.get("request_id") or uuid.uuid4().hex
+    if not _PLAIN_ID.match(rid):
+        rid = "h" + hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    digest = hashlib.sha256(json.dumps(ops, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:22]
+    return f"{rid}/{digest}"
+
+
+class _OneAtATime:
+    """One holder per key at a time, waiting a bounded time; forgets idle keys."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._held: dict[str, list] = {}  # key -> [lock, holders and waiters]
+
+    @contextmanager
+    def hold(self, key: str, timeout: float):
+        with self._lock:
+            entry = self._held.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(timeout=timeout):
+                raise Timeout(f"write {key} is still in flight for an earlier attempt; a write may still be applied")
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[key]
+
+
+_in_flight = _OneAtATime()
+
+
+def write(db, ops: list[dict], *, attempts: int = 1, request_id: str | None = None):
+    """Write `ops` under write_id(ops) (or `request_id`); after a Timeout or
+    Unavailable send the same write again, up to `attempts` times in all
+    (the workers answer a repeated id from their record, so it is applied at
+    most once). The reply's LSN becomes the request's. Returns the Reply;
+    raises the write's DBError."""
+    rid = request_id or write_id(ops)
+    wait = db.settings.request_timeout
+    with _in_flight.hold(rid, wait):
+        for attempt in range(1, attempts + 1):
+            try:
+                reply = db.write(ops, request_id=rid)
+                break
+            except (Timeout, Unavailable) as exc:
+                if attempt == attempts:
+                    raise
+                log.warning("write %s: %r; sending it again (attempt %d)", rid, exc, attempt + 1)
+                time.sleep(0.2 * attempt)
+    note_lsn(reply.lsn)
+    return reply
 
 
 def data_row(db, query: dict, not_found: str, on_error):

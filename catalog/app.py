@@ -55,7 +55,8 @@ def seed(db: DBClient, products: list[dict]) -> int:
     how many this call inserted. Idempotent and race-free: each insert is
     guarded by a require(not exists) in the same atomic write."""
     schema.create_tables(db)
-    present = {r["name"] for r in db.read(ops.select(schema.PRODUCTS, columns=["name"])).result}
+    rows, _ = web.read_all(db, ops.select(schema.PRODUCTS, columns=["name"]), ["name"])
+    present = {r["name"] for r in rows}
     inserted = 0
     for p in products:
         if p["name"] in present:

@@ -24,7 +24,7 @@ import uuid
 
 from kazoo.client import KazooState
 
-from bus import ops
+from bus import ops, web
 from bus import zk as bzk
 from bus.client import DBClient
 from bus.errors import DBError
@@ -47,8 +47,8 @@ def restock_once(db: DBClient, names: Names) -> list[str]:
     0 when the write runs; the write's `quantity = 0` guard keeps it exact
     even if two restockers ever overlapped. A toy that reaches 0 after the
     read waits for the next round."""
-    rows = db.read(ops.select(schema.PRODUCTS, [["quantity", "=", 0]], columns=["name"])).result
-    empty = sorted(r["name"] for r in rows)
+    rows, _ = web.read_all(db, ops.select(schema.PRODUCTS, [["quantity", "=", 0]], columns=["name"]), ["name"])
+    empty = [r["name"] for r in rows]
     if not empty:
         return []
     reply = db.write([ops.update(schema.PRODUCTS, [["name", "in", empty], ["quantity", "=", 0]],

@@ -7,23 +7,24 @@ An order is ONE atomic write on the master:
   3. insert    orders {number: $seq("orders", start 0), name, quantity}
 If a precondition fails, nothing is written. The order number is taken from
 the sequence inside the write, so numbers start at 0 and are gap-free and
-unique however many order instances run. The write carries a request id; if
-the reply is lost (Timeout) or the bus was down (Unavailable) the service
-sends the same write again with the same id, which the workers deduplicate,
-so a retry can never place an order twice."""
+unique however many order instances run. The write's bus request id comes
+from the HTTP request's X-Request-Id and the order (web.write_id); if the
+reply is lost (Timeout) or the bus was down (Unavailable) the service sends
+the same write again with the same id, which the workers deduplicate, so a
+retry can never place an order twice. A client (or the gateway) that sends
+the same POST again with the same X-Request-Id gets the first attempt's
+order number, and the stock is taken once."""
 from __future__ import annotations
 
 import json
 import logging
 import threading
-import time
 
 from flask import Flask, jsonify, request
 
 from bus import ops, web
 from bus.client import DBClient, shared
-from bus.errors import DBError, PreconditionFailed, Timeout, Unavailable
-from bus.protocol import new_id
+from bus.errors import DBError, PreconditionFailed
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 from bus.names import Names
@@ -76,18 +77,11 @@ def order_ops(name: str, quantity: int) -> list[dict]:
 
 
 def place_order(db: DBClient, name: str, quantity: int, *, attempts: int = WRITE_ATTEMPTS):
-    """The order write; retried with the same request id after a lost reply.
-    Returns (order number, lsn). Raises PreconditionFailed or the last DBError."""
-    rid = new_id()
-    for attempt in range(1, attempts + 1):
-        try:
-            reply = db.write(order_ops(name, quantity), request_id=rid)
-            return reply.result[2]["values"]["number"], reply.lsn
-        except (Timeout, Unavailable) as exc:
-            if attempt == attempts:
-                raise
-            log.warning("order write %s: %r; sending it again (attempt %d)", rid, exc, attempt + 1)
-            time.sleep(0.2 * attempt)
+    """The order write of the current HTTP request; retried with the same
+    request id after a lost reply. Returns (order number, lsn). Raises
+    PreconditionFailed or the last DBError."""
+    reply = web.write(db, order_ops(name, quantity), attempts=attempts)
+    return reply.result[2]["values"]["number"], reply.lsn
 
 
 def db_error(exc: DBError):

@@ -1,7 +1,11 @@
 """The rides service of the RideShare tenant (shared/spec/rideshare.md).
 
 Every check-then-act is one atomic write with preconditions; the tags of the
-preconditions tell the failures apart. Timestamps are stored as seconds since
+preconditions tell the failures apart. Each write's bus request id comes
+from the HTTP request's X-Request-Id (web.write), so a retried request gets
+the first attempt's result and answers as it did: a retried POST creates one
+ride (its URL is in the Location header of the 201). Lists (rides between
+two areas, a ride's members) are read whole, in pages (web.read_list). Timestamps are stored as seconds since
 the epoch (UTC) and shown as DD-MM-YYYY:SS-MM-HH."""
 from __future__ import annotations
 
@@ -92,15 +96,16 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             raise InputError("source and destination must differ")
         schema.ensure()
         try:
-            reply = db().write([
+            reply = web.write(db(), [
                 ops.require(rs.USERS, [ops.eq("username", created_by)], tag="no_user"),
                 ops.insert(rs.RIDES, {"ride_id": ops.seq(rs.RIDE_SEQ), "created_by": created_by,
                                       "timestamp": ts, "source": source, "destination": destination}),
             ])
         except PreconditionFailed:
             return json_error(400, f"no user {created_by!r}")
-        web.note_lsn(reply.lsn)
-        return jsonify({}), 201
+        resp = jsonify({})
+        resp.headers["Location"] = f"/api/v1/rides/{reply.result[1]['values']['ride_id']}"
+        return resp, 201
 
     @app.get("/api/v1/rides")
     def list_rides():
@@ -111,10 +116,10 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         source = parse_area(args["source"], "source")
         destination = parse_area(args["destination"], "destination")
         schema.ensure()
-        rows = read(ops.select(rs.RIDES, [ops.eq("source", source), ops.eq("destination", destination),
-                                          ["timestamp", ">", int(time.time())]],
-                               columns=["ride_id", "created_by", "timestamp"],
-                               order_by=[["timestamp", "asc"], ["ride_id", "asc"]]))
+        rows = web.read_list(db(), ops.select(rs.RIDES, [ops.eq("source", source), ops.eq("destination", destination),
+                                                         ["timestamp", ">", int(time.time())]],
+                                              columns=["ride_id", "created_by", "timestamp"]),
+                             ["timestamp", "ride_id"])
         if not rows:
             return Response(status=204)
         return jsonify([{"rideId": r["ride_id"], "username": r["created_by"],
@@ -128,8 +133,8 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         ride = find_ride(ride_id)
         if ride is None:
             return Response(status=204)
-        members = read(ops.select(rs.MEMBERS, [ops.eq("ride_id", ride_id)], columns=["username"],
-                                  order_by=[["username", "asc"]]))
+        members = web.read_list(db(), ops.select(rs.MEMBERS, [ops.eq("ride_id", ride_id)], columns=["username"]),
+                                ["username"])
         return jsonify({"rideId": ride["ride_id"], "created_by": ride["created_by"],
                         "users": [m["username"] for m in members],
                         "timestamp": format_timestamp(ride["timestamp"]),
@@ -146,10 +151,9 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         if ride is None:
             # A slave may lag behind: ask the master, inside a write, before saying no.
             try:
-                reply = db().write([ops.require(rs.RIDES, [ops.eq("ride_id", ride_id)], tag="no_ride")])
+                web.write(db(), [ops.require(rs.RIDES, [ops.eq("ride_id", ride_id)], tag="no_ride")])
             except PreconditionFailed:
                 return json_error(400, f"no ride {ride_id}")
-            web.note_lsn(reply.lsn)
             ride = find_ride(ride_id)
             if ride is None:
                 return json_error(400, f"no ride {ride_id}")
@@ -157,7 +161,7 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         if username == creator:
             return json_error(400, f"{username!r} created ride {ride_id}")
         try:
-            reply = db().write([
+            web.write(db(), [
                 ops.require(rs.RIDES, [ops.eq("ride_id", ride_id), ops.eq("created_by", creator)], tag="no_ride"),
                 ops.require(rs.USERS, [ops.eq("username", username)], tag="no_user"),
                 ops.require(rs.MEMBERS, [ops.eq("ride_id", ride_id), ops.eq("username", username)],
@@ -168,7 +172,6 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             msg = {"no_ride": f"no ride {ride_id}", "no_user": f"no user {username!r}",
                    "member": f"{username!r} already joined ride {ride_id}"}.get(exc.tag, exc.message)
             return json_error(400, msg)
-        web.note_lsn(reply.lsn)
         return jsonify({})
 
     @app.delete("/api/v1/rides/<int:ride_id>")
@@ -177,13 +180,12 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             return json_error(400, f"no ride {ride_id}")
         schema.ensure()
         try:
-            reply = db().write([
+            web.write(db(), [
                 ops.delete(rs.RIDES, [ops.eq("ride_id", ride_id)], expect=1, tag="no_ride"),
                 ops.delete(rs.MEMBERS, [ops.eq("ride_id", ride_id)]),
             ])
         except PreconditionFailed:
             return json_error(400, f"no ride {ride_id}")
-        web.note_lsn(reply.lsn)
         return jsonify({})
 
     @app.get("/api/v1/rides/count")
@@ -194,8 +196,7 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
     @app.post("/api/v1/db/clear")
     def clear():
         schema.ensure()
-        reply = db().write(rs.clear_ops())
-        web.note_lsn(reply.lsn)
+        web.write(db(), rs.clear_ops())
         return jsonify({})
 
     return app

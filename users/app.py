@@ -1,7 +1,10 @@
 """The users service of the RideShare tenant (shared/spec/rideshare.md).
 
 Every check-then-act is one atomic write with preconditions; the tags of the
-preconditions tell the failures apart."""
+preconditions tell the failures apart. Each write's bus request id comes
+from the HTTP request's X-Request-Id (web.write), so a retried PUT or DELETE
+gets the first attempt's result and answers as it did (201, not "exists").
+The user list is read whole, in pages (web.read_list)."""
 from __future__ import annotations
 
 import re
@@ -38,13 +41,12 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             raise InputError("password must be exactly 40 hexadecimal characters (a SHA-1 digest)")
         schema.ensure()
         try:
-            reply = db().write([
+            web.write(db(), [
                 ops.require(rs.USERS, [ops.eq("username", username)], exists=False, tag="user_exists"),
                 ops.insert(rs.USERS, {"username": username, "password": password.lower()}),
             ])
         except PreconditionFailed:
             return json_error(400, f"user {username!r} already exists")
-        web.note_lsn(reply.lsn)
         return jsonify({}), 201
 
     @app.delete("/api/v1/users/<path:username>")
@@ -53,7 +55,7 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             raise InputError(f"username is longer than {rs.MAX_FIELD} characters")
         schema.ensure()
         try:
-            reply = db().write([
+            web.write(db(), [
                 ops.delete(rs.USERS, [ops.eq("username", username)], expect=1, tag="no_user"),
                 # the user's rides, everyone's memberships in them, and the user's memberships
                 ops.delete(rs.MEMBERS, [ops.eq("created_by", username)]),
@@ -62,16 +64,12 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
             ])
         except PreconditionFailed:
             return json_error(400, f"no user {username!r}")
-        web.note_lsn(reply.lsn)
         return jsonify({})
 
     @app.get("/api/v1/users")
     def list_users():
         schema.ensure()
-        reply = db().read(ops.select(rs.USERS, columns=["username"], order_by=[["username", "asc"]]),
-                          min_lsn=web.min_lsn())
-        web.note_lsn(reply.lsn)
-        names = [r["username"] for r in reply.result]
+        names = [r["username"] for r in web.read_list(db(), ops.select(rs.USERS, columns=["username"]), ["username"])]
         if not names:
             return Response(status=204)
         return jsonify(names)
@@ -79,8 +77,7 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
     @app.post("/api/v1/db/clear")
     def clear():
         schema.ensure()
-        reply = db().write(rs.clear_ops())
-        web.note_lsn(reply.lsn)
+        web.write(db(), rs.clear_ops())
         return jsonify({})
 
     return app
