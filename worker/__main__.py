@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         service.start()
     try:
         code = worker.run()
+    except Exception:
+        if worker.state != "diverged":
+            raise
+        # Diverged, then the bus failed under it on the way out: it still needs rebuilding.
+        log.exception("the worker failed after it diverged")
+        code = EXIT_REBUILD
     finally:
         if service is not None:
             service.stop()

@@ -244,7 +244,7 @@ class SnapshotService(threading.Thread):
         self.info = self._load_info()
         self.next_due = time.monotonic() + self.every
         self.served = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def _load_info(self) -> dict | None:
         try:
@@ -256,11 +256,11 @@ class SnapshotService(threading.Thread):
         return None
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
         backoff, failures = 0.2, 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 self._serve()
                 return
@@ -268,7 +268,7 @@ class SnapshotService(threading.Thread):
                 failures += 1
                 (log.warning if failures in (1, 10) or failures % 100 == 0 else log.debug)(
                     "snapshot service: no bus connection (%r); retrying", exc)
-                self._stop.wait(backoff)
+                self._halt.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 
     def _serve(self) -> None:
@@ -278,7 +278,7 @@ class SnapshotService(threading.Thread):
             declare_snapshot_queue(ch, self.names)
             ch.basic_qos(prefetch_count=1)
             tag = None
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 ready = bool(self.is_ready())
                 if ready and tag is None:
                     tag = ch.basic_consume(self.names.snapshot_queue, self._on_request)
