@@ -1,28 +1,135 @@
 """The contract between workers and whoever steers them (the orchestrator,
 or a test harness), kept in ZooKeeper:
 
-  /stratus/{cluster}/workers/{id}   ephemeral, written by each worker:
-      {id, pid, host, role, state, term, applied_lsn, ready, reads, serves_reads, started}
-      role:  "slave" | "master"
-      state: "catching_up" | "ready" | "promoting" | "master" | "draining"
+  /stratus/{cluster}/workers/{id}   ephemeral, written by each worker: its Member
+      {id, pid, host, role, state, term, applied_lsn, ready, reads, serves_reads, started, reason}
+      role:  "slave" | "master"                                    (Role)
+      state: "catching_up" | "ready" | "promoting" | "master" |    (State)
+             "draining" | "diverged"
+             diverged: stopped applying (a record failed, or an LSN gap);
+             `reason` says why, and the worker exits 77 to be rebuilt
+      term:  a slave's highest barrier term seen; a master's own term
       reads: reads this worker has taken from readQ since it started (the
              orchestrator sums the increases to count reads for scaling)
+      reason: why the worker is not ready ("" when nothing to say)
   /stratus/{cluster}/leader         {id, term}: the worker named here becomes
       master for that term. Terms only grow; set_leader bumps it with a
       compare-and-set so two steerers can never hand out the same term.
   /stratus/{cluster}/elections/e-   sequential history of elections.
-"""
+
+Member.from_dict is the one place that parses a membership record (tolerant:
+unknown keys are ignored, missing or malformed fields take their defaults, a
+role or state this version does not know becomes UNKNOWN) and Member.to_dict
+the one place that writes one (the wire keys above)."""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Iterable
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError
 
 from .names import Paths
 from .zk import children_json
+
+
+class _Wire(str, Enum):
+    """A string on the wire: str() and format() give the value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
+class Role(_Wire):
+    SLAVE = "slave"
+    MASTER = "master"
+    UNKNOWN = "unknown"           # a role this version does not know: never chosen for anything
+
+
+class State(_Wire):
+    CATCHING_UP = "catching_up"   # a slave applying the log, not near its head yet
+    READY = "ready"               # a slave near the log's head: it serves reads
+    PROMOTING = "promoting"       # named leader: draining the log up to its barrier
+    MASTER = "master"             # takes writes
+    DRAINING = "draining"         # stopping: finishes what it holds, then exits
+    DIVERGED = "diverged"         # stopped applying (failed record, LSN gap): exits 77 to be rebuilt
+    STARTING = "starting"         # orchestrator only: the runtime runs it, it has not registered yet
+    UNREGISTERED = "unregistered"  # orchestrator only: it runs, but its znode is gone (session lost)
+    UNKNOWN = "unknown"           # a state this version does not know
+
+
+def _int(v: Any, default: int = 0) -> int:
+    try:
+        return int(v) if v is not None and not isinstance(v, bool) else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(v: Any) -> float | None:
+    try:
+        return float(v) if v is not None and not isinstance(v, bool) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _enum(cls, v: Any, unknown):
+    try:
+        return cls(v)
+    except ValueError:
+        return unknown
+
+
+@dataclass(frozen=True)
+class Member:
+    """One worker's membership record."""
+    id: str
+    pid: int = 0
+    host: str | None = None
+    role: Role = Role.SLAVE
+    state: State = State.CATCHING_UP
+    term: int = 0
+    applied_lsn: int = 0
+    ready: bool = False
+    reads: int = 0
+    serves_reads: bool = False
+    started: float | None = None      # the worker's start (wall clock): with id, identifies one run
+    reason: str = ""
+    # What the orchestrator adds to its own view; never written to ZooKeeper.
+    booting: bool = False             # started by the runtime, not registered yet
+    own_pid: int | None = None        # the pid the worker reports, when the runtime's differs (containers)
+
+    @classmethod
+    def from_dict(cls, d: Any, id: str | None = None) -> "Member":
+        """Parse a membership record; `id` is the znode name, used when the
+        record has none. Never raises on the record's content."""
+        d = d if isinstance(d, dict) else {}
+        own = d.get("own_pid")
+        return cls(id=str(d.get("id") or id or ""), pid=_int(d.get("pid")),
+                   host=d.get("host") if isinstance(d.get("host"), str) else None,
+                   role=_enum(Role, d.get("role", Role.SLAVE.value), Role.UNKNOWN),
+                   state=_enum(State, d.get("state", State.CATCHING_UP.value), State.UNKNOWN),
+                   term=_int(d.get("term")), applied_lsn=_int(d.get("applied_lsn")),
+                   ready=bool(d.get("ready")), reads=_int(d.get("reads")),
+                   serves_reads=bool(d.get("serves_reads")), started=_float(d.get("started")),
+                   reason=str(d.get("reason") or ""), booting=bool(d.get("booting")),
+                   own_pid=None if own is None else _int(own))
+
+    def to_dict(self) -> dict:
+        """The record as a worker writes it (JSON-able, plain strings)."""
+        d = {"id": self.id, "pid": self.pid, "host": self.host, "role": self.role.value,
+             "state": self.state.value, "term": self.term, "applied_lsn": self.applied_lsn,
+             "ready": self.ready, "reads": self.reads, "serves_reads": self.serves_reads,
+             "started": self.started, "reason": self.reason}
+        if self.booting:
+            d["booting"] = True
+        if self.own_pid is not None:
+            d["own_pid"] = self.own_pid
+        return d
 
 
 @dataclass(frozen=True)
@@ -79,18 +186,22 @@ def elections(zk: KazooClient, paths: Paths) -> list[dict]:
     return out
 
 
-def workers(zk: KazooClient, paths: Paths) -> dict[str, dict]:
-    return children_json(zk, paths.workers)
+def workers(zk: KazooClient, paths: Paths) -> dict[str, Member]:
+    """The registered workers: {id: Member}."""
+    return {name: Member.from_dict(d, name) for name, d in children_json(zk, paths.workers).items()}
 
 
-def choose_master(candidates: list[dict]) -> dict | None:
+def choose_master(candidates: Iterable) -> Any:
     """The replica that has applied the most of the log wins; the lowest pid
     breaks a tie. Ready slaves are preferred; a worker still catching up is
     chosen only when no slave is ready (it drains the log before taking
-    writes either way, so no acknowledged write is lost)."""
-    pool = [w for w in candidates if w.get("role") == "slave" and w.get("state") != "draining"]
-    ready = [w for w in pool if w.get("ready")]
+    writes either way, so no acknowledged write is lost). A draining or
+    diverged worker is never chosen. Takes Members (raw records are parsed
+    with Member.from_dict) and returns the item it was given."""
+    pool = [(c if isinstance(c, Member) else Member.from_dict(c), c) for c in candidates]
+    pool = [(m, c) for m, c in pool if m.role is Role.SLAVE and m.state not in (State.DRAINING, State.DIVERGED)]
+    ready = [(m, c) for m, c in pool if m.ready]
     pool = ready or pool
     if not pool:
         return None
-    return min(pool, key=lambda w: (-int(w.get("applied_lsn", 0)), int(w.get("pid", 0))))
+    return min(pool, key=lambda mc: (-mc[0].applied_lsn, mc[0].pid))[1]

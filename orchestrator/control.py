@@ -2,11 +2,18 @@
 
 Orchestrators run under a kazoo Election; only the leader acts. The leader
 adopts the workers it finds (runtime pid files and membership znodes), then
-reacts to:
+runs a control tick (reconcile) on:
   - ZooKeeper watches on the workers' membership and on the leader record,
   - the runtime's exit reports (a process exit is seen before the worker's
     ZooKeeper session expires, so a failover starts at once),
   - a periodic reconcile (every RECONCILE_EVERY seconds) as a safety net.
+A tick is a sequence of decisions (orchestrator/decisions.py holds the pure
+rules): observe -> remove lost workers -> check the leader (elect if it is
+gone) -> check a promotion in progress (a named master that has not taken
+over within settings.promotion_timeout, on this orchestrator's own clock, is
+killed and another elected) -> size the slaves; then the loop saves the
+scaling state. Each step returns what it decided; a tick's decisions are
+logged when they change.
 Elections go through bus.cluster.set_leader with the version read, so two
 steerers can never both hand out a term (fencing); each is recorded in the
 election history. Scaling state lives in ZooKeeper so a standby continues it."""
@@ -18,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 from kazoo.client import KazooState
 from kazoo.exceptions import BadVersionError, NoNodeError
@@ -25,11 +33,12 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from bus import registry
 from bus import zk as bzk
-from bus.cluster import elections, read_leader, record_election, set_leader, workers
+from bus.cluster import Leader, Member, Role, State, elections, read_leader, record_election, set_leader, workers
 from bus.names import Paths
 from bus.settings import Settings
 
-from .election import failover_candidate, switchover_candidate
+from .decisions import Decision, Promotion, check_promotion, live_members, plan_election, plan_slaves
+from .election import switchover_candidate
 from .runtimes import Runtime, make_runtime
 from .scaling import Scaler, ScalingState
 
@@ -38,8 +47,6 @@ log = logging.getLogger("stratus.orchestrator")
 RECONCILE_EVERY = 2.0     # safety-net reconcile period (seconds)
 SAMPLE_EVERY = 0.5        # how often read counters are summed
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
-BOOT_GRACE = 60.0         # a started worker must register within this
-REREGISTER_GRACE = 10.0   # a slave whose session expired may re-register within this
 EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
 SWITCHOVER_MAX_LAG = 50   # log entries a switchover candidate may lag when it is named
 SWITCHOVER_CATCH_UP = 15.0  # how long a switchover waits for the candidate to get there
@@ -54,6 +61,15 @@ class ControlError(Exception):
 
 def new_worker_id() -> str:
     return f"w-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class TickView:
+    """What one control tick sees; steps update it as they act."""
+    leader: Leader
+    version: int                  # the leader record's znode version (for the compare-and-set)
+    members: dict[str, Member]
+    lost: dict[str, str]          # workers to kill: id -> why
 
 
 class Controller:
@@ -90,6 +106,8 @@ class Controller:
         self._last_start = 0.0
         self._registered: dict[str, float] = {}   # worker id -> last time its znode was seen
         self._switch_lock = threading.Lock()
+        self._promotion: Promotion | None = None  # the naming being watched (decisions.check_promotion)
+        self._last_decisions: tuple[str, ...] = ()
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> "Controller":
@@ -163,6 +181,7 @@ class Controller:
     # --- leading -------------------------------------------------------------------
     def _lead(self) -> None:
         self.lost.clear()
+        self._promotion = None    # a new leader starts its own promotion clock
         self.generation += 1
         gen = self.generation
         log.info("orchestrator %s is the leader", self.ident)
@@ -225,7 +244,8 @@ class Controller:
                 changed = self._sample(snapshot)
                 decided = changed == "decision"
                 now = time.monotonic()
-                if woken or decided or now - last_reconcile >= RECONCILE_EVERY:
+                watching = self._promotion is not None   # a promotion's deadline is checked every turn
+                if woken or decided or watching or now - last_reconcile >= RECONCILE_EVERY:
                     self.reconcile(snapshot if not woken else None)
                     last_reconcile = time.monotonic()
                 if changed or now - last_save >= 5.0:
@@ -235,7 +255,7 @@ class Controller:
                 log.warning("control loop: %r", exc)
                 self.stopping.wait(0.2)
 
-    def _sample(self, snapshot: dict[str, dict]):
+    def _sample(self, snapshot: dict[str, Member]):
         """Count reads; end the window when it is over. Returns False, True
         (counts changed) or "decision"."""
         live = {wid: w for wid, w in snapshot.items() if wid not in self.dead}
@@ -250,130 +270,142 @@ class Controller:
         return bool(added)
 
     # --- the view of the cluster ------------------------------------------------------
-    def members(self, snapshot: dict[str, dict] | None = None, *, leader_id: str | None = None,
-                act: bool = False) -> dict[str, dict]:
-        """Live workers: membership znodes, plus workers the runtime runs that
-        have not registered yet, minus those known dead.
+    def members(self, snapshot: dict[str, Member] | None = None, *,
+                leader_id: str | None = None) -> dict[str, Member]:
+        """Live workers (decisions.live_members), lost ones included until
+        a tick kills them."""
+        return self._live(snapshot, leader_id)[0]
 
-        A process the runtime still runs but whose znode is gone has lost its
-        ZooKeeper session: the master among them is dead for the election at
-        once (a master exits when its session is lost; if it hangs instead, its
-        term check fails after the election), a slave gets REREGISTER_GRACE
-        seconds to come back with a new session. A worker that never registers
-        within BOOT_GRACE is stuck. With `act`, such workers are declared dead
-        and killed (only the reconcile loop acts)."""
+    def _live(self, snapshot: dict[str, Member] | None, leader_id: str | None):
         snapshot = workers(self.zk, self.paths) if snapshot is None else snapshot
         now = time.time()
         for wid, t in list(self.dead.items()):
             if now - t > DEAD_MEMORY and wid not in snapshot:
                 self.dead.pop(wid, None)
-        out = {wid: w for wid, w in snapshot.items() if wid not in self.dead}
-        for wid in out:
-            self._registered[wid] = now
-        for wid, h in self.runtime.workers().items():
-            if wid in self.dead:
-                continue
-            if wid in out:
-                if h.pid and out[wid].get("pid") != h.pid:
-                    # In a container the worker sees its own pid namespace: the
-                    # runtime's host pid is the one crash and list calls report.
-                    out[wid] = {**out[wid], "pid": h.pid, "own_pid": out[wid].get("pid")}
-                continue
-            last = self._registered.get(wid)
-            if last is None:
-                lost = now - (h.started or now) > BOOT_GRACE
-                why = f"did not register within {BOOT_GRACE:g}s"
-            else:
-                lost = wid == leader_id or now - last > REREGISTER_GRACE
-                why = "lost its ZooKeeper session"
-            if lost and act:
-                log.warning("worker %s (pid %d) %s: killing it", wid, h.pid, why)
-                self.dead[wid] = now
-                self._registered.pop(wid, None)
-                try:
-                    self.runtime.kill_worker(wid)
-                except Exception as exc:
-                    log.warning("killing %s failed: %r", wid, exc)
-                continue
-            if lost and wid == leader_id:
-                continue
-            out[wid] = {"id": wid, "pid": h.pid, "role": "slave", "state": "starting" if last is None else "unregistered",
-                        "term": 0, "applied_lsn": 0, "ready": False, "reads": 0, "started": h.started,
-                        "booting": last is None}
+        for wid in snapshot:
+            if wid not in self.dead:
+                self._registered[wid] = now
+        out, lost = live_members(snapshot, self.runtime.workers(), dead=self.dead, registered=self._registered,
+                                 leader_id=leader_id, now=now)
         for wid in [w for w, t in self._registered.items() if now - t > DEAD_MEMORY and w not in out]:
             self._registered.pop(wid, None)
-        return out
+        return out, lost
 
-    # --- reconcile -----------------------------------------------------------------
-    def reconcile(self, snapshot: dict[str, dict] | None = None) -> None:
+    # --- the control tick ----------------------------------------------------------------
+    def reconcile(self, snapshot: dict[str, Member] | None = None) -> list[Decision]:
+        """One control tick, as a sequence of decisions (decisions.py):
+        observe, remove lost workers, check the leader (elect if it is gone),
+        check a promotion in progress (a timeout fails it), size the slaves."""
         with self.lock:
             if not self.leading:
-                return
-            leader, version = read_leader(self.zk, self.paths)
-            members = self.members(snapshot, leader_id=leader.id, act=True)
-            if leader.id is None or leader.id not in members:
-                leader = self._elect(leader, version, members)
-                if leader is None:
-                    return
-                members = self.members(leader_id=leader.id)
-            self._size_slaves(leader.id, members)
+                return []
+            view = self._observe(snapshot)
+            decisions = [self._remove_lost(view), self._check_leader(view)]
+            if view.leader.id in view.members:
+                decisions.append(self._check_promotion(view))
+            if view.leader.id in view.members:
+                decisions.append(self._size_slaves(view))
+        self._log_decisions(decisions)
+        return decisions
 
-    def _elect(self, leader, version: int, members: dict[str, dict]):
-        """The master is gone (or there never was one): name a new one."""
-        old = leader.id
+    def _log_decisions(self, decisions: list[Decision]) -> None:
+        texts = tuple(d.text for d in decisions)
+        if texts != self._last_decisions:
+            self._last_decisions = texts
+            log.info("tick: %s", "; ".join(texts))
+
+    def _observe(self, snapshot: dict[str, Member] | None) -> TickView:
+        leader, version = read_leader(self.zk, self.paths)
+        members, lost = self._live(snapshot, leader.id)
+        return TickView(leader, version, members, lost)
+
+    def _remove_lost(self, view: TickView) -> Decision:
+        """Kill the workers that lost their session or never registered."""
+        if not view.lost:
+            return Decision("none", "no lost workers")
+        now = time.time()
+        for wid, why in view.lost.items():
+            h = self.runtime.workers().get(wid)
+            log.warning("worker %s (pid %d) %s: killing it", wid, h.pid if h else 0, why)
+            self.dead[wid] = now
+            self._registered.pop(wid, None)
+            view.members.pop(wid, None)
+            try:
+                self.runtime.kill_worker(wid)
+            except Exception as exc:
+                log.warning("killing %s failed: %r", wid, exc)
+        return Decision("kill", "killed " + ", ".join(f"{wid} ({why})" for wid, why in view.lost.items()),
+                        ids=tuple(view.lost))
+
+    def _check_leader(self, view: TickView) -> Decision:
+        """The named master is alive, or a new one is elected."""
+        if view.leader.id is not None and view.leader.id in view.members:
+            return Decision("none", f"no action: {view.leader.id} holds term {view.leader.term}")
+        return self._elect(view, plan_election(view.leader.id, view.members,
+                                               exclude=self.draining | self.retiring))
+
+    def _check_promotion(self, view: TickView) -> Decision:
+        """A named master that does not take over in time has failed:
+        kill it and elect another."""
+        self._promotion, d = check_promotion(self._promotion, view.leader, view.members.get(view.leader.id),
+                                             now=time.monotonic(), timeout=self.settings.promotion_timeout)
+        if d.action != "failed":
+            return d
+        wid = view.leader.id
+        log.warning("%s: killing it", d.text)
+        self._promotion = None
+        self.dead[wid] = time.time()
+        view.members.pop(wid, None)
         try:
-            if old is None and not members:
-                wid = new_worker_id()
-                term = set_leader(self.zk, self.paths, wid, expected_version=version)
-                self._start(wid)
-                reason = "bootstrap: a fresh cluster's first master"
-            else:
-                cand = failover_candidate(members, exclude=self.draining | self.retiring)
-                if cand is not None:
-                    wid = cand["id"]
-                    term = set_leader(self.zk, self.paths, wid, expected_version=version)
-                    reason = (f"master {old} died: {wid} has applied LSN {cand.get('applied_lsn', 0)}, "
-                              f"the most among {'ready ' if cand.get('ready') else ''}slaves (pid {cand.get('pid')})")
-                else:
-                    if not self._may_start():
-                        log.warning("no master and workers keep dying at start: retrying in up to %.1fs",
-                                    self._start_backoff())
-                        return None
-                    wid = new_worker_id()
-                    term = set_leader(self.zk, self.paths, wid, expected_version=version)
-                    self._start(wid)
-                    reason = f"master {old} died and no slave is left: a new worker replays the log"
+            self.runtime.kill_worker(wid)
+        except KeyError:
+            log.warning("%s is not managed by this orchestrator: it is only left out of elections", wid)
+        except Exception as exc:
+            log.warning("killing %s failed: %r", wid, exc)
+        return self._elect(view, plan_election(wid, view.members, exclude=self.draining | self.retiring,
+                                               cause=d.text))
+
+    def _elect(self, view: TickView, plan: Decision) -> Decision:
+        """Name the planned master (an existing worker, or a new one), with a
+        compare-and-set on the leader record version the tick read."""
+        old = view.leader.id
+        if plan.action == "elect":
+            wid = plan.ids[0]
+        elif plan.action == "start_master" and not self._may_start():
+            log.warning("no master and workers keep dying at start: retrying in up to %.1fs", self._start_backoff())
+            return Decision("wait", "no master, and workers keep dying at start: backing off")
+        else:
+            wid = new_worker_id()
+        try:
+            term = set_leader(self.zk, self.paths, wid, expected_version=view.version)
         except BadVersionError:
             log.warning("the leader record changed meanwhile; reconciling again")
             self.wake.set()
-            return None
+            return Decision("wait", "the leader record changed meanwhile: reconciling again")
+        if plan.action in ("bootstrap", "start_master"):
+            self._start(wid)
         self.counters["elections"] += 1
-        record_election(self.zk, self.paths, term=term, old=old, new=wid, reason=reason)
-        log.info("election: term %d, master %s -> %s (%s)", term, old, wid, reason)
-        leader, _ = read_leader(self.zk, self.paths)
-        return leader
+        record_election(self.zk, self.paths, term=term, old=old, new=wid, reason=plan.text)
+        log.info("election: term %d, master %s -> %s (%s)", term, old, wid, plan.text)
+        view.leader, view.version = read_leader(self.zk, self.paths)
+        view.members = self.members(leader_id=view.leader.id)
+        return Decision("elect", f"elected {wid} for term {term}: {plan.text}", ids=(wid,))
 
-    def _size_slaves(self, master_id: str, members: dict[str, dict]) -> None:
-        slaves = {wid: w for wid, w in members.items()
-                  if wid != master_id and wid not in self.draining and wid not in self.retiring}
+    def _size_slaves(self, view: TickView) -> Decision:
         target = min(self.scaler.state.target, self.settings.max_slaves)
-        master = members.get(master_id, {})
-        if len(slaves) < target:
-            if master.get("booting"):
-                return  # a fresh master first; its slaves once it is registered
-            for _ in range(target - len(slaves)):
+        d = plan_slaves(view.leader.id, view.members, leaving=self.draining | self.retiring, target=target)
+        if d.action == "start":
+            for _ in range(d.count):
                 if not self._may_start():
                     log.warning("workers keep dying at start: next start in up to %.1fs", self._start_backoff())
-                    return
+                    return Decision("wait", "workers keep dying at start: backing off")
                 self._start(new_worker_id())
-        elif len(slaves) > target:
-            newest = sorted(slaves.values(), key=lambda w: (float(w.get("started") or 0), int(w.get("pid") or 0)),
-                            reverse=True)[:len(slaves) - target]
-            for w in newest:
-                self._drain(w["id"])
+        for wid in d.ids if d.action == "drain" else ():
+            self._drain(wid)
+        return d
 
     def _start(self, wid: str) -> None:
-        h = self.runtime.start_worker(wid)
+        self.runtime.start_worker(wid)
         self._last_start = self._started_at[wid] = time.time()
         self.counters["workers_started"] += 1
 
@@ -411,7 +443,7 @@ class Controller:
             m = self.members().get(leader.id) if leader.id else None
             if m is None:
                 raise ControlError(409, "there is no master to kill")
-            pid = int(m["pid"])
+            pid = m.pid
             self._kill(leader.id, pid)
             self.counters["crash_master"] += 1
             log.info("crash/master: killed %s (pid %d)", leader.id, pid)
@@ -425,11 +457,11 @@ class Controller:
                       if wid != leader.id and wid not in self.draining and wid not in self.retiring]
             if not slaves:
                 raise ControlError(409, "there is no slave to kill")
-            victim = max(slaves, key=lambda w: int(w["pid"]))
-            pid = int(victim["pid"])
-            self._kill(victim["id"], pid)
+            victim = max(slaves, key=lambda w: w.pid)
+            pid = victim.pid
+            self._kill(victim.id, pid)
             self.counters["crash_slave"] += 1
-            log.info("crash/slave: killed %s (pid %d)", victim["id"], pid)
+            log.info("crash/slave: killed %s (pid %d)", victim.id, pid)
             return pid
 
     def switchover(self, candidate: str | None = None, *, timeout: float = 20.0) -> dict:
@@ -446,7 +478,7 @@ class Controller:
             leader, version = read_leader(self.zk, self.paths)
             members = self.members()
             old = members.get(leader.id) if leader.id else None
-            if old is None or old.get("role") != "master" or old.get("state") != "master":
+            if old is None or old.role is not Role.MASTER or old.state is not State.MASTER:
                 raise ControlError(503, "there is no running master to switch over from")
             cand, why = switchover_candidate(members, leader.id, candidate=candidate,
                                              exclude=self.draining | self.retiring)
@@ -456,7 +488,7 @@ class Controller:
 
     def _switchover(self, candidate: str | None, timeout: float) -> dict:
         leader, version, cand = self._switchover_plan(candidate)
-        new = cand["id"]
+        new = cand.id
         # A planned switchover waits until the candidate has nearly caught up
         # with the master, so that writes pause only briefly while it drains
         # the log up to its barrier (a "ready" slave can still be far behind).
@@ -467,7 +499,7 @@ class Controller:
             m, c = ws.get(leader.id), ws.get(new)
             if m is None or c is None:
                 raise ControlError(409, "the master or the candidate left meanwhile; try again")
-            lag = int(m.get("applied_lsn", 0)) - int(c.get("applied_lsn", 0))
+            lag = m.applied_lsn - c.applied_lsn
             if lag <= SWITCHOVER_MAX_LAG:
                 break
             if time.monotonic() > deadline:
@@ -484,15 +516,15 @@ class Controller:
             self.counters["elections"] += 1
             self.counters["switchovers"] += 1
             record_election(self.zk, self.paths, term=term, old=leader.id, new=new,
-                            reason=f"switchover to {new} (applied LSN {c.get('applied_lsn', 0)}, {lag} behind)")
+                            reason=f"switchover to {new} (applied LSN {c.applied_lsn}, {lag} behind)")
             log.info("switchover: term %d, master %s -> %s", term, leader.id, new)
         self.wake.set()   # a replacement slave for the old master, at once
         old_id = leader.id
         deadline = time.monotonic() + timeout
         took_over = False
-        while time.monotonic() < deadline:
-            w = bzk.get_json(self.zk, self.paths.worker(new)) or {}
-            if w.get("role") == "master" and int(w.get("term", 0)) >= term:
+        while time.monotonic() < deadline and new not in self.dead:   # dead: its promotion failed
+            w = Member.from_dict(bzk.get_json(self.zk, self.paths.worker(new)), new)
+            if w.role is Role.MASTER and w.term >= term:
                 took_over = True
                 break
             time.sleep(0.05)
@@ -515,7 +547,7 @@ class Controller:
             ms = self.members()
         else:
             ms = workers(self.zk, self.paths)
-        return sorted(int(w["pid"]) for w in ms.values() if w.get("pid"))
+        return sorted(w.pid for w in ms.values() if w.pid)
 
     def cluster_view(self) -> dict:
         leader, _ = read_leader(self.zk, self.paths)
@@ -523,16 +555,15 @@ class Controller:
         state = self.scaler.state if self.leading else \
             ScalingState.from_dict(bzk.get_json(self.zk, self.paths.orchestrator_state))
         master = ms.get(leader.id) if leader.id else None
-        master_lsn = int(master.get("applied_lsn", 0)) if master else None
+        master_lsn = master.applied_lsn if master else None
         rows = []
         for wid, w in ms.items():
-            lsn = int(w.get("applied_lsn", 0) or 0)
-            rows.append({"id": wid, "pid": w.get("pid"), "host": w.get("host"), "role": w.get("role"),
-                         "state": w.get("state"), "term": w.get("term"), "applied_lsn": lsn,
-                         "lag": None if master_lsn is None else max(0, master_lsn - lsn),
-                         "ready": bool(w.get("ready")), "serves_reads": bool(w.get("serves_reads")),
-                         "reads": w.get("reads", 0), "leader": wid == leader.id,
-                         "draining": wid in self.draining or w.get("state") == "draining"})
+            rows.append({"id": wid, "pid": w.pid, "host": w.host, "role": w.role.value,
+                         "state": w.state.value, "term": w.term, "applied_lsn": w.applied_lsn,
+                         "lag": None if master_lsn is None else max(0, master_lsn - w.applied_lsn),
+                         "ready": w.ready, "serves_reads": w.serves_reads,
+                         "reads": w.reads, "leader": wid == leader.id,
+                         "draining": wid in self.draining or w.state is State.DRAINING})
         rows.sort(key=lambda r: (r["role"] != "master", int(r["pid"] or 0)))
         try:
             orchs = sorted(self.zk.get_children(self.paths.orchestrators))

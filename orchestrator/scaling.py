@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from bus.cluster import Member
+
 MAX_DECISIONS = 20
 
 
@@ -54,19 +56,19 @@ class Scaler:
         self.max_slaves = int(max_slaves)
         self.state = state or ScalingState()
 
-    def baseline(self, workers: dict[str, dict]) -> None:
+    def baseline(self, workers: dict[str, Member]) -> None:
         """Take the current counters as seen without counting them (a fresh
         orchestrator that finds a running cluster and no saved state)."""
         for wid, w in workers.items():
-            self.state.seen[wid] = [w.get("started"), int(w.get("reads", 0) or 0)]
+            self.state.seen[wid] = [w.started, w.reads]
 
-    def observe(self, workers: dict[str, dict], now: float) -> int:
+    def observe(self, workers: dict[str, Member], now: float) -> int:
         """Count the increase of every worker's counter; returns the reads added."""
         added = 0
         seen = self.state.seen
         for wid, w in workers.items():
-            reads = int(w.get("reads", 0) or 0)
-            started = w.get("started")
+            reads = w.reads
+            started = w.started
             prev = seen.get(wid)
             if prev is None or prev[0] != started:
                 delta = reads            # a new worker (or a restart under the same id) counts from 0

@@ -19,7 +19,7 @@ from bus import ops
 from bus import zk as bzk
 from bus.errors import DBError
 from bus.client import DBClient, connection_params
-from bus.cluster import set_leader, workers
+from bus.cluster import Member, set_leader, workers
 from bus.names import Names, Paths
 from bus.ports import free_port  # noqa: F401  (tests import it from here)
 from bus.settings import Settings, load
@@ -191,6 +191,10 @@ class LocalCluster:
 
     # --- the data plane ----------------------------------------------------------
     def workers(self) -> dict[str, dict]:
+        """The raw membership records, as dicts (see members() for Members)."""
+        return bzk.children_json(self.zk, self.paths.workers)
+
+    def members(self) -> dict[str, Member]:
         return workers(self.zk, self.paths)
 
     def promote(self, worker_id: str) -> int:

@@ -1,9 +1,10 @@
 """The scaling rule as pure logic (rideshare.md "Scaling rule")."""
+from bus.cluster import Member
 from orchestrator.scaling import Scaler, ScalingState, slaves_for
 
 
 def w(reads, started=1.0):
-    return {"reads": reads, "started": started}
+    return Member(id="", reads=reads, started=started)
 
 
 def test_rule_reads_per_slave_with_floor_and_ceiling():
