@@ -28,7 +28,8 @@ class DBError(Exception):
 
 
 class BadRequest(DBError):
-    """Malformed request, unknown table or column, wrong type."""
+    """Malformed request, unknown table or column, wrong type, a value out of
+    range or too large, a schema conflict: the request can never succeed as it is."""
     code = "bad_request"
     status = 400
 
@@ -62,6 +63,10 @@ _BY_CODE = {
     "unknown_column": BadRequest,
     "bad_type": BadRequest,
     "unsupported_version": BadRequest,
+    "out_of_range": BadRequest,     # an integer past 64 bits, a non-finite real, an add that would overflow
+    "too_large": BadRequest,        # a request, text value or list past its limit
+    "schema_conflict": BadRequest,  # create_table of a name taken by another definition or index
+    "rejected": BadRequest,         # the database refused the request (its message says why)
     "constraint": ConstraintViolation,
     "precondition_failed": PreconditionFailed,
     "unavailable": Unavailable,

@@ -6,35 +6,60 @@ Bookkeeping tables, next to the tenant tables:
   _stratus_meta      applied LSN, term, stream offset: committed with the data
   _stratus_tables    each table's definition, so the schema survives restarts
   _stratus_seq       named sequences ($seq): gap-free, never reused
-  _stratus_requests  request id -> (LSN, result): a write redelivered after a
-                     crash is answered from here instead of applied twice
+  _stratus_requests  request id -> (LSN, result, applied_at), written in the
+                     write's own transaction and kept for `dedup_retention`
+                     seconds: a write redelivered after a crash, or retried by
+                     its client within that window, is answered from here
+                     instead of applied twice. Replicas keep it too (they may
+                     be promoted).
+
+A client's write (`apply_request`) and read (`read`) are first checked whole
+by worker/validate.py, then applied under a savepoint. Whatever the request
+causes ends as a DBError (the savepoint rolled back, nothing of it left); only
+a failure of the store's own machinery (its file: I/O error, full, corrupt,
+read-only, locked) propagates as it is, so the worker can stop. The log's
+resolved operations (`replay`) are applied without checks: the master made
+them.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
+import sqlite3
+import time
 from contextlib import contextmanager
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.exc import IntegrityError, OperationalError, StatementError
+from sqlalchemy import exc as sa_exc
 
 from bus.errors import BadRequest, ConstraintViolation, DBError, PreconditionFailed
 
-from . import schema
+from . import schema, validate
+from .schema import INT64_MAX, INT64_MIN, fold
 
 log = logging.getLogger("stratus.store")
 
-WHERE_OPS = {"=", "!=", "<", "<=", ">", ">=", "in"}
-MAX_LIMIT = 10_000
-DEDUP_KEEP = 200_000  # request ids remembered, counted in LSNs
+DEDUP_RETENTION = 86400.0   # seconds a request id is remembered (settings.dedup_retention)
+PRUNE_EVERY = 5.0           # seconds between prunes of expired request ids
+PRUNE_BATCH = 10_000        # request ids deleted by one prune at most
+MAX_MESSAGE = 200           # characters of a database message quoted in an error
+# SQLite result codes that mean the store itself failed, not the request
+# (https://www.sqlite.org/rescode.html); extended codes share the prefix.
+MACHINERY_CODES = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_READONLY",
+                   "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_NOMEM",
+                   "SQLITE_PERM", "SQLITE_INTERNAL", "SQLITE_NOLFS", "SQLITE_AUTH", "SQLITE_MISUSE")
 
 
 class Store:
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, dedup_retention: float = DEDUP_RETENTION, clock=time.time):
         self.url = url
+        self.dedup_retention = dedup_retention
+        self.clock = clock
+        self._pruned_at = 0.0
         is_sqlite = url.startswith("sqlite")
         self.engine = sa.create_engine(url, connect_args={"check_same_thread": False} if is_sqlite else {},
                                        poolclass=sa.pool.StaticPool if is_sqlite else None)
@@ -61,21 +86,47 @@ class Store:
         self.t_seq = sa.Table("_stratus_seq", self.meta, sa.Column("name", sa.String(128), primary_key=True),
                               sa.Column("value", sa.BigInteger, nullable=False))
         self.t_req = sa.Table("_stratus_requests", self.meta, sa.Column("id", sa.String(128), primary_key=True),
-                              sa.Column("lsn", sa.BigInteger, nullable=False, index=True),
-                              sa.Column("result", sa.Text))
+                              sa.Column("lsn", sa.BigInteger, nullable=False),
+                              sa.Column("result", sa.Text),
+                              sa.Column("applied_at", sa.Float))
+        self.ix_req_age = sa.Index("ix__stratus_requests_applied_at", self.t_req.c.applied_at)
         self.meta.create_all(self.engine)
-        self.tables: dict[str, sa.Table] = {}
-        self.defs: dict[str, dict] = {}
+        self._migrate()
+        self.tables: dict[str, sa.Table] = {}   # canonical name -> table
+        self.defs: dict[str, dict] = {}          # canonical name -> definition
+        self.names: dict[str, str] = {}          # folded name -> canonical name
         self.conn = self.engine.connect()
         with self.conn.begin():
-            for name, definition in self.conn.execute(sa.select(self.t_tables.c.name, self.t_tables.c.definition)):
-                d = json.loads(definition)
-                self.defs[name] = d
-                self.tables[name] = schema.build(self.meta, d)
+            q = sa.select(self.t_tables.c.name, self.t_tables.c.definition)
+            rows = self.conn.execute(q.order_by(sa.literal_column("rowid")) if is_sqlite else q).all()  # oldest first
+            for name, definition in rows:
+                if fold(name) in self.names:
+                    # Made before names were compared as SQLite compares them:
+                    # it is the same SQLite table as the first, read through it.
+                    log.warning("table %r is %r under another spelling; using %r", name, self.names[fold(name)],
+                                self.names[fold(name)])
+                    continue
+                self._register({**json.loads(definition), "table": name})
             m = dict(self.conn.execute(sa.select(self.t_meta.c.key, self.t_meta.c.value)).all())
         self.applied_lsn = int(m.get("applied_lsn", 0))
         self.term = int(m.get("term", 0))
         self.stream_offset = int(m["stream_offset"]) if m.get("stream_offset") not in (None, "") else None
+
+    def _migrate(self) -> None:
+        """A store made by an earlier version: request ids had no applied_at."""
+        cols = {c["name"] for c in sa.inspect(self.engine).get_columns("_stratus_requests")}
+        with self.engine.begin() as c:
+            if "applied_at" not in cols:
+                log.info("migrating _stratus_requests: adding applied_at (request ids kept from now)")
+                c.exec_driver_sql("ALTER TABLE _stratus_requests ADD COLUMN applied_at FLOAT")
+                c.execute(sa.update(self.t_req).values(applied_at=self.clock()))
+            self.ix_req_age.create(c, checkfirst=True)
+
+    def _register(self, d: dict) -> None:
+        name = d["table"]
+        self.defs[name] = d
+        self.tables[name] = schema.build(sa.MetaData(), d)   # one MetaData per table: nothing stale is left
+        self.names[fold(name)] = name
 
     def close(self) -> None:
         self.conn.close()
@@ -92,17 +143,17 @@ class Store:
             self._save_meta()
             tx.commit()
         except BaseException:
-            tx.rollback()
             self.applied_lsn, self.term, self.stream_offset, defs = saved
             self._forget_tables_not_in(defs)
+            tx.rollback()
             raise
 
     def _forget_tables_not_in(self, defs: dict) -> None:
         for name in list(self.defs):
             if name not in defs:
                 self.defs.pop(name)
-                t = self.tables.pop(name)
-                self.meta.remove(t)
+                self.tables.pop(name)
+                self.names.pop(fold(name))
 
     def _save_meta(self) -> None:
         rows = {"applied_lsn": str(self.applied_lsn), "term": str(self.term),
@@ -123,41 +174,35 @@ class Store:
         return (row[0], json.loads(row[1]) if row[1] else None) if row else None
 
     def apply_request(self, ops: list, lsn: int, request_id: str) -> tuple[list, list]:
-        """Apply a client's write (inside a transaction), checking every
-        precondition. Returns (results, resolved ops for the log). On any error
-        the savepoint is rolled back and nothing of this write remains."""
-        if not isinstance(ops, list) or not ops:
-            raise BadRequest("a write is a non-empty list of operations")
-        if len(ops) > 1000:
-            raise BadRequest("a write holds at most 1000 operations")
-        sp = self.conn.begin_nested()
+        """Apply a client's write (inside a transaction), checking it whole
+        first and every precondition as it goes. Returns (results, resolved
+        ops for the log). On any error the savepoint is rolled back, nothing
+        of this write remains, and the error is a DBError, unless the store's
+        machinery failed: that propagates as it is."""
         defs_before = dict(self.defs)
+        sp, at = None, None
         try:
+            checked = validate.write(ops, self.defs)
+            sp = self.conn.begin_nested()
             results, resolved = [], []
-            for i, op in enumerate(ops):
-                try:
-                    res, logged = self._apply(op, replay=False)
-                except DBError as e:
-                    if e.op is None:
-                        e.op = i
-                    raise
+            for at, op in enumerate(checked):
+                res, logged = self._apply(op, replay=False)
                 results.append(res)
                 resolved.extend(logged)
+            at = None
             self._remember(request_id, lsn, results)
             sp.commit()
             return results, resolved
-        except IntegrityError as exc:
-            sp.rollback()
+        except BaseException as exc:
             self._forget_tables_not_in(defs_before)
-            raise ConstraintViolation(f"constraint violated: {_short(exc)}") from None
-        except (OperationalError, StatementError) as exc:
-            sp.rollback()
-            self._forget_tables_not_in(defs_before)
-            raise BadRequest(f"the database refused the write: {_short(exc)}") from None
-        except BaseException:
-            sp.rollback()
-            self._forget_tables_not_in(defs_before)
-            raise
+            if sp is not None and sp.is_active:
+                sp.rollback()   # if this fails, the store is broken: that propagates instead
+            err = request_error(exc, "write")
+            if err is None:
+                raise
+            if err.op is None:
+                err.op = at
+            raise err from None
 
     def replay(self, ops: list, request_id: str | None, lsn: int, result) -> None:
         """Apply resolved ops from the log (inside a transaction). No
@@ -168,41 +213,56 @@ class Store:
             self._remember(request_id, lsn, result)
 
     def _remember(self, request_id: str, lsn: int, result) -> None:
-        self.conn.execute(sa.insert(self.t_req).values(id=request_id, lsn=lsn, result=json.dumps(result)))
-        if lsn % 1000 == 0:
-            self.conn.execute(sa.delete(self.t_req).where(self.t_req.c.lsn < lsn - DEDUP_KEEP))
+        now = self.clock()
+        # An id seen again after its window lapsed is a new write: replace the old record.
+        self.conn.execute(sa.delete(self.t_req).where(self.t_req.c.id == request_id))
+        self.conn.execute(sa.insert(self.t_req).values(id=request_id, lsn=lsn, result=json.dumps(result),
+                                                       applied_at=now))
+        if now - self._pruned_at >= PRUNE_EVERY:
+            self._pruned_at = now
+            self.prune(now)
 
-    def _table(self, name) -> sa.Table:
-        if not isinstance(name, str) or name not in self.tables:
-            raise BadRequest(f"unknown table {name!r}", code="unknown_table")
-        return self.tables[name]
+    def prune(self, now: float | None = None) -> int:
+        """Forget request ids older than the retention window (a bounded batch)."""
+        cutoff = (self.clock() if now is None else now) - self.dedup_retention
+        old = sa.select(self.t_req.c.id).where(sa.or_(self.t_req.c.applied_at < cutoff,
+                                                      self.t_req.c.applied_at.is_(None))).limit(PRUNE_BATCH)
+        return self.conn.execute(sa.delete(self.t_req).where(self.t_req.c.id.in_(old.scalar_subquery()))).rowcount
 
-    def _col(self, tname: str, cname) -> dict:
+    def _table(self, name: str) -> tuple[str, sa.Table]:
+        canonical = self.names.get(fold(name)) if isinstance(name, str) else None
+        if canonical is None:
+            raise BadRequest(f"unknown table {name!r:.80}", code="unknown_table")
+        return canonical, self.tables[canonical]
+
+    def _column(self, tname: str, name: str) -> dict:
         for c in self.defs[tname]["columns"]:
-            if c["name"] == cname:
+            if fold(c["name"]) == fold(name):
                 return c
-        raise BadRequest(f"unknown column {tname}.{cname}", code="unknown_column")
+        raise BadRequest(f"unknown column {tname}.{name!r:.80}", code="unknown_column")
 
-    def _values(self, tname: str, values, *, resolve: bool) -> tuple[dict, list]:
-        if not isinstance(values, dict) or not values:
-            raise BadRequest(f"values for {tname} must be a non-empty object")
+    @staticmethod
+    def _c(table: sa.Table, name: str) -> sa.Column:
+        """A column by its canonical name (the log of an earlier version may spell it otherwise)."""
+        if name in table.c:
+            return table.c[name]
+        return next(c for c in table.c if fold(c.name) == fold(name))
+
+    def _resolve_seqs(self, row: dict) -> tuple[dict, list]:
         out, seq_ops = {}, []
-        for k, v in values.items():
-            col = self._col(tname, k)
-            if isinstance(v, dict) and "$seq" in v and resolve:
+        for k, v in row.items():
+            if isinstance(v, dict):
                 v, seq_op = self._next_seq(v)
                 seq_ops.append(seq_op)
-            out[k] = schema.check_value(tname, col, v)
+            out[k] = v
         return out, seq_ops
 
     def _next_seq(self, spec: dict) -> tuple[int, dict]:
-        name, start = spec.get("$seq"), spec.get("start", 1)
-        if not isinstance(name, str) or not name or len(name) > 128:
-            raise BadRequest("$seq needs a sequence name")
-        if not isinstance(start, int) or isinstance(start, bool):
-            raise BadRequest("$seq start must be an integer")
+        name, start = spec["$seq"], spec.get("start", 1)
         cur = self.conn.execute(sa.select(self.t_seq.c.value).where(self.t_seq.c.name == name)).scalar()
         value = start if cur is None else cur + 1
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise BadRequest(f"sequence {name!r} is exhausted (past the 64-bit integer range)", code="out_of_range")
         self._set_seq(name, value)
         return value, {"op": "setseq", "name": name, "value": value}
 
@@ -210,89 +270,91 @@ class Store:
         if self.conn.execute(sa.update(self.t_seq).where(self.t_seq.c.name == name).values(value=value)).rowcount == 0:
             self.conn.execute(sa.insert(self.t_seq).values(name=name, value=value))
 
-    def _where(self, tname: str, table: sa.Table, where) -> list:
-        if where is None:
-            return []
-        if not isinstance(where, list):
-            raise BadRequest("where must be a list of [column, operator, value]")
+    def _full_row(self, tname: str, row: dict, *, check: bool) -> dict:
+        """Every column: given, else its default, else null."""
+        out = {}
+        d = self.defs[tname]
+        given = {fold(k): v for k, v in row.items()}
+        for c in d["columns"]:
+            if fold(c["name"]) in given:
+                out[c["name"]] = given[fold(c["name"])]
+                continue
+            v = c.get("default")
+            if v is None and check and not schema.nullable(d, c):
+                raise BadRequest(f"{tname}.{c['name']} may not be null, and the row gives no value", code="bad_type")
+            out[c["name"]] = v
+        return out
+
+    def _where(self, table: sa.Table, where) -> list:
+        """Clauses of a where that was checked (or came from the log)."""
         clauses = []
-        for cond in where:
-            if not isinstance(cond, list) or len(cond) != 3:
-                raise BadRequest("each where clause is [column, operator, value]")
-            cname, oper, value = cond
-            col = self._col(tname, cname)
-            if oper not in WHERE_OPS:
-                raise BadRequest(f"operator {oper!r} is not one of {sorted(WHERE_OPS)}")
-            c = table.c[cname]
+        for cname, oper, value in where or []:
+            c = self._c(table, cname)
             if oper == "in":
-                if not isinstance(value, list) or len(value) > 1000:
-                    raise BadRequest("'in' takes a list of at most 1000 values")
-                for v in value:
-                    schema.check_value(tname, {**col, "nullable": False}, v)
                 clauses.append(c.in_(value))
-                continue
-            if value is None and oper in ("=", "!="):
+            elif value is None:
                 clauses.append(c.is_(None) if oper == "=" else c.is_not(None))
-                continue
-            schema.check_value(tname, {**col, "nullable": False}, value)
-            clauses.append({"=": c == value, "!=": c != value, "<": c < value, "<=": c <= value,
-                            ">": c > value, ">=": c >= value}[oper])
+            else:
+                clauses.append({"=": c == value, "!=": c != value, "<": c < value, "<=": c <= value,
+                                ">": c > value, ">=": c >= value}[oper])
         return clauses
 
     def _expect(self, op: dict, rowcount: int, replay: bool) -> None:
         exp = op.get("expect")
         if exp is None or replay:
             return
-        if not isinstance(exp, int) or isinstance(exp, bool):
-            raise BadRequest("expect must be an integer rowcount")
         if rowcount != exp:
             raise PreconditionFailed(f"{op.get('op')} on {op.get('table')} touched {rowcount} rows, expected {exp}",
                                      tag=op.get("tag"))
 
-    def _apply(self, op, *, replay: bool) -> tuple[dict, list]:
-        """Apply one operation; returns (result, ops to log)."""
-        if not isinstance(op, dict):
-            raise BadRequest("each operation is an object with an 'op' field")
-        kind = op.get("op")
+    def _check_add(self, tname: str, table: sa.Table, clauses: list, adds: dict) -> None:
+        """The rows an update adds to must stay within their column's range:
+        64-bit for integers (SQLite would silently turn them into reals), finite for reals."""
+        for k, delta in adds.items():
+            c = self._c(table, k)
+            lo, hi = self.conn.execute(sa.select(sa.func.min(c), sa.func.max(c)).where(*clauses)).one()
+            if lo is None:
+                continue
+            if self._column(tname, k)["type"] == "integer" and isinstance(delta, int):
+                ok = INT64_MIN <= lo + delta <= INT64_MAX and INT64_MIN <= hi + delta <= INT64_MAX
+            else:
+                ok = math.isfinite(float(lo) + delta) and math.isfinite(float(hi) + delta)
+            if not ok:
+                raise BadRequest(f"add {delta!r} to {tname}.{k} would leave its range (now {lo!r} to {hi!r})",
+                                 code="out_of_range")
+
+    def _apply(self, op: dict, *, replay: bool) -> tuple[dict, list]:
+        """Apply one checked operation (or one from the log); returns (result, ops to log)."""
+        kind = op["op"]
         if kind == "create_table":
-            return self._create_table(op)
+            return self._create_table(schema.definition(op))
         if kind == "setseq":
+            if not replay:
+                raise BadRequest("setseq comes only from the replication log")
             self._set_seq(op["name"], op["value"])
             return {}, [op]
         if kind == "clear":
             for t in self.tables.values():
                 self.conn.execute(sa.delete(t))
             return {}, [{"op": "clear"}]
-        tname = op.get("table")
-        table = self._table(tname)
+        tname, table = self._table(op["table"])
         if kind == "insert":
-            rows = op.get("rows") if "rows" in op else [op.get("values")]
-            if not isinstance(rows, list) or not rows or len(rows) > 1000:
-                raise BadRequest("insert takes values, or rows: a list of 1 to 1000 objects")
-            resolved_rows, seq_ops = [], []
-            for r in rows:
-                vals, s = self._values(tname, r, resolve=not replay)
-                resolved_rows.append(vals)
+            rows, seq_ops = [], []
+            for r in op["rows"] if "rows" in op else [op["values"]]:
+                vals, s = self._resolve_seqs(r) if not replay else (r, [])
+                rows.append(self._full_row(tname, vals, check=False))
                 seq_ops.extend(s)
-            self.conn.execute(sa.insert(table), resolved_rows)
-            self._expect(op, len(resolved_rows), replay)
-            result = {"rowcount": len(resolved_rows), "values": resolved_rows[0] if len(resolved_rows) == 1 else resolved_rows}
-            return result, seq_ops + [{"op": "insert", "table": tname, "rows": resolved_rows}]
+            self.conn.execute(sa.insert(table), rows)   # every row has every column: nothing is dropped
+            self._expect(op, len(rows), replay)
+            result = {"rowcount": len(rows), "values": rows[0] if len(rows) == 1 else rows}
+            return result, seq_ops + [{"op": "insert", "table": tname, "rows": rows}]
         if kind == "update":
-            clauses = self._where(tname, table, op.get("where"))
-            sets, _ = self._values(tname, op["set"], resolve=False) if op.get("set") else ({}, [])
-            adds = op.get("add") or {}
-            if not isinstance(adds, dict):
-                raise BadRequest("add must be an object {column: number}")
-            values: dict = dict(sets)
-            for k, v in adds.items():
-                col = self._col(tname, k)
-                if col["type"] not in ("integer", "real"):
-                    raise BadRequest(f"add needs a numeric column; {tname}.{k} is {col['type']}", code="bad_type")
-                schema.check_value(tname, {**col, "nullable": False}, v)
-                values[k] = table.c[k] + v
-            if not values:
-                raise BadRequest("update needs set or add")
+            clauses = self._where(table, op.get("where"))
+            sets, adds = op.get("set") or {}, op.get("add") or {}
+            if adds and not replay:
+                self._check_add(tname, table, clauses, adds)
+            values = {self._c(table, k).name: v for k, v in sets.items()}
+            values.update({self._c(table, k).name: self._c(table, k) + v for k, v in adds.items()})
             rc = self.conn.execute(sa.update(table).where(*clauses).values(**values)).rowcount
             self._expect(op, rc, replay)
             logged = {"op": "update", "table": tname, "where": op.get("where") or []}
@@ -302,92 +364,67 @@ class Store:
                 logged["add"] = adds
             return {"rowcount": rc}, [logged]
         if kind == "delete":
-            clauses = self._where(tname, table, op.get("where"))
-            rc = self.conn.execute(sa.delete(table).where(*clauses)).rowcount
+            rc = self.conn.execute(sa.delete(table).where(*self._where(table, op.get("where")))).rowcount
             self._expect(op, rc, replay)
             return {"rowcount": rc}, [{"op": "delete", "table": tname, "where": op.get("where") or []}]
         if kind == "upsert":
-            vals, seq_ops = self._values(tname, op.get("values"), resolve=not replay)
+            vals, seq_ops = self._resolve_seqs(op["values"]) if not replay else (op["values"], [])
             pk = self.defs[tname]["primary_key"]
-            if any(k not in vals for k in pk):
-                raise BadRequest(f"upsert needs the whole primary key {pk}")
-            key = [table.c[k] == vals[k] for k in pk]
-            rest = {k: v for k, v in vals.items() if k not in pk}
+            key = [self._c(table, k) == v for k, v in vals.items() if fold(k) in {fold(p) for p in pk}]
+            rest = {self._c(table, k).name: v for k, v in vals.items() if fold(k) not in {fold(p) for p in pk}}
             rc = self.conn.execute(sa.update(table).where(*key).values(**rest)).rowcount if rest else \
                 len(self.conn.execute(sa.select(*[table.c[k] for k in pk]).where(*key)).all())
             if rc == 0:
-                self.conn.execute(sa.insert(table).values(**vals))
+                self.conn.execute(sa.insert(table).values(**self._full_row(tname, vals, check=not replay)))
+            self._expect(op, 1, replay)
             return {"rowcount": 1, "values": vals}, seq_ops + [{"op": "upsert", "table": tname, "values": vals}]
         if kind == "require":
-            clauses = self._where(tname, table, op.get("where"))
+            clauses = self._where(table, op.get("where"))
             exists = op.get("exists", True)
-            if not isinstance(exists, bool):
-                raise BadRequest("require.exists must be true or false")
             found = self.conn.execute(sa.select(sa.literal(1)).select_from(table).where(*clauses).limit(1)).first() is not None
             if found != exists and not replay:
                 what = "no row" if exists else "a row"
-                raise PreconditionFailed(f"require failed: {what} in {tname} matches {op.get('where')}", tag=op.get("tag"))
+                raise PreconditionFailed(f"require failed: {what} in {tname} matches {op.get('where')!r:.200}",
+                                         tag=op.get("tag"))
             return {"found": found}, []
-        raise BadRequest(f"unknown operation {kind!r}")
+        raise BadRequest(f"unknown operation {kind!r:.40}")
 
-    def _create_table(self, op: dict) -> tuple[dict, list]:
-        d = schema.normalize(op)
-        name = d["table"]
-        if name in self.defs:
-            if self.defs[name] != d:
-                raise BadRequest(f"table {name!r} exists with another definition")
+    def _create_table(self, d: dict) -> tuple[dict, list]:
+        if fold(d["table"]) in self.names:   # the same definition (validate refused any other)
             return {"created": False}, []
-        table = schema.build(self.meta, d)
-        table.create(self.conn, checkfirst=True)
-        self.conn.execute(sa.insert(self.t_tables).values(name=name, definition=json.dumps(d)))
-        self.defs[name] = d
-        self.tables[name] = table
+        self._register(d)
+        self.tables[d["table"]].create(self.conn, checkfirst=False)
+        self.conn.execute(sa.insert(self.t_tables).values(name=d["table"], definition=json.dumps(d)))
         return {"created": True}, [{"op": "create_table", **d}]
 
     # --- reads ------------------------------------------------------------
     def read(self, q) -> Any:
-        """Run one query in its own short read transaction."""
-        with self.conn.begin():
-            return self._read(q)
+        """Run one checked query in its own short read transaction. Errors are
+        DBErrors, except failures of the store's machinery."""
+        try:
+            checked = validate.read(q, self.defs)
+            with self.conn.begin():
+                return self._read(checked)
+        except Exception as exc:
+            err = request_error(exc, "read")
+            if err is None:
+                raise
+            raise err from None
 
-    def _read(self, q) -> Any:
-        if not isinstance(q, dict):
-            raise BadRequest("a read is an object with an 'op' field")
-        kind = q.get("op")
+    def _read(self, q: dict) -> Any:
+        kind = q["op"]
         if kind == "tables":
             return sorted(self.defs)
-        if kind not in ("select", "count"):
-            raise BadRequest(f"unknown read operation {kind!r} (select, count, tables)")
-        tname = q.get("table")
-        table = self._table(tname)
-        clauses = self._where(tname, table, q.get("where"))
+        tname, table = self._table(q["table"])
+        clauses = self._where(table, q["where"])
         if kind == "count":
             return self.conn.execute(sa.select(sa.func.count()).select_from(table).where(*clauses)).scalar()
-        cols = q.get("columns")
-        if cols is None:
-            sel_cols = list(table.c)
-        else:
-            if not isinstance(cols, list) or not cols:
-                raise BadRequest("columns must be a non-empty list")
-            for c in cols:
-                self._col(tname, c)
-            sel_cols = [table.c[c] for c in cols]
-        stmt = sa.select(*sel_cols).where(*clauses)
-        for ob in q.get("order_by") or []:
-            if isinstance(ob, str):
-                ob = [ob, "asc"]
-            if not isinstance(ob, list) or len(ob) != 2 or ob[1] not in ("asc", "desc"):
-                raise BadRequest("order_by entries are [column, 'asc'|'desc']")
-            self._col(tname, ob[0])
-            stmt = stmt.order_by(table.c[ob[0]].asc() if ob[1] == "asc" else table.c[ob[0]].desc())
-        limit = q.get("limit")
-        if limit is not None:
-            if not isinstance(limit, int) or isinstance(limit, bool) or not 0 <= limit <= MAX_LIMIT:
-                raise BadRequest(f"limit must be an integer from 0 to {MAX_LIMIT}")
-            stmt = stmt.limit(limit)
-        else:
-            stmt = stmt.limit(MAX_LIMIT)
-        return [dict(r._mapping) for r in self.conn.execute(stmt)]
+        cols = [table.c[c] for c in q["columns"]] if q.get("columns") else list(table.c)
+        stmt = sa.select(*cols).where(*clauses)
+        for name, direction in q.get("order_by") or []:
+            stmt = stmt.order_by(table.c[name].asc() if direction == "asc" else table.c[name].desc())
+        stmt = stmt.limit(q["limit"])
+        return [{k: validate.finite_or_none(v) for k, v in r._mapping.items()} for r in self.conn.execute(stmt)]
 
     def checksum(self) -> dict[str, str]:
         """sha256 of every tenant table's rows in primary-key order (tests compare workers)."""
@@ -402,6 +439,44 @@ class Store:
         return out
 
 
+# --- what failed: the request, or the store ---------------------------------
+def machinery_failed(exc: BaseException) -> bool:
+    """True when the exception is the store's own failure (its file, its
+    connection), which no request causes and after which the worker must stop."""
+    if isinstance(exc, (sa_exc.ResourceClosedError, sa_exc.PendingRollbackError)):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = exc.orig if isinstance(exc, sa_exc.StatementError) else exc
+    if isinstance(orig, sqlite3.Error):
+        name = getattr(orig, "sqlite_errorname", None)
+        if name:
+            return name.startswith(MACHINERY_CODES)
+        # raised by the sqlite3 module itself: a closed connection is the store's failure
+        return isinstance(orig, (sqlite3.OperationalError, sqlite3.InternalError)) or "closed" in str(orig).lower()
+    if isinstance(exc, sa_exc.DBAPIError):   # another database: trust the DB-API's classes
+        return isinstance(exc, (sa_exc.OperationalError, sa_exc.InternalError))
+    return False
+
+
+def request_error(exc: BaseException, what: str) -> DBError | None:
+    """The DBError a request's failure is answered with, or None when the
+    store's machinery failed (or the process is stopping): that propagates."""
+    if not isinstance(exc, Exception):
+        return None
+    if isinstance(exc, DBError):
+        return exc
+    if machinery_failed(exc):
+        return None
+    if isinstance(exc, sa_exc.IntegrityError):
+        return ConstraintViolation(f"constraint violated: {_short(exc)}")
+    if isinstance(exc, sa_exc.DBAPIError):
+        return BadRequest(f"the database refused the {what}: {_short(exc)}", code="rejected")
+    log.exception("a %s could not be applied", what)
+    return BadRequest(f"the {what} could not be applied ({type(exc).__name__})", code="rejected")
+
+
 def _short(exc: Exception) -> str:
-    msg = str(getattr(exc, "orig", exc)).splitlines()[0]
-    return msg[:200]
+    """The database's own message (never the statement), first line, bounded."""
+    msg = str(getattr(exc, "orig", exc)).splitlines()
+    return (msg[0] if msg else type(exc).__name__)[:MAX_MESSAGE]
