@@ -12,9 +12,9 @@ without an answer), and a request must be complete within the read timeout
 of its first byte (else 408), however slowly its bytes trickle in.
 
 A pool thread answers the request, then keeps the connection while the
-client stays active: it serves requests already buffered (pipelining) and
-waits up to KEEP for the next one, so a busy keep-alive client does not go
-through the selector per request. When the connection falls idle, or a
+client stays active: it serves requests already buffered (pipelining) and,
+unless other requests wait for a thread, waits up to KEEP for the next one,
+so a busy keep-alive client does not go through the selector per request. When the connection falls idle, or a
 request arrives too slowly, the connection goes back to the selector.
 
 Admission: at most STRATUS_GATEWAY_MAX_CONN_PER_IP open connections from one
@@ -397,7 +397,8 @@ class Server:
                                     head_only=req.method == "HEAD"))
                 if not keep:
                     break
-                req = reader.next_request(time.monotonic() + KEEP, send_continue)
+                # Wait for the next request only while no other request waits for a thread.
+                req = reader.next_request(time.monotonic() + (KEEP if self.work.empty() else 0.0), send_continue)
                 if req is None:  # idle, or the next request arrives slowly: the selector waits for it
                     if self._stop.is_set():
                         break

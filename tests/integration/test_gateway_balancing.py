@@ -142,9 +142,17 @@ def test_get_is_retried_once_but_post_never(cluster):
 
     c = Client(gw)
     base = total_requests()
-    status, body, _ = c.get("/api/v1/rides/_drop")
+    status, body, resp = c.get("/api/v1/rides/_drop")
     assert status == 502, (status, body)
     assert total_requests() - base == 2  # the GET was retried once, on the other instance
+    # Both attempts carried the gateway's one request id for it (the services make it the bus
+    # request id of a write, so a retried write is answered with the first attempt's result).
+    rid = resp.getheader("X-Request-Id")
+    assert rid and all(Client(p).get("/_stats")[1]["seen"][-1] == rid for p in ports), rid
+    status, body, resp = Client(gw).request("PUT", "/api/v1/rides/_drop", {"x": 1},
+                                            headers={"X-Request-Id": "client-put-7"})
+    assert status == 502 and resp.getheader("X-Request-Id") == "client-put-7", (status, body)
+    assert [Client(p).get("/_stats")[1]["seen"][-1] for p in ports] == ["client-put-7"] * 2
 
     # Both instances are still in rotation: a transport error after the send is not a health verdict.
     assert Client(gw).get("/api/v1/rides/1")[0] == 200
