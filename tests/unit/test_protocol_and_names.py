@@ -75,3 +75,40 @@ def test_choose_master_prefers_most_applied_then_lowest_pid():
     assert choose_master(ws)["id"] == "c"
     assert choose_master([ws[3], ws[4]])["id"] == "d"   # nobody ready: a catching-up worker still drains first
     assert choose_master([ws[4]]) is None
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b'{"v":1,"kind":"write","id":"a","body":{"ops":[{"op":"insert","table":"t","values":{"x":NaN}}]}}', "bad_request"),
+    (b'{"v":1,"kind":"write","id":"a","body":{"ops":[{"x":Infinity}]}}', "bad_request"),
+    (b'{"v":1,"kind":"write","id":"a","body":{"ops":[{"x":-Infinity}]}}', "bad_request"),
+    (b'{"v":1,"kind":"write","id":"a","body":{"ops":[{"x":1e999}]}}', "bad_request"),       # overflows a double
+    (b'{"v":1,"kind":"write","id":"a","body":{"ops":[{"x":"\\ud800"}]}}', "bad_request"),   # lone surrogate
+    (b'{"v":1,"kind":"write","id":"a","body":{"\\udfff":1}}', "bad_request"),
+    (b'{"v":1,"kind":"read","id":"\\ud800","body":{}}', "bad_request"),
+    (b'{"v":1,"kind":"read","id":"a","body":{"x":' + b"[" * 100_000 + b"]" * 100_000 + b"}}", "bad_request"),
+    (b'{"v":1,"kind":"read","id":"a","body":{"x":' + b"[" * 40 + b"]" * 40 + b"}}", "bad_request"),
+    (b'{"v":1,"kind":"read","id":"a","body":{"x":"' + b"a" * protocol.MAX_REQUEST_BYTES + b'"}}', "too_large"),
+    (b'{"v":1,"kind":"read","id":"a","body":{},"sent_at":"now"}', "bad_request"),
+    (b'{"v":1,"kind":"read","id":"a","body":{"x":' + b"9" * 5000 + b"}}", "bad_request"),  # past int str digits
+])
+def test_requests_json_cannot_carry_are_refused(raw, code):
+    """Only BadRequest may come out of decode_request: the worker answers it."""
+    with pytest.raises(BadRequest) as e:
+        protocol.decode_request(raw)
+    assert e.value.code == code and e.value.message
+
+
+def test_nan_and_lone_surrogates_are_never_written():
+    with pytest.raises(ValueError):
+        protocol.dumps({"x": float("nan")})
+    for bad in (float("inf"), "\ud800"):
+        with pytest.raises(BadRequest):   # refused before it is sent, not a crash of the client
+            protocol.Request(kind="write", body={"ops": [{"x": bad}]}).encode()
+    raw = protocol.encode_error(BadRequest("bad name '\ud800'"), "w1")   # an error reply is always sent
+    with pytest.raises(BadRequest):
+        protocol.decode_reply(raw)
+
+
+@pytest.mark.parametrize("code", ["out_of_range", "too_large", "schema_conflict", "rejected", "bad_type"])
+def test_every_refusal_code_is_a_4xx(code):
+    assert 400 <= from_wire({"code": code, "message": "m"}).status < 500
