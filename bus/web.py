@@ -277,14 +277,14 @@ class _OneAtATime:
 _in_flight = _OneAtATime()
 
 
-def write(db, ops: list[dict], *, attempts: int = 1, request_id: str | None = None):
-    """Write `ops` under write_id(ops) (or `request_id`); after a Timeout or
+def write(db, ops: list[dict], *, attempts: int = 1):
+    """Write `ops` under write_id(ops); after a Timeout or
     Unavailable send the same write again, up to `attempts` times in all
     (the workers answer a repeated id from their record, so it is applied at
     most once). The reply's LSN becomes the request's. Returns the Reply;
     raises the write's DBError."""
-    rid = request_id or write_id(ops)
-    wait = db.settings.request_timeout
+    rid = write_id(ops)
+    wait = db.settings.request_timeout * attempts  # for an earlier attempt of the same write
     with _in_flight.hold(rid, wait):
         for attempt in range(1, attempts + 1):
             try:
