@@ -222,8 +222,8 @@ def body_framing(req: Request, max_body: int) -> tuple[int, bool]:
         if req.version == "HTTP/1.0":
             raise HttpError(400, "Transfer-Encoding in an HTTP/1.0 request")
         codings = [c.strip().lower() for c in te.split(",")]
-        if codings[-1] != "chunked":
-            raise HttpError(400, "Transfer-Encoding must end with chunked")
+        if codings[-1] != "chunked" or "chunked" in codings[:-1]:
+            raise HttpError(400, "Transfer-Encoding must end with chunked, applied once")
         if codings != ["chunked"]:
             raise HttpError(501, "only the chunked transfer coding is supported")
         return 0, True
@@ -301,7 +301,8 @@ class _Chunked:
 def parse_head(head: bytes) -> Request:
     lines = head.split(b"\r\n")
     parts = lines[0].split(b" ")
-    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1]) or not _VERSION.fullmatch(parts[2]):
+    if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not _TARGET.fullmatch(parts[1])
+            or not _VERSION.fullmatch(parts[2])):
         if len(parts) == 3 and parts[2].startswith(b"HTTP/") and _TOKEN.fullmatch(parts[0]):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
         raise HttpError(400, "malformed request line")
@@ -324,7 +325,8 @@ def parse_head(head: bytes) -> Request:
             raise HttpError(400, "malformed header field")
         n = name.decode().lower()
         headers.append((name.decode(), v))
-        if n in h and n in ("content-length", "cookie", "forwarded", "x-forwarded-for", "accept", "connection"):
+        if n in h and n in ("content-length", "transfer-encoding", "cookie", "forwarded", "x-forwarded-for", "accept",
+                            "connection"):
             h[n] = h[n] + ("; " if n == "cookie" else ", ") + v
         elif n in h and n == "host":
             raise HttpError(400, "more than one Host header")

@@ -184,6 +184,8 @@ def test_body_framing():
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip", 400),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip", 400),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked", 501),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked", 501),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked", 400),
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 101", 413),
             (b"POST / HTTP/1.1\r\nHost\n: x", 400)]:
