@@ -15,7 +15,7 @@ reference for what any proxy hop costs on the same machine.
 
 A real local cluster (a master and one slave), the real users service
 (GET /api/v1/users: a read through the bus), a trivial registered upstream
-(gateway/trivial_upstream.py) and a gateway process, all on loopback. The
+(tests/kits/trivial_upstream.py) and a gateway process, all on loopback. The
 load runs in 4 processes x 4 threads with a lean keep-alive client, so the
 load generator is not the bottleneck it would be in one Python process.
 
@@ -42,7 +42,7 @@ from _common import ROOT, machine, pct, record
 
 sys.path.insert(0, str(ROOT))
 
-from gateway.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until  # noqa: E402
+from kits.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until  # noqa: E402
 from harness import LocalCluster  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import hashlib
 import stat
 import time
 
-from gateway.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
+from kits.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
 from gateway.tokens import Signer
 
 SECRET = "test-secret-for-signing"

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from gateway.testkit import Client, start_gateway, start_upstream, wait_healthy, wait_until
+from kits.testkit import Client, start_gateway, start_upstream, wait_healthy, wait_until
 
 
 def _instance(body):
@@ -172,7 +172,7 @@ def test_no_instances_answers_503_json(cluster):
 def test_real_rides_instances_spread_and_survive_kill9(cluster):
     """Three real rides services (gunicorn, registered in ZooKeeper): each
     instance counts the requests it answered on /api/v1/rides routes."""
-    from gateway.testkit import free_port
+    from kits.testkit import free_port
     cluster.bootstrap(slaves=1)
     ports = [free_port() for _ in range(3)]
     for i, p in enumerate(ports):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
+from kits.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
 
 
 def product_reads(port: int) -> int:

@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from gateway.testkit import Client, free_port, start_gateway, wait_healthy, wait_until
+from kits.testkit import Client, free_port, start_gateway, wait_healthy, wait_until
 
 
 def future_ts(days: int = 7) -> str:

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 
-from gateway.testkit import Client, start_gateway, start_upstream, wait_healthy
+from kits.testkit import Client, start_gateway, start_upstream, wait_healthy
 
 
 def raw_exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> tuple[int, dict, bool]:

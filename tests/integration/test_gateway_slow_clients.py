@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 
-from gateway.testkit import Client, start_gateway, start_upstream, wait_healthy, wait_until
+from kits.testkit import Client, start_gateway, start_upstream, wait_healthy, wait_until
 
 SLOW = 300          # slow connections from 127.0.0.2
 CAP = 200           # the per-address cap the gateway gets

@@ -6,8 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import time
+from pathlib import Path
 
 from bus.ports import free_port  # noqa: F401  (tests and the benchmark import it from here)
+
+TRIVIAL_UPSTREAM = Path(__file__).resolve().with_name("trivial_upstream.py")
 
 
 def wait_until(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
@@ -82,7 +85,7 @@ def start_upstream(cluster, key: str, service: str, *args: str, **env) -> int:
     """A trivial upstream registered as `service`; returns its port once it
     is listening and registered."""
     port = free_port()
-    cluster.spawn(key, ["-m", "gateway.trivial_upstream", "--service", service, "--port", str(port), *args], **env)
+    cluster.spawn(key, [str(TRIVIAL_UPSTREAM), "--service", service, "--port", str(port), *args], **env)
     wait_until(lambda: Client(port, timeout=2).get("/health")[0] == 200, 30, what=f"{key} to listen")
     path = cluster.paths.service(service)
     wait_until(lambda: any(c.startswith(f"127.0.0.1:{port}-") for c in (cluster.zk.get_children(path)

@@ -2,7 +2,7 @@
 standard library's threading HTTP server, registered in the ZooKeeper
 service registry under any service name, exactly as tenant services are.
 
-    python -m gateway.trivial_upstream --service rides [--port 0] [--bus]
+    python tests/kits/trivial_upstream.py --service rides [--port 0] [--bus]
 
 Routes (every answer is JSON and names the instance that gave it):
   GET  /health                 200 {"status": "ok"}  (503 after POST /_sick)
@@ -140,7 +140,7 @@ def make_handler(state: State):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gateway.trivial_upstream")
+    ap = argparse.ArgumentParser(prog="trivial_upstream.py")
     ap.add_argument("--service", required=True)
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--bus", action="store_true", help="serve /kv/{key} through the Stratus bus")
