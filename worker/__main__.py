@@ -2,14 +2,18 @@
 
 A worker whose SQLite store does not exist yet (new, or rebuilt) first fetches
 the latest snapshot from a ready member (when STRATUS_SNAPSHOT_FETCH is on and
-ZooKeeper shows a ready member), then starts as on any restart: it resumes the
-log from the snapshot's stream offset. Beside the worker runs its snapshot
-service (worker/snapshot.py). When the worker exits with EXIT_REBUILD (77,
-diverged), its store is moved aside to `store.sqlite.diverged` (the one kept
-for inspection), so the next worker started under this id is a fresh one."""
+ZooKeeper shows a ready member that has applied something), then starts as on
+any restart: it resumes the log from the snapshot's stream offset. Beside the
+worker runs its snapshot service (worker/snapshot.py).
+
+When the worker exits with EXIT_REBUILD (77, diverged), its store is left as it
+is for inspection and marked `store.sqlite.rebuild`; the next start under this
+id moves it aside to `store.sqlite.diverged` (the one copy kept) and starts
+fresh, from a snapshot."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -31,19 +35,20 @@ def sqlite_path(db_url: str) -> Path | None:
     return Path(url.database)
 
 
-def any_ready_member(settings: Settings, worker_id: str) -> bool:
-    """Does ZooKeeper show a ready worker (other than us)? Quick: a fresh
-    cluster answers no at once."""
+def ready_members_lsn(settings: Settings, worker_id: str) -> int | None:
+    """The highest applied LSN of a ready worker (other than us) in ZooKeeper,
+    None when none is ready. Quick: a fresh cluster answers at once."""
     from bus.names import Paths
     from bus.zk import children_json, connect
     try:
         zk = connect(settings, start_timeout=5.0)
     except Exception as exc:
         log.warning("ZooKeeper unreachable (%r): no snapshot", exc)
-        return False
+        return None
     try:
         ws = children_json(zk, Paths(settings.cluster).workers)
-        return any(w.get("ready") and w.get("state") != "diverged" for i, w in ws.items() if i != worker_id)
+        lsns = [int(w.get("applied_lsn") or 0) for i, w in ws.items() if i != worker_id and w.get("ready")]
+        return max(lsns) if lsns else None
     finally:
         zk.stop()
         zk.close()
@@ -55,8 +60,9 @@ def fetch_if_new(settings: Settings, worker_id: str, path: Path | None) -> None:
         return
     if path.exists() or not settings.snapshot_fetch:
         return
-    if not any_ready_member(settings, worker_id):
-        log.info("new store, no ready member: starting from the log")
+    lsn = ready_members_lsn(settings, worker_id)
+    if not lsn:   # none ready, or nothing written yet: the log is all there is
+        log.info("new store, no ready member with data: starting from the log")
         return
     from bus.names import Names
     from .snapshot import fetch_snapshot
@@ -68,6 +74,10 @@ def fetch_if_new(settings: Settings, worker_id: str, path: Path | None) -> None:
         log.info("starting from the snapshot at LSN %d (fetched in %.2fs)", info["lsn"], time.monotonic() - t0)
 
 
+def rebuild_mark(path: Path) -> Path:
+    return Path(f"{path}.rebuild")
+
+
 def move_aside(path: Path) -> None:
     """Keep one diverged copy for inspection; the next start is a fresh worker."""
     aside = Path(f"{path}.diverged")
@@ -77,7 +87,7 @@ def move_aside(path: Path) -> None:
         src = Path(f"{path}{side}")
         if src.exists():
             os.replace(src, f"{aside}{side}")
-    log.warning("diverged: the store was moved to %s; a fresh worker will start from a snapshot", aside)
+    log.warning("the diverged store was moved to %s: starting fresh", aside)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = settings.db_url.format(path=path)
     path = sqlite_path(db)
+    if path is not None and rebuild_mark(path).exists():
+        move_aside(path)
+        rebuild_mark(path).unlink()
     fetch_if_new(settings, args.id, path)
     from .node import EXIT_REBUILD, Worker
     from .snapshot import SnapshotService
@@ -120,10 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         if service is not None:
             service.stop()
     if code == EXIT_REBUILD and path is not None:
-        if service is not None:
-            service.join(5)   # it may be reading the store
-        worker.store.close()
-        move_aside(path)
+        rebuild_mark(path).write_text(json.dumps({"at": time.time(), "reason": worker.reason}) + "\n")
+        log.warning("diverged: the next start under this id rebuilds the store from a snapshot (%s)",
+                    rebuild_mark(path))
     return code
 
 

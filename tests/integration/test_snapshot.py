@@ -68,16 +68,20 @@ def test_new_slave_starts_from_a_snapshot_when_the_log_lost_its_first_records(ma
     first = first_lsn_in_log(cluster)
     assert first is not None and first > 1, f"the log still starts at LSN {first}: retention did not apply"
 
-    # Without a snapshot, a new worker meets the gap, says so, and exits 77 with its store moved aside.
+    # Without a snapshot, a new worker meets the gap, says so, and exits 77; its store stays
+    # there for inspection, marked to be rebuilt.
+    store = cluster.db_path("s2")
     p = cluster.start_worker("s2", STRATUS_SNAPSHOT_FETCH="0")
     assert p.wait(30) == 77, cluster.log("s2")
     assert "log gap" in cluster.log("s2")
-    assert not cluster.db_path("s2").exists()
-    assert cluster.db_path("s2").with_name("store.sqlite.diverged").exists()
+    assert store.exists() and store.with_name("store.sqlite.rebuild").exists()
 
-    # Started again (as the orchestrator would), it fetches a snapshot, replays the tail and converges.
+    # Started again (as the orchestrator would), it moves the store aside, fetches a snapshot,
+    # replays the tail and converges.
     cluster.start_worker("s2")
     cluster.wait_ready(["s2"])
+    assert store.with_name("store.sqlite.diverged").exists()
+    assert not store.with_name("store.sqlite.rebuild").exists()
     assert "fetched the snapshot" in cluster.log("s2")
     assert "starting from the snapshot" in cluster.log("s2")
     last = fill(db, 5, start=1000)
