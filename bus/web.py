@@ -15,13 +15,14 @@ seconds, is refused (ListIncomplete, 503): never answered in part.
 
 Request ids of writes (write, write_id): the bus request id of a write that
 an HTTP request causes is the request's X-Request-Id (bus/service.py keeps
-it in g.request_id) plus a digest of the write's operations. The workers
-remember each applied write's result under its request id, so a retry of
-the HTTP request (same X-Request-Id, same body) sends the same write under
-the same id and gets the first attempt's result, which the service answers
-exactly as it did the first time. A different write, or the same write
-under another X-Request-Id, is a new write. In one process, writes under
-one id go one at a time (the DB client matches replies by request id)."""
+it in g.request_id) plus a digest of the service, method, path and the
+write's operations. The workers remember each applied write's result under
+its request id, so a retry of the HTTP request (same X-Request-Id, same
+body) sends the same write under the same id and gets the first attempt's
+result, which the service answers exactly as it did the first time. Another
+write, or the same write under another X-Request-Id, is a new write. In one
+process, writes under one id go one at a time (the DB client matches
+replies by request id)."""
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ import time
 import uuid
 from contextlib import contextmanager
 
-from flask import Flask, Response, g, jsonify, request
+from flask import Flask, Response, current_app, g, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 
 from bus.errors import DBError, Timeout, Unavailable
@@ -240,12 +241,13 @@ def read_list(db, query: dict, key: list[str]) -> list[dict]:
 def write_id(ops: list[dict]) -> str:
     """The bus request id of `ops` written for the current HTTP request:
     its X-Request-Id (hashed when it is long or unusual) and a digest of the
-    write (at most 88 characters; the bus takes 128)."""
+    service, method, path and write (at most 88 characters; the bus takes 128)."""
     rid = g.get("request_id") or uuid.uuid4().hex
     if not _PLAIN_ID.match(rid):
         rid = "h" + hashlib.sha256(rid.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-    digest = hashlib.sha256(json.dumps(ops, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:22]
-    return f"{rid}/{digest}"
+    what = [current_app.name, request.method, request.path, ops]  # the same write on another route is another
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    return f"{rid}/{digest.hexdigest()[:22]}"
 
 
 class _OneAtATime:

@@ -109,6 +109,17 @@ def test_delete_user_retried_with_the_same_request_id_answers_200_again(rs, c):
     assert users_in_db(rs, c) == ["dave", "erin"]
 
 
+def test_the_same_request_id_on_another_service_is_another_write(rs, c):
+    """Both services' db/clear send the same operations: under one
+    X-Request-Id they are still two writes (the digest names the service)."""
+    same = rid()
+    c.add_user("gina")
+    assert c.users("POST", "/api/v1/db/clear", headers={"X-Request-Id": same}).status_code == 200
+    c.add_user("hank")
+    assert c.rides("POST", "/api/v1/db/clear", headers={"X-Request-Id": same}).status_code == 200
+    assert users_in_db(rs, c) == []
+
+
 # --- rides ---------------------------------------------------------------------------------------
 def test_post_ride_retried_with_the_same_request_id_creates_one_ride(rs, c):
     c.add_user("alice")
