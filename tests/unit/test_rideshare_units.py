@@ -166,3 +166,23 @@ def test_load_rides_run_counts_refused_connections():
     summary = load_rides.run(f"http://127.0.0.1:{free_port()}", rate=20, duration=0.5, threads=2, orchestrator=None, out=out)
     assert summary["sent"] == summary["errors"] >= 9 and summary["ok"] == 0
     assert "slaves ?" in out.getvalue()
+
+
+def test_write_id_is_the_request_id_and_a_digest_of_the_write():
+    """A retry (same X-Request-Id, route and write) gets the same bus id;
+    anything else another one; every id fits the bus's 128 characters."""
+    app = users_app.create_app(ensure_schema=False)
+    ops_a, ops_b = [{"op": "insert", "table": "users", "values": {"username": "a"}}], [{"op": "clear"}]
+
+    def wid(ops, rid=None, path="/api/v1/users", method="PUT"):
+        headers = {"X-Request-Id": rid} if rid is not None else {}
+        with app.test_request_context(path, method=method, headers=headers):
+            app.preprocess_request()
+            return web.write_id(ops)
+    assert wid(ops_a, "r1") == wid(ops_a, "r1") and wid(ops_a, "r1").startswith("r1/")
+    assert len({wid(ops_a, "r1"), wid(ops_b, "r1"), wid(ops_a, "r2"), wid(ops_a, "r1", method="POST"),
+                wid(ops_a, "r1", path="/api/v1/users/a")}) == 5
+    assert wid(ops_a) != wid(ops_a)  # no X-Request-Id: a fresh id per request
+    for odd in ("x" * 8000, "spaces and ünïcode", "a/b", "\ud800"):
+        w = wid(ops_a, odd)
+        assert w == wid(ops_a, odd) and len(w) <= 128 and not w.startswith(odd[:3] + "/")
