@@ -58,9 +58,15 @@ def test_a_named_master_that_cannot_take_over_is_killed_and_another_elected(clus
         os.kill(slave["pid"], signal.SIGKILL)
         stuck = cluster.start_worker("w-stuck", STRATUS_AMQP_URL=closed_port_url(cluster.settings.amqp_url))
         hand_to_runtime(cluster, "w-stuck", stuck.pid)
-        ws = wait_for(lambda: (ws := cluster.workers()) and "w-stuck" in ws and slave["id"] not in ws and ws,
-                      30, 0.1, what="the stuck worker to register and the killed slave's znode to go")
-        assert ws["w-stuck"]["role"] == "slave" and not ws["w-stuck"]["ready"]
+
+        def stuck_registered():
+            if stuck.poll() is not None:
+                raise AssertionError(f"w-stuck exited with {stuck.returncode}:\n{cluster.log('w-stuck')[-3000:]}")
+            return cluster.workers().get("w-stuck")
+        w = wait_for(stuck_registered, 30, 0.1, what="the stuck worker to register")
+        assert w["role"] == "slave" and not w["ready"]
+        wait_for(lambda: slave["id"] not in cluster.workers(), 30, 0.1,
+                 what=f"the znode of the killed slave {slave['id']} (pid {slave['pid']}) to go")
         assert stuck.poll() is None   # it keeps trying to reach the broker
 
         b = Orch(cluster, "orch-b", **env)
