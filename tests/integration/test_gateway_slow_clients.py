@@ -169,7 +169,7 @@ BAD_CHUNKS = [b"zz\r\nhello\r\n0\r\n\r\n", b"0x5\r\nhello\r\n0\r\n\r\n", b"5\r\n
 
 def test_malformed_framing_is_400_and_chunked_bodies_are_forwarded(cluster):
     start_upstream(cluster, "up0", "rides")
-    gw = start_gateway(cluster)
+    gw = start_gateway(cluster, idle_timeout=1.5)
     wait_healthy(gw, "rides", 1)
     cases = [(what, b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n\r\nhello")
              for what, fields in MALFORMED]
@@ -190,3 +190,21 @@ def test_malformed_framing_is_400_and_chunked_bodies_are_forwarded(cluster):
     echoed = _json(data)
     assert echoed["body"] == "hello world" and echoed["headers"].get("Content-Length") == "11", echoed
     assert "Transfer-Encoding" not in echoed["headers"], echoed
+
+    # Expect: 100-continue is answered before the body is sent (by the selector, which holds the connection).
+    with socket.create_connection(("127.0.0.1", gw), timeout=5) as s:
+        s.sendall(b"POST /api/v1/rides HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        interim = s.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n"), interim
+        s.sendall(b"hello")
+        data = interim[25:]
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+                re.search(rb"Content-Length: (\d+)", data).group(1)):
+            chunk = s.recv(65536)
+            assert chunk
+            data += chunk
+        assert _status(data) == 200 and _json(data)["body"] == "hello", data
+        # An idle keep-alive connection is closed after the idle timeout (1.5 s here), without an answer.
+        t0 = time.monotonic()
+        assert _answer(s, 6) == b""
+        assert 1.0 < time.monotonic() - t0 < 4.0, time.monotonic() - t0
