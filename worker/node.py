@@ -50,12 +50,12 @@ from kazoo.recipe.watchers import DataWatch
 
 from bus import protocol
 from bus.client import connection_params
-from bus.cluster import Leader, read_leader
+from bus.cluster import Leader, Member, Role, State, read_leader, workers
 from bus.errors import BadRequest, DBError
 from bus.names import Names, Paths
 from bus.settings import Settings
 from bus.topology import declare_all
-from bus.zk import children_json, connect, put_json
+from bus.zk import connect, put_json
 
 from . import faults
 from .store import Store
@@ -89,8 +89,8 @@ class Worker:
         self.names = Names(settings.cluster)
         self.paths = Paths(settings.cluster)
         self.store = Store(db_url)
-        self.role = "slave"
-        self.state = "catching_up"
+        self.role = Role.SLAVE
+        self.state = State.CATCHING_UP
         self.ready = False
         self.current_term = self.store.term   # highest barrier term seen in the log
         self.reads = 0
@@ -117,11 +117,11 @@ class Worker:
 
     # --- ZooKeeper side ----------------------------------------------------
     def membership(self) -> dict:
-        return {"id": self.id, "pid": os.getpid(), "host": socket.gethostname(), "role": self.role,
-                "state": self.state, "term": self.current_term if self.role == "slave" else self.store.term,
-                "applied_lsn": self.store.applied_lsn, "ready": self.ready, "reads": self.reads,
-                "serves_reads": self.ready and (self.role == "slave" or self.master_serves_reads),
-                "started": self.started, "reason": self.reason}
+        return Member(id=self.id, pid=os.getpid(), host=socket.gethostname(), role=self.role, state=self.state,
+                      term=self.current_term if self.role is Role.SLAVE else self.store.term,
+                      applied_lsn=self.store.applied_lsn, ready=self.ready, reads=self.reads,
+                      serves_reads=self.ready and (self.role is Role.SLAVE or self.master_serves_reads),
+                      started=self.started, reason=self.reason).to_dict()
 
     def _zk_loop(self) -> None:
         last, last_at = None, 0.0
@@ -131,9 +131,8 @@ class Worker:
                 if data != last or time.time() - last_at > 1.0:
                     put_json(self.zk, self.paths.worker(self.id), data, ephemeral=True)
                     last, last_at = data, time.time()
-                if self.role == "master":
-                    ws = children_json(self.zk, self.paths.workers)
-                    any_ready = any(w.get("role") == "slave" and w.get("ready") for w in ws.values())
+                if self.role is Role.MASTER:
+                    any_ready = any(m.role is Role.SLAVE and m.ready for m in workers(self.zk, self.paths).values())
                     if self.master_serves_reads == any_ready:
                         self.master_serves_reads = not any_ready
                         self._wake()
@@ -157,7 +156,7 @@ class Worker:
     def _on_zk_state(self, state) -> None:
         if state != KazooState.LOST or self.stopping:
             return
-        if self.role == "master":
+        if self.role is Role.MASTER:
             # Our session is gone: another master may be elected any moment.
             log.error("ZooKeeper session lost while master: stopping writes now")
             os._exit(EXIT_SESSION_LOST)
@@ -194,7 +193,7 @@ class Worker:
             while True:
                 try:
                     self._connect()
-                    if self.promoting_term and self.role != "master":
+                    if self.promoting_term and self.role is not Role.MASTER:
                         # The connection dropped mid-promotion: our barrier may or may
                         # not be in the log. Start the promotion again with a new one.
                         log.warning("reconnected while promoting to term %d: starting the promotion again",
@@ -202,12 +201,12 @@ class Worker:
                         self.promoting_term = 0
                         self.barrier_nonce = None
                     self._start_log_if_slave()
-                    if self.role == "master":
+                    if self.role is Role.MASTER:
                         faults.hit("master.before_tail_check", self)
                         self._check_log_tail()
                         self._resume_master()
                     elif self.leader.id != self.id:
-                        self.ready, self.state = False, "catching_up"
+                        self.ready, self.state = False, State.CATCHING_UP
                         self._probe()
                     attempt = 0
                     code = self._loop()
@@ -241,7 +240,7 @@ class Worker:
                 return self._drain_and_exit()
             self._apply_backlog()
             self._steer()
-            if self.role == "master":
+            if self.role is Role.MASTER:
                 while self.pending_writes and not self.stopping:
                     self._commit_batch()
                     self.conn.process_data_events(time_limit=0)
@@ -263,7 +262,7 @@ class Worker:
         self.conn = None
 
     def _start_log_if_slave(self) -> None:
-        if self.role != "master":
+        if self.role is not Role.MASTER:
             self._start_log()
 
     def _resume_master(self) -> None:
@@ -379,13 +378,13 @@ class Worker:
     def _steer(self) -> None:
         """React to the leader record and to whether the master must serve reads."""
         leader = self.leader
-        if self.promoting_term and self.role != "master" and (leader.id != self.id or leader.term > self.promoting_term):
+        if self.promoting_term and self.role is not Role.MASTER and (leader.id != self.id or leader.term > self.promoting_term):
             self._abandon_promotion(leader)
-        if leader.id == self.id and leader.term > max(self.promoting_term, self.store.term if self.role == "master" else 0):
+        if leader.id == self.id and leader.term > max(self.promoting_term, self.store.term if self.role is Role.MASTER else 0):
             self._begin_promotion(leader.term)
-        elif self.role == "master" and leader.id != self.id and leader.term > self.store.term:
+        elif self.role is Role.MASTER and leader.id != self.id and leader.term > self.store.term:
             raise Fatal(f"demoted: {leader.id} is master for term {leader.term}")
-        if self.role == "master":
+        if self.role is Role.MASTER:
             if self.master_serves_reads:
                 self._consume("read", self.ch_work, self.names.read_queue, self._on_read_queue)
             else:
@@ -418,7 +417,7 @@ class Worker:
     def _apply_record(self, rec: dict, offset) -> None:
         kind = rec.get("type")
         if kind == "probe":
-            if rec.get("nonce") == self.probe_nonce and self.role == "slave" and not self.ready:
+            if rec.get("nonce") == self.probe_nonce and self.role is Role.SLAVE and not self.ready:
                 rtt = time.monotonic() - self.probe_sent_at
                 if rtt <= READY_PROBE_RTT:
                     self._become_ready()
@@ -467,7 +466,7 @@ class Worker:
         """Stop applying: this replica can no longer follow the log exactly.
         It says why in its membership, stops serving, and exits to be rebuilt."""
         log.error("diverged, stopping to be rebuilt: %s", reason)
-        self.ready, self.state, self.reason = False, "diverged", reason
+        self.ready, self.state, self.reason = False, State.DIVERGED, reason
         self.diverged_at = time.monotonic()
         for name, ch in (("read", self.ch_work), ("log", self.ch_log)):
             try:
@@ -480,7 +479,7 @@ class Worker:
 
     def _become_ready(self) -> None:
         self.ready = True
-        self.state = "ready"
+        self.state = State.READY
         log.info("caught up at LSN %d: serving reads", self.store.applied_lsn)
         self._consume("read", self.ch_work, self.names.read_queue, self._on_read_queue)
 
@@ -488,7 +487,7 @@ class Worker:
     def _begin_promotion(self, term: int) -> None:
         log.info("named master for term %d: draining the log first", term)
         self.promoting_term = term
-        self.state = "promoting"
+        self.state = State.PROMOTING
         self._cancel("read", self.ch_work)   # reads go to ready slaves meanwhile
         for item in self.parked:
             self._forward_to_master(*item[2:])
@@ -506,7 +505,7 @@ class Worker:
         log.warning("promotion to term %d abandoned: the leader is now %s/%d", self.promoting_term, leader.id, leader.term)
         self.promoting_term = 0
         self.barrier_nonce = None
-        self.ready, self.state = False, "catching_up"
+        self.ready, self.state = False, State.CATCHING_UP
         self._probe()
 
     def _finish_promotion(self, term: int) -> None:
@@ -531,7 +530,7 @@ class Worker:
             pass
         with self.store.transaction():
             self.store.term = term
-        self.role, self.state, self.ready = "master", "master", True
+        self.role, self.state, self.ready = Role.MASTER, State.MASTER, True
         self.promoting_term = 0
         self.reason = ""
         self.term_checked_at = 0.0
@@ -558,7 +557,7 @@ class Worker:
             self._respond(props, protocol.encode_error(BadRequest("writes go to writeQ, not readQ"), self.id),
                           ch, method.delivery_tag)
             return
-        if may_park and self.role == "slave" and req.min_lsn and req.min_lsn > self.store.applied_lsn:
+        if may_park and self.role is Role.SLAVE and req.min_lsn and req.min_lsn > self.store.applied_lsn:
             self.parked.append((time.monotonic() + self.settings.min_lsn_wait, req.min_lsn, method, props, body))
             return
         self._serve_read(req, props, ch, method.delivery_tag)
@@ -607,7 +606,7 @@ class Worker:
         """Answer a request and settle its delivery. A slave answers at once;
         a master's answers wait in `outgoing` for a term check (fencing) that
         begins after `made_at`, when the answer was made."""
-        if self.role == "master":
+        if self.role is Role.MASTER:
             self.outgoing.append((props, body, ch, tag, nack, time.monotonic() if made_at is None else made_at))
             return
         self._send(props, body, ch, tag, nack)
@@ -717,12 +716,12 @@ class Worker:
     # --- leaving ------------------------------------------------------------------
     def _drain_and_exit(self) -> int:
         """Stop consuming, finish what is in flight, then exit (scale-down)."""
-        self.state = "draining"
+        self.state = State.DRAINING
         log.info("draining")
         for name in ("read", "write", "master_read"):
             self._cancel(name, self.ch_work)
         self.conn.process_data_events(time_limit=0)
-        while self.role == "master" and self.pending_writes:
+        while self.role is Role.MASTER and self.pending_writes:
             self._commit_batch()
         self._flush_replies()
         for item in self.parked:
