@@ -5,6 +5,13 @@ not thread-safe). Callers hand their publishes to that thread and wait on a
 future for the reply, which arrives on the client's own responseQ. The
 connection stays open and reconnects on its own; no request opens one.
 
+Identity: every request carries the AMQP `user_id` of the tenant it acts for
+(bus/tenancy.py), and the broker validates it against the connection's
+account. A client made with a tenant's own credentials (an app instance: its
+STRATUS_AMQP_URL names the tenant's account) acts for that tenant only; a
+platform component connects with the platform's account, which may name any
+tenant (`tenant=` on a request) because it has the broker's impersonator tag.
+
 Errors: Unavailable (503) means the request was never sent; Timeout (504)
 means it was sent and no reply came in time, or the broker restarted before
 the reply came (the reply queue is not durable, so the client says so as soon
@@ -24,6 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import pika
 
 from . import ops as _ops
+from . import tenancy
 from .errors import DBError, Timeout, Unavailable
 from .names import Names
 from .protocol import Reply, Request, decode_reply, new_id
@@ -43,10 +51,18 @@ def connection_params(url: str, *, heartbeat: int = 30) -> pika.URLParameters:
 
 
 class DBClient:
-    def __init__(self, settings: Settings | None = None, *, name: str = "client", connect_timeout: float = 5.0):
+    def __init__(self, settings: Settings | None = None, *, name: str = "client", connect_timeout: float = 5.0,
+                 tenant: str | None = None):
         self.settings = settings or load()
         self.names = Names(self.settings.cluster)
-        self.client_id = f"{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.account = tenancy.platform_user(self.settings.amqp_url)   # the connection's own account
+        own = tenancy.tenant_of(self.account, cluster=self.settings.cluster, platform="")
+        self.is_platform = own is None   # not a tenant's account: the platform's (impersonator)
+        self.tenant = own or tenant or self.settings.tenant or tenancy.PLATFORM
+        if own is not None and tenant not in (None, own):
+            raise ValueError(f"a client with {own}'s credentials acts for {own} only, not {tenant}")
+        # The reply queue's name starts with the tenant: its account may read only those.
+        self.client_id = f"{self.tenant}.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._pending: dict[str, Future] = {}
         self._sent: set[str] = set()   # pending requests already handed to the broker
         self._pending_lock = threading.Lock()
@@ -60,34 +76,52 @@ class DBClient:
         self._connected.wait(connect_timeout)
 
     # --- public API -------------------------------------------------------
-    def read(self, query: dict, *, min_lsn: int | None = None, timeout: float | None = None) -> Reply:
+    def read(self, query: dict, *, min_lsn: int | None = None, timeout: float | None = None,
+             tenant: str | None = None) -> Reply:
         """Run a query on a slave (or the master while no slave is ready)."""
         req = Request(kind="read", body=query, min_lsn=min_lsn or None)
-        return self.request(req, self.names.read_queue, timeout)
+        return self.request(req, self.names.read_queue, timeout, tenant=tenant)
 
-    def write(self, ops: list[dict], *, timeout: float | None = None, request_id: str | None = None) -> Reply:
+    def write(self, ops: list[dict], *, timeout: float | None = None, request_id: str | None = None,
+              tenant: str | None = None) -> Reply:
         """Apply a list of operations atomically on the master. The reply's
         lsn is the write's log sequence number."""
         req = Request(kind="write", body={"ops": ops}, id=request_id or new_id())
-        return self.request(req, self.names.write_queue, timeout, persistent=True)
+        return self.request(req, self.names.write_queue, timeout, persistent=True, tenant=tenant)
 
-    def clear(self, *, timeout: float | None = None) -> Reply:
-        return self.write([_ops.clear()], timeout=timeout)
+    def clear(self, *, timeout: float | None = None, tenant: str | None = None) -> Reply:
+        """Empty the tables of one tenant (this client's by default)."""
+        return self.write([_ops.clear()], timeout=timeout, tenant=tenant)
+
+    def user_id(self, tenant: str | None = None) -> str:
+        """The validated identity a request for `tenant` carries."""
+        tenant = tenant or self.tenant
+        if not self.is_platform and tenant != self.tenant:
+            raise ValueError(f"a client with {self.tenant}'s credentials acts for {self.tenant} only")
+        if tenant == tenancy.PLATFORM:
+            return self.account
+        return tenancy.broker_user(self.settings.cluster, tenant)
 
     def create_table(self, *args, timeout: float | None = None, **kwargs) -> Reply:
         return self.write([_ops.create_table(*args, **kwargs)], timeout=timeout)
 
-    def request(self, req: Request, routing_key: str, timeout: float | None = None, *, persistent: bool = False) -> Reply:
+    def request(self, req: Request, routing_key: str, timeout: float | None = None, *, persistent: bool = False,
+                tenant: str | None = None) -> Reply:
+        """Publish `req` to the queue `routing_key` and wait for its reply."""
+        user_id = self.user_id(tenant)
         timeout = self.settings.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._connected.wait(min(timeout, 5.0)):
             raise Unavailable("the message bus is not reachable; the request was not sent")
         fut: Future = Future()
+        # The reply is matched by a correlation id of this send alone: two
+        # requests in flight under one request id (a caller's retry) each get theirs.
+        corr = uuid.uuid4().hex
         with self._pending_lock:
-            self._pending[req.id] = fut
+            self._pending[corr] = fut
         props = pika.BasicProperties(
-            reply_to=self.names.response_queue(self.client_id), correlation_id=req.id,
-            content_type="application/json", delivery_mode=2 if persistent else 1,
+            reply_to=self.names.response_queue(self.client_id), correlation_id=corr,
+            content_type="application/json", delivery_mode=2 if persistent else 1, user_id=user_id,
             expiration=str(max(1, int(timeout * 1000))),  # a request nobody takes in time is dropped
         )
         self._outbox.append(("", routing_key, req.encode(), props, deadline))
@@ -98,8 +132,8 @@ class DBClient:
             raise Timeout(f"no reply within {timeout:g}s ({req.kind} {req.id}); a write may still be applied") from None
         finally:
             with self._pending_lock:
-                self._pending.pop(req.id, None)
-                self._sent.discard(req.id)
+                self._pending.pop(corr, None)
+                self._sent.discard(corr)
         if isinstance(raw, DBError):
             raise raw
         return decode_reply(raw)
@@ -184,7 +218,8 @@ class DBClient:
             try:
                 conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
                 ch = conn.channel()
-                declare_all(ch, self.names)
+                if self.is_platform:   # a tenant's account may not declare the cluster's objects
+                    declare_all(ch, self.names)
                 with self._pending_lock:
                     in_flight = bool(self._sent)
                 # Only with requests in flight is there anything to fail; the

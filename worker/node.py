@@ -735,5 +735,5 @@ def req_unparsable(body: bytes) -> bool:
     """True when a message is not even a JSON object: it is dead-lettered."""
     try:
         return not isinstance(json.loads(body), dict)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return True

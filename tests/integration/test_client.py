@@ -39,3 +39,27 @@ def test_a_request_in_flight_when_the_broker_restarts_fails_fast_as_a_timeout(cl
     with pytest.raises(Timeout):
         db.read(ops.select("kv"), timeout=1)   # still no worker: a plain timeout, over a live connection
     assert db.connected
+
+
+def test_two_requests_in_flight_under_one_request_id_each_get_their_reply(cluster):
+    """A caller's retry while the first attempt is still in flight: one write
+    happens, and both attempts are answered with it (replies are matched by a
+    correlation id of each send, not by the request id)."""
+    cluster.bootstrap(slaves=0)
+    db = cluster.client()
+    db.write([ops.create_table("t", [ops.column("k", "integer", nullable=False)], ["k"])])
+    results, errors = [], []
+
+    def attempt():
+        try:
+            results.append(db.write([ops.insert("t", {"k": 1})], request_id="same-id-twice", timeout=10))
+        except Exception as exc:  # collected: the test asserts there are none
+            errors.append(exc)
+    threads = [threading.Thread(target=attempt) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    assert not errors and len(results) == 4
+    assert len({r.lsn for r in results}) == 1
+    assert db.read(ops.count("t")).result == 1
