@@ -31,7 +31,8 @@ class Names:
         self.dead_exchange = p + "dlx"           # unparsable messages go here...
         self.dead_queue = p + "deadQ"            # ...and are kept for inspection
         self.invalidate_exchange = p + "invalidate"  # fanout: product names whose cache entry is stale
-        self.response_prefix = p + "responseQ."  # one reply queue per client
+        self.response_prefix = p + "responseQ."  # one reply queue per client: responseQ.<tenant>.<client>
+        self.request_exchange = p + "requests"   # direct: "read" -> readQ, "write" -> writeQ (tenants write here only)
         self.snapshot_queue = p + "snapshotQ"    # a new worker asks a ready member for a snapshot here
 
     def response_queue(self, client_id: str) -> str:
@@ -51,12 +52,16 @@ class Paths:
         self.orchestrator_state = self.root + "/orchestrator/state"  # scaling state, shown in /cluster
         self.services = self.root + "/services"        # tenant service registry
         self.locks = self.root + "/locks"
+        self.tenants = self.root + "/tenants"          # tenant directory: one node per tenant, no secrets
 
     def worker(self, worker_id: str) -> str:
         return f"{self.workers}/{worker_id}"
 
     def service(self, name: str) -> str:
         return f"{self.services}/{name}"
+
+    def tenant(self, name: str) -> str:
+        return f"{self.tenants}/{name}"
 
     def lock(self, name: str) -> str:
         return f"{self.locks}/{name}"
