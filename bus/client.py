@@ -11,6 +11,8 @@ account. A client made with a tenant's own credentials (an app instance: its
 STRATUS_AMQP_URL names the tenant's account) acts for that tenant only; a
 platform component connects with the platform's account, which may name any
 tenant (`tenant=` on a request) because it has the broker's impersonator tag.
+Requests go to the cluster's request exchange (routing keys "read" and
+"write"), the one exchange of the cluster a tenant's account may write to.
 
 Errors: Unavailable (503) means the request was never sent; Timeout (504)
 means it was sent and no reply came in time, or the broker restarted before
@@ -36,7 +38,7 @@ from .errors import DBError, Timeout, Unavailable
 from .names import Names
 from .protocol import Reply, Request, decode_reply, new_id
 from .settings import Settings, load
-from .topology import declare_all, declare_response_queue
+from .topology import READ, WRITE, declare_all, declare_response_queue
 
 log = logging.getLogger("stratus.client")
 
@@ -80,14 +82,14 @@ class DBClient:
              tenant: str | None = None) -> Reply:
         """Run a query on a slave (or the master while no slave is ready)."""
         req = Request(kind="read", body=query, min_lsn=min_lsn or None)
-        return self.request(req, self.names.read_queue, timeout, tenant=tenant)
+        return self.request(req, READ, timeout, tenant=tenant)
 
     def write(self, ops: list[dict], *, timeout: float | None = None, request_id: str | None = None,
               tenant: str | None = None) -> Reply:
         """Apply a list of operations atomically on the master. The reply's
         lsn is the write's log sequence number."""
         req = Request(kind="write", body={"ops": ops}, id=request_id or new_id())
-        return self.request(req, self.names.write_queue, timeout, persistent=True, tenant=tenant)
+        return self.request(req, WRITE, timeout, persistent=True, tenant=tenant)
 
     def clear(self, *, timeout: float | None = None, tenant: str | None = None) -> Reply:
         """Empty the tables of one tenant (this client's by default)."""
@@ -107,8 +109,10 @@ class DBClient:
 
     def request(self, req: Request, routing_key: str, timeout: float | None = None, *, persistent: bool = False,
                 tenant: str | None = None) -> Reply:
-        """Publish `req` to the queue `routing_key` and wait for its reply."""
+        """Publish `req` to the request exchange under `routing_key` (READ or
+        WRITE) and wait for its reply."""
         user_id = self.user_id(tenant)
+        body = req.encode()   # a value JSON cannot carry is the caller's BadRequest, before anything is sent
         timeout = self.settings.request_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._connected.wait(min(timeout, 5.0)):
@@ -124,7 +128,7 @@ class DBClient:
             content_type="application/json", delivery_mode=2 if persistent else 1, user_id=user_id,
             expiration=str(max(1, int(timeout * 1000))),  # a request nobody takes in time is dropped
         )
-        self._outbox.append(("", routing_key, req.encode(), props, deadline))
+        self._outbox.append((self.names.request_exchange, routing_key, body, props, deadline))
         self._wake()
         try:
             raw = fut.result(timeout=max(0.0, deadline - time.monotonic()))

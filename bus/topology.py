@@ -31,6 +31,9 @@ _AGE_RE = re.compile(r"^[0-9]+[YMDhms]$")   # RabbitMQ's x-max-age syntax
 _warned: set[str] = set()                   # streams already warned about, in this process
 
 
+READ, WRITE = "read", "write"   # routing keys on the request exchange
+
+
 def declare_work_queues(ch, names: Names) -> None:
     ch.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
     ch.queue_declare(names.dead_queue, durable=True)
@@ -38,6 +41,12 @@ def declare_work_queues(ch, names: Names) -> None:
     dlx = {"x-dead-letter-exchange": names.dead_exchange}
     for q in (names.read_queue, names.write_queue, names.master_read_queue):
         ch.queue_declare(q, durable=True, arguments=dlx)
+    # Clients publish requests here, never to the default exchange (through
+    # which a routing key reaches any queue): a tenant's account may write to
+    # this exchange and to nothing else of the cluster (bus/tenancy.py).
+    ch.exchange_declare(names.request_exchange, exchange_type="direct", durable=True)
+    ch.queue_bind(names.read_queue, names.request_exchange, routing_key=READ)
+    ch.queue_bind(names.write_queue, names.request_exchange, routing_key=WRITE)
 
 
 def log_arguments(settings: Settings) -> dict:
@@ -105,5 +114,5 @@ def delete_cluster(ch, names: Names) -> None:
     for q in (names.read_queue, names.write_queue, names.master_read_queue, names.log_stream, names.dead_queue,
               names.snapshot_queue):
         ch.queue_delete(q)
-    for x in (names.sync_exchange, names.dead_exchange, names.invalidate_exchange):
+    for x in (names.sync_exchange, names.dead_exchange, names.invalidate_exchange, names.request_exchange):
         ch.exchange_delete(x)

@@ -58,7 +58,7 @@ def _json_body(*, required: bool = True):
 
 
 def _db_error(exc: DBError):
-    status = exc.status if exc.status in (400, 503, 504) else 500
+    status = exc.status if 400 <= exc.status < 600 else 500
     resp = jsonify({"error": exc.message, "code": exc.code, **({"op": exc.op} if exc.op is not None else {}),
                     **({"tag": exc.tag} if exc.tag is not None else {})})
     return resp, status

@@ -66,6 +66,7 @@ READ_PREFETCH = 32
 WRITE_PREFETCH = 512
 LOG_PREFETCH = 1000
 MAX_BATCH = 256
+MAX_BATCH_BYTES = 8 * 1024 * 1024  # a log record holds ops and results: keep it well under the broker's limit
 LOG_RECORDS_PER_TURN = 100  # so promotion and SIGTERM are noticed between chunks of a long replay
 READY_PROBE_RTT = 0.5       # a slave is ready when its probe comes back this fast: it is near the log's head
 EXIT_SESSION_LOST = 75      # a master (or a worker promoting) lost its ZooKeeper session
@@ -88,7 +89,7 @@ class Worker:
         self.id = worker_id
         self.names = Names(settings.cluster)
         self.paths = Paths(settings.cluster)
-        self.store = Store(db_url)
+        self.store = Store(db_url, dedup_retention=settings.dedup_retention)
         self.role = Role.SLAVE
         self.state = State.CATCHING_UP
         self.ready = False
@@ -661,8 +662,13 @@ class Worker:
         self.pending_writes.append((method, props, body))
 
     def _commit_batch(self) -> None:
-        batch = self.pending_writes[:MAX_BATCH]
-        del self.pending_writes[:MAX_BATCH]
+        n, size = 0, 0
+        for _, _, body in self.pending_writes[:MAX_BATCH]:
+            if n and size + len(body) > MAX_BATCH_BYTES:
+                break
+            n, size = n + 1, size + len(body)
+        batch = self.pending_writes[:n]
+        del self.pending_writes[:n]
         answers, entries = [], []   # answers: (method, props, reply body, dead-letter?)
         try:
             with self.store.transaction():
@@ -701,7 +707,7 @@ class Worker:
             results, resolved = self.store.apply_request(req.body.get("ops"), lsn, req.id)
         except DBError as exc:
             return protocol.encode_error(exc, self.id), False
-        except sa_exc.DBAPIError:
+        except (sa_exc.DBAPIError, sa_exc.ResourceClosedError, sa_exc.PendingRollbackError):
             raise   # the store itself failed: not this request's doing
         except Exception as exc:
             # A bug the store's validation missed: this request is refused,
