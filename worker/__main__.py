@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         move_aside(path)
         rebuild_mark(path).unlink()
     fetch_if_new(settings, args.id, path)
+    from bus.cluster import Role, State
     from .node import EXIT_REBUILD, Worker
     from .snapshot import SnapshotService
     worker = Worker(settings, args.id, db)
@@ -118,13 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if path is not None:
         # A master serves snapshots only while no slave is ready: a slave's are cheaper to resume from.
         service = SnapshotService(settings, args.id, path,
-                                  is_ready=lambda: worker.ready and (worker.role == "slave" or worker.master_serves_reads),
-                                  applied_lsn=lambda: worker.store.applied_lsn, role=lambda: worker.role)
+                                  is_ready=lambda: worker.ready and (worker.role is Role.SLAVE or worker.master_serves_reads),
+                                  applied_lsn=lambda: worker.store.applied_lsn, role=lambda: worker.role.value)
         service.start()
     try:
         code = worker.run()
     except Exception:
-        if worker.state != "diverged":
+        if worker.state is not State.DIVERGED:
             raise
         # Diverged, then the bus failed under it on the way out: it still needs rebuilding.
         log.exception("the worker failed after it diverged")
