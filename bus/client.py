@@ -223,7 +223,7 @@ class DBClient:
                 conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
                 ch = conn.channel()
                 if self.is_platform:   # a tenant's account may not declare the cluster's objects
-                    declare_all(ch, self.names)
+                    declare_all(ch, self.names, self.settings)
                 with self._pending_lock:
                     in_flight = bool(self._sent)
                 # Only with requests in flight is there anything to fail; the

@@ -278,7 +278,7 @@ class Worker:
     def _connect(self) -> None:
         self.conn = pika.BlockingConnection(connection_params(self.settings.amqp_url))
         self.ch_work = self.conn.channel()
-        declare_all(self.ch_work, self.names)
+        declare_all(self.ch_work, self.names, self.settings)
         self.ch_work.basic_qos(prefetch_count=READ_PREFETCH)
         self.ch_pub = self.conn.channel()
         self.ch_pub.confirm_delivery()
@@ -469,11 +469,11 @@ class Worker:
         log.error("diverged, stopping to be rebuilt: %s", reason)
         self.ready, self.state, self.reason = False, State.DIVERGED, reason
         self.diverged_at = time.monotonic()
-        for name, ch in (("read", self.ch_work), ("log", self.ch_log)):
-            try:
-                self._cancel(name, ch)
-            except Exception:
-                self.tags.pop(name, None)
+        try:
+            self._cancel("read", self.ch_work)
+        except Exception:
+            self.tags.pop("read", None)
+        self._drop_log_channel()
         for item in self.parked:
             self._forward_to_master(*item[2:])
         self.parked.clear()
@@ -500,6 +500,18 @@ class Worker:
         self.last_append_wall = time.time()
         faults.hit("promotion.after_barrier", self)
 
+    def _drop_log_channel(self) -> None:
+        """Stop consuming the log by closing its channel, not by a cancel: a
+        cancel makes pika nack the deliveries it has not handed over yet, and a
+        stream refuses a nack (540, which closes the whole connection)."""
+        self.tags.pop("log", None)
+        ch, self.ch_log = self.ch_log, None
+        try:
+            if ch is not None and ch.is_open:
+                ch.close()
+        except (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError):
+            pass
+
     def _abandon_promotion(self, leader: Leader) -> None:
         """Named master, but the leader record moved on before we finished:
         back to an ordinary slave that catches up again."""
@@ -514,21 +526,10 @@ class Worker:
             log.warning("barrier for term %d read back, but the leader is now %s/%d", term, self.leader.id, self.leader.term)
             return
         faults.hit("promotion.before_finish", self)
-        # Stop reading the log. Deliveries still in flight on the stream
-        # consumer are dropped with its channel; a channel the broker already
-        # closed is just gone (a lost connection raises, and run() reconnects
-        # and promotes again).
-        try:
-            self._cancel("log", self.ch_log)
-        except (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError) as exc:
-            log.warning("cancelling the log consumer failed (%r); dropping its channel", exc)
-            self.tags.pop("log", None)
-        ch, self.ch_log = self.ch_log, None
-        try:
-            if ch is not None and ch.is_open:
-                ch.close()
-        except (pika.exceptions.ChannelClosed, pika.exceptions.ChannelWrongStateError):
-            pass
+        # Stop reading the log: deliveries still in flight on the stream
+        # consumer are dropped with its channel (a lost connection raises, and
+        # run() reconnects and promotes again).
+        self._drop_log_channel()
         with self.store.transaction():
             self.store.term = term
         self.role, self.state, self.ready = Role.MASTER, State.MASTER, True
