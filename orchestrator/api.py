@@ -1,21 +1,39 @@
 """The orchestrator's HTTP API (rideshare.md "The database, seen from
-outside", platform.md admin routes). Every error is a JSON body
-{"error": "..."}. Database routes go through one shared bus client: the
-orchestrator never touches a database itself."""
+outside", platform.md admin routes, paas.md Accounts and Data isolation).
+Every error is a JSON body {"error": "..."}. Database routes go through one
+shared bus client: the orchestrator never touches a database itself.
+
+Identity: the gateway forwards a request with the identity of its token in
+X-Stratus-Role, X-Stratus-Subject and X-Stratus-Tenant (and drops any such
+header a client sent). A request without X-Stratus-Role came to the
+orchestrator's own port, which listens on loopback (or the stack's private
+network) only: it acts as the admin.
+
+    accounts routes (/api/v1/tenants, /api/v1/developers)   admin only (403)
+    db routes (/api/v1/db/read|write|clear)                  admin or tenant (403)
+
+The db routes take an optional "tenant" in the body. A tenant owner acts
+for its own tenant only (another name: 403); the admin names any known
+tenant (unknown: 404) and, without the field, acts for rideshare. The
+platform's own tables (accounts) are not reachable through these routes."""
 from __future__ import annotations
 
 import logging
 import threading
 
+from dataclasses import dataclass
+
 from flask import Flask, Response, jsonify, request
 from kazoo.exceptions import KazooException
 
+from bus import accounts, tenancy
 from bus.client import DBClient
 from bus.errors import DBError
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 
 from .control import ControlError
+from .tenants import BUILT_IN, DEFAULT_DB_TENANT, Failed, NotFound, Tenants
 
 log = logging.getLogger("stratus.orchestrator.api")
 
@@ -29,6 +47,7 @@ class Holder:
         self.controller = controller
         self._db = db
         self._db_lock = threading.Lock()
+        self._tenants: Tenants | None = None
 
     @property
     def db(self) -> DBClient:
@@ -36,6 +55,15 @@ class Holder:
             if self._db is None:
                 self._db = DBClient(self.settings, name="orchestrator")
             return self._db
+
+    @property
+    def tenants(self) -> Tenants:
+        """The accounts logic, on the controller's ZooKeeper session."""
+        if self.controller is None:
+            raise ControlError(503, "the orchestrator is starting")
+        if self._tenants is None:
+            self._tenants = Tenants(self.settings, self.db, self.controller.zk)
+        return self._tenants
 
     def close(self) -> None:
         if self._db is not None:
@@ -55,6 +83,57 @@ def _json_body(*, required: bool = True):
     if not isinstance(data, dict):
         return None, json_error(400, "the request body must be a JSON object")
     return data, None
+
+
+@dataclass(frozen=True)
+class Identity:
+    role: str
+    subject: str | None = None
+    tenant: str | None = None
+
+
+def identity() -> Identity:
+    """Who sent the request (see the module docstring)."""
+    role = request.headers.get("X-Stratus-Role")
+    if role is None:
+        return Identity("admin")   # the orchestrator's own port
+    return Identity(role.strip(), request.headers.get("X-Stratus-Subject"),
+                    request.headers.get("X-Stratus-Tenant") or None)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def require_admin() -> None:
+    if identity().role != "admin":
+        raise Refused(403, "this route is for the admin only")
+
+
+def db_tenant(body: dict, holder: "Holder") -> str:
+    """The tenant a db request acts for; pops the optional "tenant" field."""
+    ident = identity()
+    asked = body.pop("tenant", None)
+    if ident.role == "tenant":
+        if not ident.tenant:
+            raise Refused(403, "a tenant identity without its tenant")
+        if asked is not None and asked != ident.tenant:
+            raise Refused(403, "a tenant's token reaches its own tenant's database only")
+        name = ident.tenant
+    elif ident.role == "admin":
+        if asked is not None and not isinstance(asked, str):
+            raise Refused(400, "tenant must be a tenant's name (a string)")
+        name = DEFAULT_DB_TENANT if asked is None else asked
+    else:
+        raise Refused(403, "the database routes are for the admin and tenant owners")
+    if name == tenancy.PLATFORM:
+        raise Refused(403, "the platform's own tables are not reachable through the API")
+    if name not in BUILT_IN and not holder.tenants.known(name):
+        raise Refused(404, f"no such tenant: {name[:64]!r}")
+    return name
 
 
 def _db_error(exc: DBError):
@@ -83,6 +162,27 @@ def create_app(holder: Holder | None = None) -> Flask:
     def _dberror(exc: DBError):
         return _db_error(exc)
 
+    @app.errorhandler(Refused)
+    def _refused(exc: Refused):
+        return json_error(exc.status, exc.message)
+
+    @app.errorhandler(tenancy.InvalidName)
+    def _invalid_name(exc: tenancy.InvalidName):
+        return json_error(400, str(exc))
+
+    @app.errorhandler(accounts.Exists)
+    def _exists(exc: accounts.Exists):
+        return json_error(409, f"{exc.args[0]!r} exists")
+
+    @app.errorhandler(NotFound)
+    def _not_found(exc: NotFound):
+        return json_error(404, f"no such tenant: {exc.args[0][:64]!r}")
+
+    @app.errorhandler(Failed)
+    def _failed(exc: Failed):
+        log.warning("account change failed: %s", exc)
+        return json_error(503, str(exc))
+
     @app.errorhandler(KazooException)
     def _zk_error(exc: KazooException):
         log.warning("ZooKeeper error: %r", exc)
@@ -95,12 +195,13 @@ def create_app(holder: Holder | None = None) -> Flask:
         if err:
             return err
         query = dict(body)
+        tenant = db_tenant(query, holder)
         min_lsn = query.pop("min_lsn", None)
         if min_lsn is not None and (not isinstance(min_lsn, int) or isinstance(min_lsn, bool) or min_lsn < 0):
             return json_error(400, "min_lsn must be a non-negative integer")
         if "op" not in query:
             return json_error(400, "a read needs an 'op' (select or count)")
-        reply = holder.db.read(query, min_lsn=min_lsn)
+        reply = holder.db.read(query, min_lsn=min_lsn, tenant=tenant)
         resp = jsonify(reply.result)
         resp.headers["X-Stratus-LSN"] = str(reply.lsn)
         return resp
@@ -110,20 +211,56 @@ def create_app(holder: Holder | None = None) -> Flask:
         body, err = _json_body()
         if err:
             return err
+        tenant = db_tenant(dict(body), holder)
         ops = body.get("ops")
         if not isinstance(ops, list) or not ops or not all(isinstance(o, dict) for o in ops):
             return json_error(400, "a write needs 'ops': a non-empty list of operations")
-        reply = holder.db.write(ops)
+        reply = holder.db.write(ops, tenant=tenant)
         resp = jsonify({"results": reply.result, "lsn": reply.lsn})
         resp.headers["X-Stratus-LSN"] = str(reply.lsn)
         return resp
 
     @app.post("/api/v1/db/clear")
     def db_clear():
-        reply = holder.db.clear()
+        body, err = _json_body(required=False)
+        if err:
+            return err
+        reply = holder.db.clear(tenant=db_tenant(body, holder))
         resp = jsonify({})
         resp.headers["X-Stratus-LSN"] = str(reply.lsn)
         return resp
+
+    # --- accounts (admin only) --------------------------------------------------------
+    @app.post("/api/v1/tenants")
+    def tenant_create():
+        require_admin()
+        body, err = _json_body()
+        if err:
+            return err
+        name = body.get("name")
+        password = holder.tenants.create_tenant(name)
+        return jsonify({"name": name, "password": password}), 201
+
+    @app.get("/api/v1/tenants")
+    def tenant_list():
+        require_admin()
+        return jsonify(holder.tenants.list_tenants())
+
+    @app.delete("/api/v1/tenants/<name>")
+    def tenant_delete(name: str):
+        require_admin()
+        holder.tenants.delete_tenant(name)
+        return jsonify({})
+
+    @app.post("/api/v1/developers")
+    def developer_create():
+        require_admin()
+        body, err = _json_body()
+        if err:
+            return err
+        username = body.get("username")
+        password = holder.tenants.create_developer(username)
+        return jsonify({"username": username, "password": password}), 201
 
     # --- failures, on demand --------------------------------------------------------
     @app.post("/api/v1/crash/master")

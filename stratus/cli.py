@@ -23,6 +23,7 @@ COMMANDS = {
     "status": ("stratus.ctl", "the cluster as a table, like patronictl list"),
     "crash": ("stratus.ctl", "crash master|slave"),
     "switchover": ("stratus.ctl", "a planned change of master"),
+    "tenant": ("stratus.ctl", "tenant create NAME | list | delete NAME"),
     "load": ("stratus.load", "load rides|toystore: the demo load scripts"),
 }
 

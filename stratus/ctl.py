@@ -1,5 +1,6 @@
-"""`stratus status`, `stratus crash master|slave`, `stratus switchover`:
-the orchestrator's admin API from the command line (like patronictl).
+"""`stratus status`, `stratus crash master|slave`, `stratus switchover`,
+`stratus tenant create NAME | list | delete NAME`: the orchestrator's admin
+API from the command line (like patronictl).
 Talks to settings.orchestrator_base_url() (STRATUS_ORCHESTRATOR_URL, or
 http://127.0.0.1:$STRATUS_ORCHESTRATOR_PORT) with the standard library."""
 from __future__ import annotations
@@ -9,6 +10,7 @@ import datetime as dt
 import json
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from bus.settings import load
@@ -75,6 +77,33 @@ def render_status(v: dict) -> str:
     return "\n".join(out)
 
 
+def render_tenants(tenants: list[dict]) -> str:
+    if not tenants:
+        return "no tenants"
+    rows = [[t["name"], t["apps"], t["instances"], _size(t["storage_bytes"])] for t in tenants]
+    return table(["Tenant", "Apps", "Instances", "Storage"], rows)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def tenant(a, url: str) -> None:
+    if a.action == "create":
+        r = call(url, "POST", "/api/v1/tenants", {"name": a.name})
+        print(f"tenant {r['name']} created; its owner's password: {r['password']}\n"
+              "(shown only this once: keep it now)")
+    elif a.action == "delete":
+        call(url, "DELETE", f"/api/v1/tenants/{urllib.parse.quote(a.name, safe='')}")
+        print(f"tenant {a.name} deleted: its broker account, tables and account are gone")
+    else:
+        print(render_tenants(call(url, "GET", "/api/v1/tenants")))
+
+
 def main(cmd: str, args: list[str]) -> int:
     settings = load()
     p = argparse.ArgumentParser(prog=f"stratus {cmd}")
@@ -85,6 +114,11 @@ def main(cmd: str, args: list[str]) -> int:
         p.add_argument("what", choices=["master", "slave"])
     elif cmd == "switchover":
         p.add_argument("--candidate", help="the worker id to hand the master role to (default: by the rule)")
+    elif cmd == "tenant":
+        sub = p.add_subparsers(dest="action", required=True, metavar="create|list|delete")
+        sub.add_parser("create", help="create a tenant; prints its owner's password once").add_argument("name")
+        sub.add_parser("list", help="every tenant with its apps, instances and storage")
+        sub.add_parser("delete", help="delete a tenant: its apps, tables and accounts").add_argument("name")
     else:
         print(f"stratus: unknown command {cmd!r}", file=sys.stderr)
         return 2
@@ -93,6 +127,8 @@ def main(cmd: str, args: list[str]) -> int:
         if cmd == "status":
             v = call(a.url, "GET", "/api/v1/cluster")
             print(json.dumps(v, indent=2) if a.json else render_status(v))
+        elif cmd == "tenant":
+            tenant(a, a.url)
         elif cmd == "crash":
             pids = call(a.url, "POST", f"/api/v1/crash/{a.what}")
             print(f"killed the {a.what}: pid {', '.join(pids)}")
