@@ -17,7 +17,9 @@ from bus.settings import load
 
 
 class ApiError(Exception):
-    pass
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status   # the HTTP status, None when the orchestrator was not reached
 
 
 def call(base: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
@@ -32,7 +34,7 @@ def call(base: str, method: str, path: str, body: dict | None = None, timeout: f
             msg = json.loads(e.read()).get("error", e.reason)
         except ValueError:
             msg = e.reason
-        raise ApiError(f"{e.code}: {msg}") from None
+        raise ApiError(f"{e.code}: {msg}", e.code) from None
     except (urllib.error.URLError, OSError) as e:
         raise ApiError(f"cannot reach the orchestrator at {base}: {getattr(e, 'reason', e)}") from None
 

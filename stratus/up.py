@@ -1,8 +1,11 @@
 """`stratus up` (what `make up` runs) and `stratus down`.
 
 up: runs the whole platform as local processes: the orchestrator (which
-starts the DB workers), users, rides, catalog, order and the gateway. Prints
-where each listens. In the foreground, Ctrl-C stops everything it started
+starts the DB workers), users, rides, catalog, order and the gateway. Once
+they answer, it creates the built-in tenants rideshare and toystore through
+the orchestrator's API (one that exists is kept as it is); a new tenant's
+owner password goes to $STRATUS_STATE_DIR/tenants/<name>-password, readable
+by its owner alone. Prints where each listens. In the foreground, Ctrl-C stops everything it started
 and nothing else; with --detach it returns and `stratus down` stops it.
 Each component is a `python -m <component>` child; this module imports none."""
 from __future__ import annotations
@@ -19,6 +22,10 @@ import urllib.request
 from pathlib import Path
 
 from bus.settings import Settings, load
+
+from .ctl import ApiError, call
+
+BUILT_IN_TENANTS = ("rideshare", "toystore")
 
 # (component, settings attribute of its port)
 COMPONENTS = [("orchestrator", "orchestrator_port"), ("users", "users_port"), ("rides", "rides_port"),
@@ -97,6 +104,62 @@ def wait_healthy(settings: Settings, procs: dict[str, subprocess.Popen], timeout
         print(f"  {name:<13} not healthy after {timeout:.0f}s; see {log_dir(settings) / (name + '.log')}")
 
 
+def ensure_tenants(settings: Settings, names=BUILT_IN_TENANTS, timeout: float = 60.0) -> dict[str, str]:
+    """Create the tenants that do not exist yet, through the orchestrator's
+    API; retries while the database is not ready (503/504), for at most
+    `timeout` seconds. Returns {name: "created" | "exists" | the error}."""
+    done: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            try:
+                r = call(settings.orchestrator_base_url(), "POST", "/api/v1/tenants", {"name": name}, timeout=30)
+            except ApiError as exc:
+                if exc.status == 409:
+                    done[name] = "exists"
+                    break
+                if (exc.status is None or exc.status >= 500) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                done[name] = str(exc)
+                break
+            save_password(settings, name, r["password"])
+            done[name] = "created"
+            break
+    return done
+
+
+def password_file(settings: Settings, tenant: str) -> Path:
+    return settings.state_path / "tenants" / f"{tenant}-password"
+
+
+def save_password(settings: Settings, tenant: str, password: str) -> None:
+    path = password_file(settings, tenant)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(password + "\n")
+
+
+def tenant_env(settings: Settings, tenant: str, db=None) -> dict[str, str]:
+    """The environment a tenant's instances reach the bus with: its own
+    broker account (bus.accounts), never the platform's. `db` is a platform
+    DBClient (one is made and closed when None). LookupError: no such tenant."""
+    from bus import accounts
+    from bus.client import DBClient
+    client = db if db is not None else DBClient(settings, name="up")
+    try:
+        acct = accounts.get(client, tenant)
+    finally:
+        if db is None:
+            client.close()
+    if acct is None or acct.get("kind") != "tenant" or not acct.get("broker_password"):
+        raise LookupError(f"no tenant {tenant!r}")
+    return {"STRATUS_AMQP_URL": accounts.tenant_amqp_url(settings.amqp_url, settings.cluster, tenant,
+                                                         acct["broker_password"]),
+            "STRATUS_TENANT": tenant}
+
+
 def describe(settings: Settings, procs) -> None:
     ports = dict(COMPONENTS)
     print("\nStratus is up (cluster %r):" % settings.cluster)
@@ -149,6 +212,10 @@ def up(args: list[str]) -> int:
     procs = start_all(settings)
     pid_file(settings).write_text(json.dumps({n: p.pid for n, p in procs.items()}))
     wait_healthy(settings, procs)
+    if "orchestrator" in procs:
+        for name, outcome in ensure_tenants(settings).items():
+            note = f"; owner password in {password_file(settings, name)}" if outcome == "created" else ""
+            print(f"  tenant {name:<10} {outcome}{note}")
     describe(settings, procs)
     if opts.detach:
         print("\nRunning in the background: `make down` (or `stratus down`) stops it.")

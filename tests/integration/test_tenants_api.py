@@ -14,6 +14,7 @@ import os
 import dataclasses
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -27,7 +28,7 @@ from bus.errors import DBError
 from harness import ROOT, LocalCluster, wait_for
 from test_orchestrator import Orch, cleanup
 
-MADE = ["acme", "beta", "gamma", "clitest", "dev1", "dev-2", "bad-broker"]
+MADE = ["acme", "beta", "gamma", "clitest", "dev1", "dev-2", "bad-broker", "rideshare", "toystore"]
 
 
 def http(port: int, method: str, path: str, body=None, *, raw: bytes | None = None, headers=None,
@@ -277,6 +278,9 @@ def test_db_routes_tenant_field(env):
         assert status == expected, (path, body, headers, status, resp)
         if expected != 200:
             assert isinstance(resp, dict) and resp.get("error"), resp
+    # acme's table is acme's: beta has none of that name
+    status, body = http(p, "POST", "/api/v1/db/read", {**ops.select("kv"), "tenant": "beta"})
+    assert status == 400 and "kv" in body["error"], body
     # nothing of that changed acme's table
     status, body = http(p, "POST", "/api/v1/db/read", {**ops.select("kv"), "min_lsn": lsn, "tenant": "acme"})
     assert body == [{"k": "a"}], body
@@ -312,6 +316,41 @@ def test_cli_create_and_errors(env):
     assert code == 2 and "invalid choice" in err
     code, out, err = stratus(orch, "tenant", "list", STRATUS_ORCHESTRATOR_URL="http://127.0.0.1:1")
     assert code == 1 and "cannot reach the orchestrator" in err
+
+
+# --- stratus up ---------------------------------------------------------------------------
+def test_up_creates_the_built_in_tenants_once(env):
+    from stratus import up
+    cluster, orch, admin, db = env
+    settings = dataclasses.replace(cluster.settings, orchestrator_port=orch.port)
+    assert up.ensure_tenants(settings) == {"rideshare": "created", "toystore": "created"}
+    for name in up.BUILT_IN_TENANTS:
+        path = up.password_file(settings, name)
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert accounts.verify(db, name, path.read_text().strip()) is not None
+    first = up.password_file(settings, "rideshare").read_text()
+    assert up.ensure_tenants(settings) == {"rideshare": "exists", "toystore": "exists"}   # a second `up`
+    assert up.password_file(settings, "rideshare").read_text() == first
+
+    env_ = up.tenant_env(settings, "toystore")
+    assert env_["STRATUS_TENANT"] == "toystore"
+    assert tenancy.broker_user(cluster.name, "toystore") in env_["STRATUS_AMQP_URL"]
+    assert env_["STRATUS_AMQP_URL"] != settings.amqp_url
+    tdb = DBClient(dataclasses.replace(settings, amqp_url=env_["STRATUS_AMQP_URL"], tenant="toystore"), name="shop")
+    try:
+        assert tdb.tenant == "toystore" and not tdb.is_platform
+        tdb.write([ops.create_table("t", [ops.column("id", "integer", nullable=False)], ["id"])])
+    finally:
+        tdb.close()
+    with pytest.raises(LookupError):
+        up.tenant_env(settings, "dev1", db=db)     # a developer, not a tenant
+    with pytest.raises(LookupError):
+        up.tenant_env(settings, "nosuch", db=db)
+    # the orchestrator down: ensure_tenants reports it in time
+    gone = dataclasses.replace(settings, orchestrator_port=1, orchestrator_url="")
+    t0 = time.monotonic()
+    outcome = up.ensure_tenants(gone, ["acme"], timeout=2)
+    assert "cannot reach the orchestrator" in outcome["acme"] and time.monotonic() - t0 < 10
 
 
 # --- what needs the workers' storage and drop_tenant ops (last) -------------------------
