@@ -1,6 +1,13 @@
-"""The gateway's request handling: routing, admin protection, tokens,
-read-your-writes, the product cache and forwarding. The socket side lives
-in server.py; this module turns one parsed request into one answer."""
+"""The gateway's request handling: routing, access rules, tokens, the
+per-tenant rate limit, read-your-writes, the product cache and forwarding.
+The socket side lives in server.py; this module turns one parsed request into
+one answer.
+
+Identity upstream: the gateway removes any X-Stratus-Role, X-Stratus-Subject
+and X-Stratus-Tenant a client sent, on every route, and sets them itself for
+a request with a valid token: the token's role, its subject (percent-encoded
+UTF-8; account and tenant names never change) and, for the roles tenant and
+user, its tenant. The orchestrator relies on them for the db routes."""
 from __future__ import annotations
 
 import itertools
@@ -11,7 +18,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from . import router
 from .balancer import Upstreams, parse_base_url
@@ -21,6 +28,7 @@ from .http11 import Request, json_body
 from .lsn import LSNTracker, parse_lsn
 from .metrics import Metrics
 from .proxy import forward, strip_hop_by_hop
+from .ratelimit import RateLimiter, retry_after
 from .tokens import InvalidToken, ServiceUnavailable, TokenService
 
 log = logging.getLogger("stratus.gateway")
@@ -35,7 +43,8 @@ _RID_SEQ = itertools.count(1)
 SERVICES = ("users", "rides", "catalog", "order", "orchestrator")
 # Headers the gateway sets itself on the way up.
 _DROP_UP = frozenset({"content-length", "x-request-id", "x-stratus-min-lsn", "expect", "x-forwarded-for",
-                      "x-forwarded-proto", "x-forwarded-host"})
+                      "x-forwarded-proto", "x-forwarded-host", "x-stratus-role", "x-stratus-subject",
+                      "x-stratus-tenant"})
 
 
 @dataclass
@@ -67,6 +76,7 @@ class Gateway:
         self.cfg = cfg
         self.metrics = Metrics()
         self.tokens = TokenService(cfg)  # first: generates the secrets, or stops the start cleanly
+        self.limiter = RateLimiter(cfg.tenant_rate, cfg.tenant_burst, cfg.builtin_rate)
         self.upstreams = Upstreams(cfg, zk, fallbacks={
             "orchestrator": parse_base_url(cfg.base.orchestrator_base_url())})
         for s in SERVICES:
@@ -161,8 +171,6 @@ class Gateway:
         except router.BadPath as exc:
             return _error(400, str(exc), "unknown")
         r = router.route(path)
-        if r is router.NOT_FOUND:
-            return _error(404, "not found", r.name)
         if r is router.HEALTH:
             if req.method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed", r.name)
@@ -174,12 +182,21 @@ class Gateway:
                           self.metrics.render().encode(), r.name)
 
         token, claims, problem = self._bearer(req)
-        if r.admin:
-            if claims is None:
-                return Answer(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="stratus"')],
-                              json_body({"error": f"unauthorized: {problem}"}), r.name)
-            if claims.get("role") != "admin":
-                return _error(403, "forbidden: this route needs the admin role", r.name)
+        tenant = claims.get("tenant") if claims is not None else None
+        if r.owner or tenant:
+            over = self.limiter.admit((t for t in (r.owner, tenant) if t))
+            if over is not None:
+                self.metrics.throttled(over[0])
+                return Answer(429, [("Content-Type", "application/json"), ("Retry-After", str(retry_after(over[1])))],
+                              json_body({"error": f"too many requests for tenant {over[0]}; retry later"}), r.name)
+        if r is router.NOT_FOUND:
+            return _error(404, "not found", r.name)
+        refused = router.refusal(r, path, claims)
+        if refused == 401:
+            return Answer(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="stratus"')],
+                          json_body({"error": f"unauthorized: {problem}"}), r.name)
+        if refused == 403:
+            return _error(403, f"forbidden: the role {claims['role']} may not use this route", r.name)
 
         # Read-your-writes: the highest LSN this client has been given.
         # Known by token when there is one; else by this connection, which
@@ -213,6 +230,11 @@ class Gateway:
         headers.append(("X-Request-Id", rid))
         if client_lsn > 0:
             headers.append(("X-Stratus-Min-LSN", str(client_lsn)))
+        if claims is not None:
+            headers.append(("X-Stratus-Role", claims["role"]))
+            headers.append(("X-Stratus-Subject", quote(claims["sub"], safe="@.-_~")))
+            if tenant:
+                headers.append(("X-Stratus-Tenant", tenant))
 
         affinity = None
         if self.cfg.affinity:

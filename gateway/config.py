@@ -40,8 +40,12 @@ class GatewayConfig:
     token_ttl: int = field(default_factory=lambda: env_int("STRATUS_TOKEN_TTL", 3600))
     token_secret: str = field(default_factory=lambda: env_str("STRATUS_TOKEN_SECRET", ""))
     admin_password: str = field(default_factory=lambda: env_str("STRATUS_ADMIN_PASSWORD", ""))
-    tenant_username: str = field(default_factory=lambda: env_str("STRATUS_TENANT_USERNAME", ""))
-    tenant_password: str = field(default_factory=lambda: env_str("STRATUS_TENANT_PASSWORD", ""))
+    # Request rate per tenant (paas.md, Quotas): a token bucket of `tenant_rate`
+    # requests/s holding up to `tenant_burst`. The built-in tenants (ratelimit.BUILTIN)
+    # have none unless `builtin_rate` > 0 (their burst is twice that); 0 means no limit.
+    tenant_rate: float = field(default_factory=lambda: env_float("STRATUS_TENANT_RATE", 200.0))
+    tenant_burst: float = field(default_factory=lambda: env_float("STRATUS_TENANT_BURST", 400.0))
+    builtin_rate: float = field(default_factory=lambda: env_float("STRATUS_BUILTIN_RATE", 0.0))
     access_log: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_ACCESS_LOG", True))
 
     @property

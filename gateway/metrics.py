@@ -22,6 +22,7 @@ class Metrics:
         self.hist: dict[str, list[int]] = {}                            # route -> bucket counts (+Inf last)
         self.hist_sum: dict[str, float] = defaultdict(float)
         self.upstream_errors: dict[tuple, int] = defaultdict(int)     # (route, kind)
+        self.throttled_requests: dict[str, int] = defaultdict(int)    # tenant -> requests refused 429
         self.retries: dict[str, int] = defaultdict(int)
         self.rejected_connections = 0
         self.bad_requests: dict[int, int] = defaultdict(int)
@@ -47,6 +48,10 @@ class Metrics:
     def upstream_error(self, route: str, kind: str) -> None:
         with self._lock:
             self.upstream_errors[(route, kind)] += 1
+
+    def throttled(self, tenant: str) -> None:
+        with self._lock:
+            self.throttled_requests[tenant] += 1
 
     def retry(self, route: str) -> None:
         with self._lock:
@@ -75,6 +80,7 @@ class Metrics:
             sums = dict(self.hist_sum)
             errors = dict(self.upstream_errors)
             retries = dict(self.retries)
+            throttled = dict(self.throttled_requests)
             rejected = self.rejected_connections
             bad = dict(self.bad_requests)
             conns = self.connections_total
@@ -101,6 +107,10 @@ class Metrics:
                 "# TYPE stratus_gateway_upstream_retries_total counter"]
         for route, n in sorted(retries.items()):
             out.append(f"stratus_gateway_upstream_retries_total{_labels(route=route)} {n}")
+        out += ["# HELP stratus_gateway_throttled_total Requests refused 429 by a tenant's rate limit.",
+                "# TYPE stratus_gateway_throttled_total counter"]
+        for tenant, n in sorted(throttled.items()):
+            out.append(f"stratus_gateway_throttled_total{_labels(tenant=tenant)} {n}")
         out += ["# HELP stratus_gateway_rejected_connections_total Connections answered 503 because the pool and queue were full.",
                 "# TYPE stratus_gateway_rejected_connections_total counter",
                 f"stratus_gateway_rejected_connections_total {rejected}",

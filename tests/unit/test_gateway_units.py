@@ -1,12 +1,17 @@
 """Unit tests of the gateway's parts that need no network: tokens and
 secrets, the HTTP head parser, routing, the LSN map, the product cache, the
 balancer's choice and the metrics text."""
+import base64
+import hashlib
+import hmac
+import json
 import os
 import socket
 import stat
 import threading
 import time
 
+import jwt
 import pytest
 
 from gateway import router
@@ -17,25 +22,58 @@ from gateway.http11 import HttpError, Reader, RequestBuffer, parse_head, render
 from gateway.lsn import LSNTracker, parse_lsn
 from gateway.metrics import Metrics
 from gateway.proxy import strip_hop_by_hop
+from gateway.ratelimit import RateLimiter, retry_after
 from gateway.secrets import load_or_create
-from gateway.tokens import InvalidToken, Signer, TokenService
+from gateway import tokens
+from gateway.tokens import InvalidToken, ServiceUnavailable, TokenService
 
 
 # -- tokens and secrets -------------------------------------------------------------
-def test_token_roundtrip_expiry_and_tampering():
-    s = Signer("k1")
-    t = s.issue("alice", "user", 60)
-    claims = s.verify(t)
-    assert claims["sub"] == "alice" and claims["role"] == "user" and claims["exp"] - claims["iat"] == 60
+K1, K2 = "k1" * 16, "k2" * 16   # 32 bytes: what RFC 7518 asks of an HS256 key
+
+
+def _b64(obj) -> str:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_token_roundtrip_claims_expiry_and_tampering():
+    t = tokens.issue(K1, "alice", "user", 60, tenant="rideshare")
+    claims = jwt.decode(t, K1, algorithms=["HS256"])   # any JWT library reads it given the secret
+    assert set(claims) == {"sub", "role", "iat", "exp", "tenant"} and claims["exp"] - claims["iat"] == 60
+    assert tokens.verify(K1, t) == claims
+    assert set(jwt.decode(tokens.issue(K1, "admin", "admin", 60), K1, algorithms=["HS256"])) == \
+        {"sub", "role", "iat", "exp"}
     with pytest.raises(InvalidToken, match="expired"):
-        s.verify(s.issue("alice", "user", 60, now=time.time() - 61))
+        tokens.verify(K1, tokens.issue(K1, "alice", "user", 60, tenant="rideshare", now=time.time() - 61))
     with pytest.raises(InvalidToken):
-        Signer("k2").verify(t)
-    body, sig = t.split(".")
-    forged = Signer("k2").issue("alice", "admin", 60).split(".")[0]
-    for bad in (f"{forged}.{sig}", f"{body}.", f".{sig}", t + ".x", "", "a" * 5000, f"{body}.{sig[::-1]}", "!!.??"):
+        tokens.verify(K2, t)
+    head, body, sig = t.split(".")
+    now = int(time.time())
+    admin_body = _b64({"sub": "alice", "role": "admin", "iat": now, "exp": now + 60})
+    bad = [f"{head}.{admin_body}.{sig}", f"{head}.{body}.", f"{head}..{sig}", t + ".x", "", "a" * 5000,
+           f"{head}.{body}.{sig[::-1]}", "!!.??.!!", "garbage",
+           # alg none, HS512, an RS256 header signed with the secret (algorithm confusion)
+           f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{body}.",
+           jwt.encode({"sub": "a", "role": "admin", "iat": now, "exp": now + 60}, K1 * 2, algorithm="HS512"),
+           _rs256_confusion(K1, {"sub": "a", "role": "admin", "iat": now, "exp": now + 60}),
+           # claims missing, or a role this gateway does not know, or a tenant role without a tenant
+           jwt.encode({"sub": "a", "role": "admin", "exp": now + 60}, K1, algorithm="HS256"),
+           jwt.encode({"sub": "a", "role": "root", "iat": now, "exp": now + 60}, K1, algorithm="HS256"),
+           jwt.encode({"sub": "a", "role": "tenant", "iat": now, "exp": now + 60}, K1, algorithm="HS256"),
+           jwt.encode({"sub": 5, "role": "admin", "iat": now, "exp": now + 60}, K1, algorithm="HS256")]
+    for b in bad:
         with pytest.raises(InvalidToken):
-            s.verify(bad)
+            tokens.verify(K1, b)
+    with pytest.raises(ValueError):
+        tokens.issue(K1, "acme", "tenant", 60)   # the role tenant names its tenant
+    with pytest.raises(ValueError):
+        tokens.issue(K1, "admin", "admin", 60, tenant="acme")
+
+
+def _rs256_confusion(secret: str, claims: dict) -> str:
+    signing = f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}"
+    return f"{signing}.{_b64(hmac.new(secret.encode(), signing.encode(), hashlib.sha256).digest())}"
 
 
 def test_secrets_are_generated_once_with_mode_0600(tmp_path):
@@ -47,48 +85,85 @@ def test_secrets_are_generated_once_with_mode_0600(tmp_path):
     assert [f for f in os.listdir(p.parent) if f.startswith(".")] == []  # no temp files left behind
 
 
-def test_token_service_admin_and_tenant(tmp_path, monkeypatch):
+def test_token_service_admin_needs_no_bus_and_remembers_verified_tokens(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATUS_STATE_DIR", str(tmp_path))
     monkeypatch.delenv("STRATUS_ADMIN_PASSWORD", raising=False)
-    monkeypatch.setenv("STRATUS_TENANT_USERNAME", "shop")
-    monkeypatch.setenv("STRATUS_TENANT_PASSWORD", "pw")
+    monkeypatch.delenv("STRATUS_TOKEN_SECRET", raising=False)
 
     def no_db(cfg):
-        raise AssertionError("admin and tenant logins must not touch the bus")
+        raise AssertionError("admin logins must not touch the bus")
     svc = TokenService(load_config(), db_factory=no_db)
     pw = (tmp_path / "admin-password").read_text().strip()
+    secret = (tmp_path / "token-secret").read_text().strip()
     assert stat.S_IMODE((tmp_path / "token-secret").stat().st_mode) == 0o600
     g = svc.grant("admin", pw)
-    assert g["role"] == "admin" and svc.verify(g["token"])["role"] == "admin"
+    assert g["role"] == "admin" and g["expires_in"] == 3600
+    assert jwt.decode(g["token"], secret, algorithms=["HS256"])["sub"] == "admin"
+    assert svc.verify(g["token"])["role"] == "admin" and svc.verify(g["token"])["role"] == "admin"
     assert svc.grant("admin", pw.upper() + "x") is None
-    assert svc.grant("shop", "pw")["role"] == "tenant"
-    assert svc.grant("shop", "PW") is None
+    # A remembered token still expires.
+    short = tokens.issue(secret, "admin", "admin", 1)
+    assert svc.verify(short)["role"] == "admin"
+    time.sleep(1.1)
+    with pytest.raises(InvalidToken, match="expired"):
+        svc.verify(short)
 
 
-def test_user_check_compares_lowercased_digests(tmp_path, monkeypatch):
+class _Reply:
+    def __init__(self, result):
+        self.result = result
+
+
+def test_user_check_compares_lowercased_digests_in_rideshare(tmp_path, monkeypatch):
     monkeypatch.setenv("STRATUS_STATE_DIR", str(tmp_path))
     from bus.errors import BadRequest
 
-    class FakeReply:
-        def __init__(self, result):
-            self.result = result
-
     class Table:
-        rows = {"bob": "ab" * 20}
+        rows = {"bob": "ab" * 20, "Bob Smith": "cd" * 20}
         missing = False
+        tenants = set()
 
-        def read(self, query, min_lsn=None, timeout=None):
+        def read(self, query, min_lsn=None, timeout=None, tenant=None):
+            self.tenants.add(tenant)
+            if query["table"] == "accounts":
+                return _Reply([])
             if self.missing:
                 raise BadRequest("unknown table 'users'", code="unknown_table")
             u = query["where"][0][2]
-            return FakeReply([{"username": u, "password": self.rows[u]}] if u in self.rows else [])
+            return _Reply([{"username": u, "password": self.rows[u]}] if u in self.rows else [])
+
+        def write(self, ops, timeout=None, request_id=None, tenant=None):   # accounts' ensure_schema
+            self.tenants.add(tenant)
+            return _Reply([{}])
     table = Table()
     svc = TokenService(load_config(), db_factory=lambda cfg: table)
-    assert svc.grant("bob", "AB" * 20)["role"] == "user"
+    g = svc.grant("bob", "AB" * 20)
+    assert g["role"] == "user" and svc.verify(g["token"])["tenant"] == "rideshare"
+    assert svc.grant("Bob Smith", "cd" * 20)["role"] == "user"   # not a tenant name: no account lookup
     assert svc.grant("bob", "ab" * 19 + "ac") is None
     assert svc.grant("carol", "ab" * 20) is None
+    assert table.tenants == {"rideshare", "platform"}
     table.missing = True
     assert svc.grant("bob", "ab" * 20) is None
+
+
+def test_bus_errors_are_unavailable_not_refusals(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRATUS_STATE_DIR", str(tmp_path))
+    from bus.errors import Timeout, Unavailable
+
+    class Down:
+        exc = Unavailable("the message bus is not reachable")
+
+        def read(self, *a, **kw):
+            raise self.exc
+        write = read
+    down = Down()
+    svc = TokenService(load_config(), db_factory=lambda cfg: down)
+    for exc in (Unavailable("down"), Timeout("no reply")):
+        down.exc = exc
+        for name in ("acme", "Not A Tenant Name"):
+            with pytest.raises(ServiceUnavailable):
+                svc.grant(name, "pw")
 
 
 # -- the HTTP head parser ------------------------------------------------------------------
@@ -199,19 +274,114 @@ def test_render():
     assert render(200, [], b"xy", keep_alive=True, head_only=True).endswith(b"\r\n\r\n")
 
 
-# -- routing -----------------------------------------------------------------------------
-@pytest.mark.parametrize("path,service,admin", [
-    ("/api/v1/users", "users", False), ("/api/v1/users/bob", "users", False),
-    ("/api/v1/rides", "rides", False), ("/api/v1/rides/7", "rides", False),
-    ("/products/Tux", "catalog", False), ("/orders", "order", False), ("/orders/3", "order", False),
-    ("/api/v1/db/read", "orchestrator", True), ("/api/v1/db/clear", "orchestrator", True),
-    ("/api/v1/crash/master", "orchestrator", True), ("/api/v1/worker/list", "orchestrator", True),
-    ("/api/v1/cluster", "orchestrator", True), ("/api/v1/switchover", "orchestrator", True),
-    ("/api/v1/usersX", None, False), ("/productsX", None, False), ("/", None, False), ("/api/v1/_count", None, False),
+# -- routing, access rules and the rate limit ----------------------------------------------
+A, D, T, P = router.ADMIN, router.DB, router.TENANT, router.PUBLIC
+
+
+@pytest.mark.parametrize("path,service,access,owner", [
+    ("/api/v1/users", "users", P, "rideshare"), ("/api/v1/users/bob", "users", P, "rideshare"),
+    ("/api/v1/rides", "rides", P, "rideshare"), ("/api/v1/rides/7", "rides", P, "rideshare"),
+    ("/products/Tux", "catalog", P, "toystore"), ("/orders", "order", P, "toystore"),
+    ("/orders/3", "order", P, "toystore"),
+    ("/api/v1/db/read", "orchestrator", D, None), ("/api/v1/db/clear", "orchestrator", D, None),
+    ("/api/v1/crash/master", "orchestrator", A, None), ("/api/v1/worker/list", "orchestrator", A, None),
+    ("/api/v1/cluster", "orchestrator", A, None), ("/api/v1/switchover", "orchestrator", A, None),
+    ("/api/v1/tenants", "orchestrator", T, None), ("/api/v1/tenants/acme/apps", "orchestrator", T, None),
+    ("/api/v1/developers", "orchestrator", A, None),
+    ("/api/v1/usersX", None, P, None), ("/productsX", None, P, None), ("/", None, P, None),
+    ("/api/v1/_count", None, P, None), ("/api/v1/tenantsX", None, P, None),
 ])
-def test_routes(path, service, admin):
+def test_routes(path, service, access, owner):
     r = router.route(path)
-    assert (r.service, r.admin) == (service, admin)
+    assert (r.service, r.access, r.owner) == (service, access, owner)
+
+
+def _claims(role, tenant=None):
+    c = {"sub": tenant or role, "role": role, "iat": 0, "exp": 1}
+    return c if tenant is None else {**c, "tenant": tenant}
+
+
+@pytest.mark.parametrize("path,allowed", [
+    ("/api/v1/tenants", {"admin"}),
+    ("/api/v1/tenants/acme", {"admin"}),                # DELETE a tenant: the admin's alone
+    ("/api/v1/tenants/acme/", {"admin"}),
+    ("/api/v1/tenants/acme//", {"admin"}),
+    ("/api/v1/tenants//acme/apps", {"admin"}),
+    ("/api/v1/tenants/acme/apps", {"admin", "acme"}),
+    ("/api/v1/tenants/%61cme/apps/shop", {"admin", "acme"}),
+    ("/api/v1/tenants/beta/apps", {"admin", "beta"}),
+    ("/api/v1/developers", {"admin"}),
+    ("/api/v1/db/read", {"admin", "acme", "beta"}),     # the orchestrator keeps a tenant inside its own
+    ("/api/v1/db/clear", {"admin", "acme", "beta"}),
+    ("/api/v1/cluster", {"admin"}), ("/api/v1/crash/master", {"admin"}), ("/api/v1/switchover", {"admin"}),
+    ("/api/v1/users", {None, "admin", "developer", "acme", "beta", "user"}),
+    ("/products/Tux", {None, "admin", "developer", "acme", "beta", "user"}),
+])
+def test_access_rules(path, allowed):
+    who = {None: None, "admin": _claims("admin"), "developer": _claims("developer"),
+           "acme": _claims("tenant", "acme"), "beta": _claims("tenant", "beta"), "user": _claims("user", "acme")}
+    r = router.route(path)
+    for name, claims in who.items():
+        expected = None if name in allowed else (401 if claims is None else 403)
+        assert router.refusal(r, path, claims) == expected, (path, name)
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_token_bucket_rate_burst_and_retry_after():
+    clock = Clock()
+    rl = RateLimiter(rate=2, burst=4, clock=clock)
+    assert [rl.admit(["acme"]) for _ in range(4)] == [None] * 4     # the burst
+    tenant, wait = rl.admit(["acme"])
+    assert tenant == "acme" and wait == pytest.approx(0.5) and retry_after(wait) == 1
+    assert rl.admit(["beta"]) is None                                # another tenant: its own bucket
+    clock.t += 0.5
+    assert rl.admit(["acme"]) is None and rl.admit(["acme"]) is not None
+    clock.t += 100                                                   # refills up to the burst, no further
+    assert [rl.admit(["acme"]) for _ in range(5)].count(None) == 4
+    assert retry_after(2.01) == 3 and retry_after(0.0001) == 1
+    slow = RateLimiter(rate=0.1, burst=1, clock=clock)
+    assert slow.admit(["x"]) is None and retry_after(slow.admit(["x"])[1]) == 10
+
+
+def test_rate_limit_counts_each_tenant_once_and_refunds_a_refusal():
+    clock = Clock()
+    rl = RateLimiter(rate=1, burst=2, clock=clock)
+    assert rl.admit(["acme", "acme"]) is None and rl.admit(["acme"]) is None   # counted once each
+    assert rl.admit(["acme"])[0] == "acme"
+    # beta's token is given back when acme refuses the request, so beta's bucket stays full.
+    assert rl.admit(["beta", "acme"])[0] == "acme"
+    assert rl.admit(["beta"]) is None and rl.admit(["beta"]) is None and rl.admit(["beta"])[0] == "beta"
+
+
+def test_builtin_tenants_have_no_limit_unless_set():
+    clock = Clock()
+    rl = RateLimiter(rate=1, burst=1, clock=clock)
+    assert all(rl.admit(["rideshare", "toystore"]) is None for _ in range(1000))
+    assert rl.admit(["acme"]) is None and rl.admit(["acme"]) is not None
+    rl = RateLimiter(rate=1, burst=1, builtin_rate=5, clock=clock)   # burst: twice the rate
+    assert [rl.admit(["rideshare"]) for _ in range(11)].count(None) == 10
+    assert all(RateLimiter(rate=0, burst=0, clock=clock).admit(["acme"]) is None for _ in range(1000))
+    for bad in (dict(rate=-1, burst=1), dict(rate=float("nan"), burst=1), dict(rate=1, burst=0.5),
+                dict(rate=1, burst=1, builtin_rate=float("inf"))):
+        with pytest.raises(ValueError):
+            RateLimiter(**bad)
+
+
+def test_buckets_do_not_share_a_lock():
+    rl = RateLimiter(rate=1, burst=1)
+    rl.admit(["acme"])
+    held = rl._bucket("acme").lock
+    with held:   # acme's bucket busy: beta's requests go on
+        done = threading.Event()
+        threading.Thread(target=lambda: (rl.admit(["beta"]), done.set()), daemon=True).start()
+        assert done.wait(5)
 
 
 def test_gateway_routes_and_dot_segments():
