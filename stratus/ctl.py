@@ -117,10 +117,14 @@ def main(cmd: str, args: list[str]) -> int:
     elif cmd == "switchover":
         p.add_argument("--candidate", help="the worker id to hand the master role to (default: by the rule)")
     elif cmd == "tenant":
+        url = argparse.ArgumentParser(add_help=False)   # --url after the action too
+        url.add_argument("--url", default=argparse.SUPPRESS, help="the orchestrator's base URL")
         sub = p.add_subparsers(dest="action", required=True, metavar="create|list|delete")
-        sub.add_parser("create", help="create a tenant; prints its owner's password once").add_argument("name")
-        sub.add_parser("list", help="every tenant with its apps, instances and storage")
-        sub.add_parser("delete", help="delete a tenant: its apps, tables and accounts").add_argument("name")
+        sub.add_parser("create", parents=[url], help="create a tenant; prints its owner's password once"
+                       ).add_argument("name")
+        sub.add_parser("list", parents=[url], help="every tenant with its apps, instances and storage")
+        sub.add_parser("delete", parents=[url], help="delete a tenant: its apps, tables and accounts"
+                       ).add_argument("name")
     else:
         print(f"stratus: unknown command {cmd!r}", file=sys.stderr)
         return 2
