@@ -14,7 +14,8 @@ import warnings
 
 import jwt
 
-from kits.testkit import Client, free_port, start_gateway, start_upstream, wait_healthy, wait_until
+from kits.testkit import (Client, free_port, real_orchestrator, start_gateway, start_upstream, wait_healthy,
+                          wait_until)
 from gateway.tokens import issue
 
 SECRET = "test-secret-for-signing-tokens-32b"
@@ -168,13 +169,7 @@ def test_rideshare_user_gets_a_user_token(cluster):
 
 def test_admin_routes_reach_the_real_orchestrator(cluster):
     """The orchestrator's leader registers as service "orchestrator"; the gateway finds it there."""
-    import os
-    import signal
-    from pathlib import Path
-
-    orch_port = free_port()
-    proc = cluster.spawn("orch", ["-m", "orchestrator"], STRATUS_ORCHESTRATOR_PORT=str(orch_port))
-    try:
+    with real_orchestrator(cluster):
         gw = start_gateway(cluster, STRATUS_ADMIN_PASSWORD="pw-admin",
                            STRATUS_ORCHESTRATOR_URL="http://127.0.0.1:1")  # the fallback must not be used
         wait_healthy(gw, "orchestrator", 1, timeout=60)
@@ -189,16 +184,3 @@ def test_admin_routes_reach_the_real_orchestrator(cluster):
         assert status == 200 and isinstance(body, dict), body
         status, body, _ = c.request("POST", "/api/v1/db/read", {"op": "select", "table": "nope"}, headers=auth)
         assert status == 400, (status, body)  # the orchestrator's own answer, passed through
-    finally:
-        # A clean stop: the orchestrator stops the workers it started.
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(30)
-        marker = f"STRATUS_CLUSTER={cluster.name}".encode()
-        for d in Path("/proc").iterdir():  # any worker of this cluster still alive is killed
-            try:
-                if d.name.isdigit() and b"worker" in (d / "cmdline").read_bytes() and \
-                        marker in (d / "environ").read_bytes().split(b"\0"):
-                    os.kill(int(d.name), signal.SIGKILL)
-            except OSError:
-                continue

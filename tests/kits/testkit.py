@@ -3,8 +3,12 @@ real registered upstreams as processes of a test cluster (tests/harness.py
 LocalCluster), and talk to them over plain keep-alive HTTP."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -101,3 +105,31 @@ def healthy_count(gw_port: int, service: str) -> int:
 
 def wait_healthy(gw_port: int, service: str, n: int, timeout: float = 20.0) -> None:
     wait_until(lambda: healthy_count(gw_port, service) == n, timeout, what=f"{n} healthy {service} instances")
+
+
+@contextlib.contextmanager
+def real_orchestrator(cluster, **env):
+    """A real orchestrator (`python -m orchestrator`) of the test cluster, which
+    starts the cluster's DB workers; yields its port. On exit it is stopped
+    cleanly (it stops the workers it started), and any worker of this cluster
+    still alive is killed."""
+    port = free_port()
+    proc = cluster.spawn("orch", ["-m", "orchestrator"], STRATUS_ORCHESTRATOR_PORT=str(port), **env)
+    try:
+        yield port
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        marker = f"STRATUS_CLUSTER={cluster.name}".encode()
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and b"worker" in (d / "cmdline").read_bytes() and \
+                        marker in (d / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(d.name), signal.SIGKILL)
+            except OSError:
+                continue
