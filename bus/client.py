@@ -262,13 +262,13 @@ _shared_pid = 0
 _shared_lock = threading.Lock()
 
 
-def shared(name: str = "service") -> DBClient:
-    """A process-wide client, made on first use (after any fork, so gunicorn
-    workers each get their own connection)."""
+def shared(name: str = "service", tenant: str | None = None) -> DBClient:
+    """A process-wide client acting for `tenant`, made on first use (after
+    any fork, so gunicorn workers each get their own connection)."""
     global _shared, _shared_pid
     with _shared_lock:
         if _shared is None or _shared_pid != os.getpid():
             # Don't wait for the connection under the lock: each request waits for it itself.
-            _shared = DBClient(name=name, connect_timeout=0)
+            _shared = DBClient(name=name, connect_timeout=0, tenant=tenant)
             _shared_pid = os.getpid()
         return _shared

@@ -45,6 +45,20 @@ class PreconditionFailed(DBError):
     status = 400
 
 
+class Forbidden(DBError):
+    """The request's identity may not do this (no validated user_id, or a
+    tenant asking for what only the platform may)."""
+    code = "forbidden"
+    status = 403
+
+
+class QuotaExceeded(DBError):
+    """The tenant's storage quota is used up: nothing was written (reads
+    and deletes still work)."""
+    code = "storage_quota"
+    status = 507
+
+
 class Unavailable(DBError):
     """The bus or the database cannot take the request now. It was not done."""
     code = "unavailable"
@@ -58,6 +72,8 @@ class Timeout(DBError):
 
 
 _BY_CODE = {
+    "forbidden": Forbidden,
+    "storage_quota": QuotaExceeded,
     "bad_request": BadRequest,
     "unknown_table": BadRequest,
     "unknown_column": BadRequest,

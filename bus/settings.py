@@ -92,6 +92,8 @@ class Settings:
     log_max_age: str = field(default_factory=lambda: env_str("STRATUS_LOG_MAX_AGE", "7D"))
     log_segment_bytes: int = field(default_factory=lambda: env_int("STRATUS_LOG_SEGMENT_BYTES", 64 * 1024 ** 2))
     # Workers snapshot their store every this many seconds (0: only on demand).
+    # A tenant's database quota in bytes (paas.md: 256 MiB); past it, writes are refused.
+    tenant_storage: int = field(default_factory=lambda: env_int("STRATUS_TENANT_STORAGE", 256 * 1024 ** 2))
     # A new worker (empty store) first fetches the latest snapshot from a
     # ready member; off: it replays the whole retained log (benchmarks compare).
     snapshot_fetch: bool = field(default_factory=lambda: env_bool("STRATUS_SNAPSHOT_FETCH", True))

@@ -97,7 +97,7 @@ def _start_seed(db: DBClient, products: list[dict], stop: threading.Event) -> th
 def create_app(settings: Settings | None = None, *, db: DBClient | None = None,
                restocker: bool = True) -> Flask:
     settings = settings or load()
-    db = db or shared("catalog")
+    db = db or shared("catalog", schema.TENANT)
     app = base_app("catalog", error_body=error_body)
     stop = threading.Event()
     app.extensions["toystore_stop"] = stop

@@ -109,7 +109,7 @@ def _start_setup(db: DBClient, stop: threading.Event) -> threading.Event:
 
 def create_app(settings: Settings | None = None, *, db: DBClient | None = None) -> Flask:
     settings = settings or load()
-    db = db or shared("order")
+    db = db or shared("order", schema.TENANT)
     names = Names(settings.cluster)
     app = base_app("order", error_body=error_body)
     stop = threading.Event()

@@ -31,7 +31,7 @@ MAX_ID = 2**63 - 1
 
 
 def db():
-    return bus_client.shared("rides")
+    return bus_client.shared("rides", rs.TENANT)
 
 
 # --- input ---------------------------------------------------------------------

@@ -24,7 +24,7 @@ SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 
 def db():
-    return bus_client.shared("users")
+    return bus_client.shared("users", rs.TENANT)
 
 
 def create_app(*, ensure_schema: bool = True) -> Flask:

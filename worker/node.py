@@ -26,6 +26,10 @@ Divergence: an applier never skips a record and never applies past a gap in
         log, or records went missing), marks the worker `diverged`, with the
         reason, in its membership; it then exits with EXIT_REBUILD so that a
         fresh worker replaces it from a snapshot (worker/snapshot.py).
+Tenants: a request's tenant is the one its broker-validated AMQP user_id
+        names (bus/tenancy.py); a request without one is refused. The store
+        resolves every name inside that tenant (worker/namespace.py), and a
+        write's request id is remembered under its tenant.
 Reconnect of a master: before it appends again, it reads the log's tail and
         checks that the last LSN there is its own last LSN.
 
@@ -48,10 +52,10 @@ from kazoo.client import KazooState
 from sqlalchemy import exc as sa_exc
 from kazoo.recipe.watchers import DataWatch
 
-from bus import protocol
+from bus import protocol, tenancy
 from bus.client import connection_params
 from bus.cluster import Leader, Member, Role, State, read_leader, workers
-from bus.errors import BadRequest, DBError
+from bus.errors import BadRequest, DBError, Forbidden
 from bus.names import Names, Paths
 from bus.settings import Settings
 from bus.topology import declare_all
@@ -89,7 +93,8 @@ class Worker:
         self.id = worker_id
         self.names = Names(settings.cluster)
         self.paths = Paths(settings.cluster)
-        self.store = Store(db_url, dedup_retention=settings.dedup_retention)
+        self.store = Store(db_url, dedup_retention=settings.dedup_retention, storage_quota=settings.tenant_storage)
+        self.platform_account = tenancy.platform_user(settings.amqp_url)
         self.role = Role.SLAVE
         self.state = State.CATCHING_UP
         self.ready = False
@@ -559,6 +564,11 @@ class Worker:
             self._respond(props, protocol.encode_error(BadRequest("writes go to writeQ, not readQ"), self.id),
                           ch, method.delivery_tag)
             return
+        try:
+            self._tenant(props)
+        except Forbidden as exc:
+            self._respond(props, protocol.encode_error(exc, self.id), ch, method.delivery_tag)
+            return
         if may_park and self.role is Role.SLAVE and req.min_lsn and req.min_lsn > self.store.applied_lsn:
             self.parked.append((time.monotonic() + self.settings.min_lsn_wait, req.min_lsn, method, props, body))
             return
@@ -566,7 +576,7 @@ class Worker:
 
     def _serve_read(self, req: protocol.Request, props, ch, tag) -> None:
         try:
-            result = self.store.read(req.body)
+            result = self.store.read(req.body, self._tenant(props))
             out = protocol.Reply(result, self.store.applied_lsn, self.id).encode()
         except DBError as exc:
             out = protocol.encode_error(exc, self.id)
@@ -602,6 +612,17 @@ class Worker:
         """A read this slave could not answer in time falls back to the master."""
         self.ch_work.basic_publish("", self.names.master_read_queue, body, props)
         self.ch_work.basic_ack(method.delivery_tag)
+
+    def _tenant(self, props) -> str:
+        """The tenant a request acts for: its validated user_id's (the broker
+        refuses a user_id that is not the publisher's own, unless the
+        publisher is the platform's impersonating account)."""
+        tenant = tenancy.tenant_of(getattr(props, "user_id", None), cluster=self.settings.cluster,
+                                   platform=self.platform_account)
+        if tenant is None:
+            raise Forbidden("a request must carry a validated user_id naming its tenant "
+                            f"(got {getattr(props, 'user_id', None)!r:.80})")
+        return tenant
 
     # --- replies ----------------------------------------------------------------
     def _respond(self, props, body: bytes, ch, tag, *, nack: bool = False, made_at: float | None = None) -> None:
@@ -674,7 +695,7 @@ class Worker:
         try:
             with self.store.transaction():
                 for method, props, body in batch:
-                    answers.append((method, props, *self._apply_write(body, entries)))
+                    answers.append((method, props, *self._apply_write(props, body, entries)))
                 made_at = time.monotonic()
                 if entries:
                     self._publish_log(protocol.encode_entries(self.store.term, self.id, entries))
@@ -689,7 +710,7 @@ class Worker:
         self._flush_replies()
         faults.hit("master.after_commit", self)
 
-    def _apply_write(self, body: bytes, entries: list) -> tuple[bytes, bool]:
+    def _apply_write(self, props, body: bytes, entries: list) -> tuple[bytes, bool]:
         """One write of a batch, inside the batch's transaction: (reply, dead-letter?).
         A request's own failure is its error reply; only the store's machinery
         (its file, its connection) may raise out of here."""
@@ -700,12 +721,18 @@ class Worker:
         except BadRequest as exc:
             dead = exc.code in ("bad_request", "unsupported_version") and req_unparsable(body)
             return protocol.encode_error(exc, self.id), dead
-        seen = self.store.seen(req.id)
+        try:
+            tenant = self._tenant(props)
+        except Forbidden as exc:
+            return protocol.encode_error(exc, self.id), False
+        # One tenant's request id never answers for another's.
+        key = req.id if tenant == tenancy.PLATFORM else f"{tenant}:{req.id}"
+        seen = self.store.seen(key)
         if seen is not None:  # a retry, or redelivered after a crash: answer, don't apply twice
             return protocol.Reply(seen[1], seen[0], self.id).encode(), False
         lsn = self.store.applied_lsn + 1
         try:
-            results, resolved = self.store.apply_request(req.body.get("ops"), lsn, req.id)
+            results, resolved = self.store.apply_request(req.body.get("ops"), lsn, key, tenant)
         except DBError as exc:
             return protocol.encode_error(exc, self.id), False
         except (sa_exc.DBAPIError, sa_exc.ResourceClosedError, sa_exc.PendingRollbackError):
@@ -717,7 +744,7 @@ class Worker:
             return protocol.encode_error(BadRequest(f"the write could not be applied: {type(exc).__name__}",
                                                     code="rejected"), self.id), False
         self.store.applied_lsn = lsn
-        entries.append({"lsn": lsn, "id": req.id, "ops": resolved, "result": results})
+        entries.append({"lsn": lsn, "id": key, "ops": resolved, "result": results})
         return protocol.Reply(results, lsn, self.id).encode(), False
 
     # --- leaving ------------------------------------------------------------------

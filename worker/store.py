@@ -13,6 +13,12 @@ Bookkeeping tables, next to the tenant tables:
                      instead of applied twice. Replicas keep it too (they may
                      be promoted).
 
+Tenants: every request is made for one tenant (the worker takes it from the
+broker-validated user_id), and is checked and resolved inside that tenant's
+namespace alone (worker/namespace.py): its tables, its sequences, its `clear`.
+`drop_tenant` and the `storage` read are the platform's. A tenant past its
+storage quota can read and delete, not write.
+
 A client's write (`apply_request`) and read (`read`) are first checked whole
 by worker/validate.py, then applied under a savepoint. Whatever the request
 causes ends as a DBError (the savepoint rolled back, nothing of it left); only
@@ -36,9 +42,10 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 
-from bus.errors import BadRequest, ConstraintViolation, DBError, PreconditionFailed
+from bus.errors import BadRequest, ConstraintViolation, DBError, Forbidden, PreconditionFailed, QuotaExceeded
+from bus.tenancy import PLATFORM
 
-from . import schema, validate
+from . import namespace, schema, validate
 from .schema import INT64_MAX, INT64_MIN, fold
 
 log = logging.getLogger("stratus.store")
@@ -46,6 +53,8 @@ log = logging.getLogger("stratus.store")
 DEDUP_RETENTION = 86400.0   # seconds a request id is remembered (settings.dedup_retention)
 PRUNE_EVERY = 5.0           # seconds between prunes of expired request ids
 PRUNE_BATCH = 10_000        # request ids deleted by one prune at most
+USAGE_EVERY = 5.0           # seconds a tenant's measured storage is trusted before measuring again
+GROWING_OPS = frozenset({"create_table", "insert", "upsert", "update"})   # refused past the storage quota
 MAX_MESSAGE = 200           # characters of a database message quoted in an error
 # SQLite result codes that mean the store itself failed, not the request
 # (https://www.sqlite.org/rescode.html); extended codes share the prefix.
@@ -55,8 +64,11 @@ MACHINERY_CODES = ("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_CORRUPT", "SQLITE_NOTA
 
 
 class Store:
-    def __init__(self, url: str, *, dedup_retention: float = DEDUP_RETENTION, clock=time.time):
+    def __init__(self, url: str, *, dedup_retention: float = DEDUP_RETENTION, clock=time.time,
+                 storage_quota: int | None = None):
         self.url = url
+        self.storage_quota = storage_quota     # bytes per tenant (None: no quota); not the platform's
+        self._usage: dict[str, tuple[int, float]] = {}   # tenant -> (bytes, measured at)
         self.dedup_retention = dedup_retention
         self.clock = clock
         self._pruned_at = 0.0
@@ -149,11 +161,16 @@ class Store:
             raise
 
     def _forget_tables_not_in(self, defs: dict) -> None:
+        """Back to the tables of `defs` after a rollback: forget the ones made
+        since, and know again the ones dropped since."""
         for name in list(self.defs):
             if name not in defs:
                 self.defs.pop(name)
                 self.tables.pop(name)
                 self.names.pop(fold(name))
+        for name, d in defs.items():
+            if name not in self.defs:
+                self._register(d)
 
     def _save_meta(self) -> None:
         rows = {"applied_lsn": str(self.applied_lsn), "term": str(self.term),
@@ -173,16 +190,18 @@ class Store:
                 row = self.conn.execute(stmt).first()
         return (row[0], json.loads(row[1]) if row[1] else None) if row else None
 
-    def apply_request(self, ops: list, lsn: int, request_id: str) -> tuple[list, list]:
-        """Apply a client's write (inside a transaction), checking it whole
-        first and every precondition as it goes. Returns (results, resolved
-        ops for the log). On any error the savepoint is rolled back, nothing
-        of this write remains, and the error is a DBError, unless the store's
-        machinery failed: that propagates as it is."""
+    def apply_request(self, ops: list, lsn: int, request_id: str, tenant: str = PLATFORM) -> tuple[list, list]:
+        """Apply a client's write for `tenant` (inside a transaction),
+        checking it whole first and every precondition as it goes. Returns
+        (results, resolved ops for the log, with physical names). On any
+        error the savepoint is rolled back, nothing of this write remains, and
+        the error is a DBError, unless the store's machinery failed: that
+        propagates as it is."""
         defs_before = dict(self.defs)
         sp, at = None, None
         try:
-            checked = validate.write(ops, self.defs)
+            checked = namespace.scope(validate.write(ops, namespace.view(self.defs, tenant)), tenant)
+            self._check_tenant_write(checked, tenant)
             sp = self.conn.begin_nested()
             results, resolved = [], []
             for at, op in enumerate(checked):
@@ -203,6 +222,37 @@ class Store:
             if err.op is None:
                 err.op = at
             raise err from None
+
+    def _check_tenant_write(self, checked: list[dict], tenant: str) -> None:
+        if tenant != PLATFORM and any(op["op"] == "drop_tenant" for op in checked):
+            raise Forbidden("drop_tenant is the platform's operation")
+        if (self.storage_quota is not None and tenant != PLATFORM
+                and any(op["op"] in GROWING_OPS for op in checked)):
+            used = self.usage(tenant)
+            if used >= self.storage_quota:
+                raise QuotaExceeded(f"tenant {tenant} uses {used} bytes of its {self.storage_quota}-byte storage "
+                                    "quota: nothing was written (reads and deletes still work)")
+
+    def usage(self, tenant: str) -> int:
+        """Bytes the tenant's tables and indexes take, measured at most every
+        USAGE_EVERY seconds (a quota can be passed by what is written meanwhile)."""
+        now = self.clock()
+        cached = self._usage.get(tenant)
+        if cached is not None and now - cached[1] < USAGE_EVERY:
+            return cached[0]
+        used = self.storage().get(tenant, 0)
+        self._usage[tenant] = (used, now)
+        return used
+
+    def storage(self) -> dict[str, int]:
+        """Bytes per tenant: SQLite's pages of each tenant's tables and indexes (dbstat)."""
+        out: dict[str, int] = {}
+        rows = self.conn.exec_driver_sql("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name").all()
+        for name, size in rows:
+            owner = namespace.owner_of_object(name)
+            if owner is not None:
+                out[owner] = out.get(owner, 0) + int(size or 0)
+        return out
 
     def replay(self, ops: list, request_id: str | None, lsn: int, result) -> None:
         """Apply resolved ops from the log (inside a transaction). No
@@ -334,9 +384,16 @@ class Store:
             self._set_seq(op["name"], op["value"])
             return {}, [op]
         if kind == "clear":
-            for t in self.tables.values():
-                self.conn.execute(sa.delete(t))
-            return {}, [{"op": "clear"}]
+            # From a client: the tables its tenant has now. From the log: the
+            # tables the master emptied (a log of an earlier version: all).
+            names = op["tables"] if "tables" in op else \
+                namespace.tables_of(self.defs, op["tenant"]) if "tenant" in op else list(self.tables)
+            for name in names:
+                if name in self.tables:
+                    self.conn.execute(sa.delete(self.tables[name]))
+            return {}, [{"op": "clear", "tables": names}]
+        if kind == "drop_tenant":
+            return self._drop_tenant(op["tenant"])
         tname, table = self._table(op["table"])
         if kind == "insert":
             rows, seq_ops = [], []
@@ -389,6 +446,21 @@ class Store:
             return {"found": found}, []
         raise BadRequest(f"unknown operation {kind!r:.40}")
 
+    def _drop_tenant(self, tenant: str) -> tuple[dict, list]:
+        """Every table and sequence of the tenant, gone (the same on every
+        worker: the log carries the op, and each drops what it holds)."""
+        names = namespace.tables_of(self.defs, tenant)
+        for name in names:
+            self.tables[name].drop(self.conn)
+            self.conn.execute(sa.delete(self.t_tables).where(self.t_tables.c.name == name))
+            self.defs.pop(name)
+            self.tables.pop(name)
+            self.names.pop(fold(name))
+        prefix = namespace.phys(tenant, "")
+        self.conn.execute(sa.delete(self.t_seq).where(sa.func.substr(self.t_seq.c.name, 1, len(prefix)) == prefix))
+        self._usage.pop(tenant, None)
+        return {"dropped": len(names)}, [{"op": "drop_tenant", "tenant": tenant}]
+
     def _create_table(self, d: dict) -> tuple[dict, list]:
         if fold(d["table"]) in self.names:   # the same definition (validate refused any other)
             return {"created": False}, []
@@ -398,11 +470,20 @@ class Store:
         return {"created": True}, [{"op": "create_table", **d}]
 
     # --- reads ------------------------------------------------------------
-    def read(self, q) -> Any:
-        """Run one checked query in its own short read transaction. Errors are
-        DBErrors, except failures of the store's machinery."""
+    def read(self, q, tenant: str = PLATFORM) -> Any:
+        """Run one checked query for `tenant` in its own short read
+        transaction. Errors are DBErrors, except failures of the store's machinery."""
         try:
-            checked = validate.read(q, self.defs)
+            view = namespace.view(self.defs, tenant)
+            checked = validate.read(q, view)
+            if checked["op"] == "tables":
+                return sorted(view)
+            if checked["op"] == "storage":
+                if tenant != PLATFORM:
+                    raise Forbidden("storage is the platform's read")
+                with self.conn.begin():
+                    return self.storage()
+            checked["table"] = namespace.phys(tenant, checked["table"])
             with self.conn.begin():
                 return self._read(checked)
         except Exception as exc:

@@ -49,11 +49,13 @@ WRITE_FIELDS = {
     "delete": {"op", "table", "where", "expect", "tag"},
     "require": {"op", "table", "where", "exists", "tag"},
     "clear": {"op", "tag"},
+    "drop_tenant": {"op", "tenant"},   # the platform's only (the store refuses it from a tenant)
 }
 READ_FIELDS = {
     "select": {"op", "table", "columns", "where", "order_by", "limit"},
     "count": {"op", "table", "where"},
     "tables": {"op"},
+    "storage": {"op"},   # bytes per tenant: the platform's only
 }
 
 
@@ -132,6 +134,12 @@ def write_op(op, cat: Catalog) -> dict:
         return _create_table(op, cat)
     if kind == "clear":
         return {"op": "clear"}
+    if kind == "drop_tenant":
+        from bus.tenancy import InvalidName, check_tenant_name
+        try:
+            return {"op": "drop_tenant", "tenant": check_tenant_name(op.get("tenant"))}
+        except InvalidName as exc:
+            raise BadRequest(f"drop_tenant: {exc}") from None
     t = Table(cat.table(op.get("table")))
     if kind == "insert":
         return {"op": "insert", "table": t.name, "rows": _insert_rows(t, op), **extra}
@@ -312,8 +320,8 @@ def read(q, defs: dict[str, dict]) -> dict:
     if fields is None:
         raise BadRequest(f"unknown read operation {kind!r:.40} ({', '.join(READ_FIELDS)})")
     _known_fields(q, fields, kind)
-    if kind == "tables":
-        return {"op": "tables"}
+    if kind in ("tables", "storage"):
+        return {"op": kind}
     t = Table(Catalog(defs).table(q.get("table")))
     out = {"op": kind, "table": t.name, "where": _where(t, q.get("where"))}
     if kind == "count":

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from bus import ops
 
+TENANT = "rideshare"   # the tenant whose namespace holds these tables (paas.md, Built-in apps)
+
 USERS = "users"
 RIDES = "rides"
 MEMBERS = "ride_members"

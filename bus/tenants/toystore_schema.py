@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from bus import ops
 
+TENANT = "toystore"   # the tenant whose namespace holds these tables (paas.md, Built-in apps)
+
 PRODUCTS = "products"
 ORDERS = "orders"
 ORDER_SEQ = "orders"      # the $seq that numbers orders from 0

@@ -9,7 +9,11 @@ import pytest
 from bus import ops
 from bus.client import connection_params
 from bus.errors import BadRequest, ConstraintViolation, PreconditionFailed
+from bus.settings import load
+from bus.tenancy import platform_user
 from harness import wait_for
+
+PLATFORM_USER = platform_user(load().amqp_url)   # raw requests act for the platform, as DBClient does
 
 
 @pytest.fixture
@@ -25,7 +29,7 @@ def raw_roundtrip(cluster, queue, body: bytes, timeout=10.0):
     conn = pika.BlockingConnection(connection_params(cluster.settings.amqp_url))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True).method.queue
-    ch.basic_publish("", queue, body, pika.BasicProperties(reply_to=q, correlation_id="raw-1"))
+    ch.basic_publish("", queue, body, pika.BasicProperties(reply_to=q, correlation_id="raw-1", user_id=PLATFORM_USER))
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -32,7 +32,11 @@ from hypothesis import strategies as st
 from bus import ops
 from bus.client import connection_params
 from bus.errors import DBError, Timeout, Unavailable
+from bus.settings import load
+from bus.tenancy import platform_user
 from harness import LocalCluster, wait_for
+
+PLATFORM_USER = platform_user(load().amqp_url)   # raw requests act for the platform, as DBClient does
 
 EXAMPLES = int(os.environ.get("STRATUS_FUZZ_EXAMPLES", "2000"))
 DEADLINE = 30.0               # seconds a request may take to be answered
@@ -259,7 +263,8 @@ class Raw:
     def roundtrip(self, body: bytes, queue: str) -> dict:
         self.n += 1
         cid = f"raw-{self.n}"
-        self.ch.basic_publish("", queue, body, pika.BasicProperties(reply_to=self.queue, correlation_id=cid))
+        self.ch.basic_publish("", queue, body, pika.BasicProperties(reply_to=self.queue, correlation_id=cid,
+                                                                   user_id=PLATFORM_USER))
         deadline = time.monotonic() + DEADLINE
         while time.monotonic() < deadline:
             method, props, reply = self.ch.basic_get(self.queue, auto_ack=True)

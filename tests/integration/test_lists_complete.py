@@ -34,7 +34,7 @@ def c(rs):
 
 @pytest.fixture
 def db(rs):
-    return rs.cluster.client()
+    return rs.cluster.client(tenant="rideshare")
 
 
 def bulk_insert(db, table: str, rows: list[dict], *, per_op: int = 1000, per_write: int = 5) -> int:

@@ -25,7 +25,7 @@ def c(rs):
 
 
 def users_in_db(rs, c) -> dict:
-    db = rs.cluster.client()
+    db = rs.cluster.client(tenant="rideshare")
     rows = db.read(ops.select("users"), min_lsn=c.lsn or None).result
     return {r["username"]: r["password"] for r in rows}
 

@@ -41,7 +41,7 @@ def run_threads(targets) -> list[BaseException]:
 
 def db_state(rs, lsn: int) -> tuple[dict, dict, list]:
     """Users, rides and memberships as the master has them (min_lsn: at least every write we saw)."""
-    db = rs.cluster.client()
+    db = rs.cluster.client(tenant="rideshare")
     users = {r["username"] for r in db.read(ops.select("users"), min_lsn=lsn).result}
     rides = {r["ride_id"]: r for r in db.read(ops.select("rides"), min_lsn=lsn).result}
     members = db.read(ops.select("ride_members"), min_lsn=lsn).result

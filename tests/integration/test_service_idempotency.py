@@ -38,7 +38,7 @@ def c(rs):
 
 
 def users_in_db(rs, c) -> list[str]:
-    rows = rs.cluster.client().read(ops.select("users"), min_lsn=c.lsn or None).result
+    rows = rs.cluster.client(tenant="rideshare").read(ops.select("users"), min_lsn=c.lsn or None).result
     return sorted(r["username"] for r in rows)
 
 
@@ -186,7 +186,7 @@ def stock(db, name: str) -> int:
 
 def test_order_retried_with_the_same_request_id_is_placed_once(toystore):
     cluster, catalog, order = toystore
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     before = stock(db, "Fox")
     first = rid()
     s1, b1, h1 = call(order, "POST", "/orders", {"name": "Fox", "quantity": 2}, headers={"X-Request-Id": first})

@@ -30,7 +30,7 @@ def stack(tmp_path_factory):
     cluster = LocalCluster(tmp_path_factory.mktemp("toystore"))
     try:
         cluster.bootstrap(slaves=1)
-        db = cluster.client()
+        db = cluster.client(tenant="toystore")
         # the restocker acts once an hour: not during these tests
         s = Stack(cluster, db, start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600),
                   start_order(cluster, "order"))

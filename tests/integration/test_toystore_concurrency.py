@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(240)
 
 def test_fifty_buyers_for_the_last_ten_units(cluster):
     cluster.bootstrap(slaves=1)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     catalog = start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600)
     order = start_order(cluster, "order")
     set_stock(db, "Tux", 10)
@@ -50,7 +50,7 @@ def test_fifty_buyers_for_the_last_ten_units(cluster):
 
 def test_order_numbers_unique_and_contiguous_across_three_instances(cluster):
     cluster.bootstrap(slaves=1)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600)
     bases = [start_order(cluster, f"order{i}") for i in range(3)]
     toys = itertools.cycle(["Fox", "Python", "Lego", "Kite"])
@@ -87,7 +87,7 @@ def _restockers(cluster, keys):
 def test_one_restocker_among_three_refills_within_a_period(cluster):
     interval = 1.0
     cluster.bootstrap(slaves=1)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     keys = ["cat0", "cat1", "cat2"]
     bases = [start_catalog(cluster, k, STRATUS_RESTOCK_INTERVAL=interval) for k in keys]
     order = start_order(cluster, "order")
@@ -152,7 +152,7 @@ def test_catalogs_starting_at_once_seed_each_toy_once_and_a_restart_keeps_stock(
     from harness import free_port
     from test_toystore_support import wait_http
     cluster.bootstrap(slaves=1)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     ports = [free_port() for _ in range(3)]
     for i, port in enumerate(ports):   # all three before waiting for any
         cluster.spawn(f"cat{i}", ["-m", "catalog"], STRATUS_CATALOG_PORT=port, STRATUS_RESTOCK_INTERVAL=3600)

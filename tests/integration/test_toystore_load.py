@@ -52,7 +52,7 @@ def check_run(cluster, db, tmp_path, *urls, cli=False):
 
 def test_five_clients_half_order_no_mismatch(cluster, tmp_path):
     cluster.bootstrap(slaves=1)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     catalog = start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=1)
     order = start_order(cluster, "order")
     check_run(cluster, db, tmp_path, "--url", catalog, "--orders-url", order)
@@ -65,7 +65,7 @@ def test_five_clients_half_order_no_mismatch(cluster, tmp_path):
 def test_client_reports_a_mismatch(cluster, tmp_path):
     """A client that is told a wrong story notices: orders are checked for real."""
     cluster.bootstrap(slaves=0)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     catalog = start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600)
     order = start_order(cluster, "order")
     from stratus import load_toystore as lt
@@ -85,7 +85,7 @@ def test_client_reports_a_mismatch(cluster, tmp_path):
 
 def test_master_killed_during_a_run_loses_and_doubles_nothing(cluster, tmp_path):
     cluster.bootstrap(slaves=2)
-    db = cluster.client()
+    db = cluster.client(tenant="toystore")
     catalog = start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600)
     order = start_order(cluster, "order")
     # enough stock that the clients keep ordering through the whole run (no restocker here)

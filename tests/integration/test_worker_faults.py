@@ -20,7 +20,7 @@ import uuid
 import pika
 import pytest
 
-from bus import ops, protocol
+from bus import ops, protocol, tenancy
 from bus.client import connection_params
 from bus.errors import DBError
 from harness import restart_rabbitmq, wait_for
@@ -59,7 +59,8 @@ class Raw:
     def request(self, queue: str, kind: str, body: dict) -> str:
         req = protocol.Request(kind=kind, body=body)
         self.ch.basic_publish("", queue, req.encode(),
-                              pika.BasicProperties(reply_to=self.reply_q, correlation_id=req.id))
+                              pika.BasicProperties(reply_to=self.reply_q, correlation_id=req.id,
+                                                   user_id=tenancy.platform_user(self.cluster.settings.amqp_url)))
         return req.id
 
     def record(self, raw: bytes) -> None:
