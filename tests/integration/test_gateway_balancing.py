@@ -111,8 +111,7 @@ def test_a_busy_instance_is_avoided(cluster):
 
 
 def test_failed_health_check_takes_an_instance_out_until_it_recovers(cluster):
-    for i in range(2):
-        start_upstream(cluster, f"up{i}", "rides")
+    ports = [start_upstream(cluster, f"up{i}", "rides") for i in range(2)]
     gw = start_gateway(cluster, health_interval=0.3)
     wait_healthy(gw, "rides", 2)
     sick = f"rides@{ports[0]}"
@@ -128,8 +127,7 @@ def test_failed_health_check_takes_an_instance_out_until_it_recovers(cluster):
 
 
 def test_get_is_retried_once_but_post_never(cluster):
-    for i in range(2):
-        start_upstream(cluster, f"up{i}", "rides")
+    ports = [start_upstream(cluster, f"up{i}", "rides") for i in range(2)]
     gw = start_gateway(cluster)
     wait_healthy(gw, "rides", 2)
 
