@@ -21,7 +21,7 @@ import urllib.parse
 
 from . import ops
 from . import tenancy
-from .errors import PreconditionFailed
+from .errors import BadRequest, PreconditionFailed
 
 TABLE = "accounts"
 KINDS = ("tenant", "developer")
@@ -63,24 +63,34 @@ def create(db, name: str, kind: str) -> tuple[str, str | None]:
     return password, broker_password
 
 
+def _read(db, query: dict) -> list:
+    """Rows of the accounts table; none before the first account made it."""
+    try:
+        return db.read(query, tenant=tenancy.PLATFORM).result
+    except BadRequest as exc:
+        if exc.code == "unknown_table":
+            return []
+        raise
+
+
 def get(db, name: str) -> dict | None:
-    ensure_schema(db)
-    rows = db.read(ops.select(TABLE, [ops.eq("name", name)]), tenant=tenancy.PLATFORM).result
+    rows = _read(db, ops.select(TABLE, [ops.eq("name", name)]))
     return rows[0] if rows else None
 
 
 def list_(db, kind: str | None = None) -> list[dict]:
     """Every account of `kind` (all when None), without their secrets."""
-    ensure_schema(db)
     where = [ops.eq("kind", kind)] if kind else []
-    rows = db.read(ops.select(TABLE, where, columns=["name", "kind", "created"], order_by=[["name", "asc"]]),
-                   tenant=tenancy.PLATFORM).result
-    return rows
+    return _read(db, ops.select(TABLE, where, columns=["name", "kind", "created"], order_by=[["name", "asc"]]))
 
 
 def delete(db, name: str) -> bool:
-    ensure_schema(db)
-    reply = db.write([ops.delete(TABLE, [ops.eq("name", name)])], tenant=tenancy.PLATFORM)
+    try:
+        reply = db.write([ops.delete(TABLE, [ops.eq("name", name)])], tenant=tenancy.PLATFORM)
+    except BadRequest as exc:
+        if exc.code == "unknown_table":
+            return False
+        raise
     return bool(reply.result and reply.result[0].get("rowcount"))
 
 

@@ -36,7 +36,7 @@ class InvalidName(ValueError):
 
 def check_tenant_name(name) -> str:
     """A new tenant's (or developer's) name, or InvalidName with the reason."""
-    if not isinstance(name, str) or not _TENANT_RE.match(name):
+    if not isinstance(name, str) or not _TENANT_RE.fullmatch(name):
         raise InvalidName("a name is 2-32 characters of a-z, 0-9 and '-', starting with a letter")
     if name in RESERVED:
         raise InvalidName(f"{name!r} is reserved")

@@ -42,18 +42,9 @@ DEFAULT_DB_TENANT = "rideshare"        # what the db routes act for without a "t
 LOCK_WAIT = 30.0                       # seconds to wait for another account change to end
 
 
-def check_name(name) -> str:
-    """tenancy.check_tenant_name, and no trailing newline: its pattern ends
-    in `$`, which also matches before a final "\\n" (until bus/ uses fullmatch)."""
-    tenancy.check_tenant_name(name)
-    if name.endswith("\n"):
-        raise tenancy.InvalidName("a name is 2-32 characters of a-z, 0-9 and '-', starting with a letter")
-    return name
-
-
 def is_name(name) -> bool:
     try:
-        check_name(name)
+        tenancy.check_tenant_name(name)
     except tenancy.InvalidName:
         return False
     return True
@@ -105,7 +96,7 @@ class Tenants:
     def create_tenant(self, name) -> str:
         """A new tenant; returns its owner's password. Raises
         tenancy.InvalidName, accounts.Exists or Failed."""
-        check_name(name)
+        tenancy.check_tenant_name(name)
         user = tenancy.broker_user(self.settings.cluster, name)
         with self._locked():
             password, broker_password = self._create_account(name, "tenant")
@@ -125,7 +116,7 @@ class Tenants:
 
     def create_developer(self, username) -> str:
         """A new developer account; returns its password."""
-        check_name(username)
+        tenancy.check_tenant_name(username)
         with self._locked():
             password, _ = self._create_account(username, "developer")
         log.info("developer %s created", username)

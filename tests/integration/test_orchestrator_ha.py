@@ -30,7 +30,7 @@ def test_standby_adopts_the_workers_when_the_leader_is_killed(cluster):
         regs = bzk.children_json(cluster.zk, cluster.paths.service("orchestrator"))
         assert [r["port"] for r in regs.values()] == [a.port]
 
-        db = cluster.client()
+        db = cluster.client(tenant="rideshare")
         db.write([EV_TABLE])
         lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
         pids = a.pids()
@@ -91,7 +91,7 @@ def test_master_dying_with_the_orchestrator_is_replaced_by_the_successor(cluster
         wait_for(lambda: b.view()["orchestrator"]["candidates"] == 2, 10, 0.1, what="two orchestrator candidates")
         master = next(w for w in v["workers"] if w["role"] == "master")
         slave = next(w for w in v["workers"] if w["role"] == "slave")
-        db = cluster.client()
+        db = cluster.client(tenant="rideshare")
         db.write([EV_TABLE])
         lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
 
@@ -128,7 +128,7 @@ def test_a_paused_leader_comes_back_as_a_standby(cluster):
         a.wait_healthy_cluster(1)
         b = Orch(cluster, "orch-b")
         wait_for(lambda: b.view()["orchestrator"]["candidates"] == 2, 10, 0.1, what="two orchestrator candidates")
-        db = cluster.client()
+        db = cluster.client(tenant="rideshare")
         db.write([EV_TABLE])
         lsn = db.write([ops.insert("ev", {"id": 1, "k": "before"})]).lsn
         pids = a.pids()
