@@ -230,6 +230,9 @@ def test_in_front_of_the_real_orchestrator(cluster):
                 status, body, _ = c.request("POST", f"/api/v1/db/{route}", {**payload, "tenant": "beta"},
                                             headers=tok["acme"])
                 assert status == 403 and "error" in body, (route, status, body)
+            # beta's own namespace has no such table: acme's is out of its reach.
+            status, body, _ = c.request("POST", "/api/v1/db/read", read, headers=tok["beta"])
+            assert status == 400 and body.get("code") == "unknown_table", (status, body)
             # The admin reaches any tenant; the developer none.
             status, body, _ = c.request("POST", "/api/v1/db/read", {**read, "tenant": "acme"}, headers=admin)
             assert status == 200 and body == [{"k": "a"}], (status, body)
