@@ -10,12 +10,16 @@ RUN apt-get update \
  && apt-get clean && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb \
  && mkdir -p /etc/rabbitmq/conf.d /var/lib/rabbitmq /var/log/rabbitmq \
  && chown -R rabbitmq:rabbitmq /var/lib/rabbitmq /var/log/rabbitmq /etc/rabbitmq
+# The management API (tenants' broker accounts) and the Prometheus endpoint.
+RUN rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_prometheus \
+ && chown rabbitmq:rabbitmq /etc/rabbitmq/enabled_plugins
 COPY rabbitmq.conf /etc/rabbitmq/rabbitmq.conf
+COPY rabbitmq-definitions.json /etc/rabbitmq/stratus-definitions.json
 ENV HOME=/var/lib/rabbitmq RABBITMQ_LOGS=- RABBITMQ_CONFIG_FILE=/etc/rabbitmq/rabbitmq
 WORKDIR /var/lib/rabbitmq
 USER rabbitmq
 VOLUME /var/lib/rabbitmq
-EXPOSE 5672
+EXPOSE 5672 15672 15692
 HEALTHCHECK --interval=3s --timeout=3s --start-period=60s --retries=5 \
   CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/5672"]
 CMD ["/usr/lib/rabbitmq/bin/rabbitmq-server"]
