@@ -114,6 +114,15 @@ def json_error(status: int, message: str):
     return jsonify(current_app.extensions["stratus_error_body"](status, message)), status
 
 
+_zk = None   # the serving instance's ZooKeeper client (its registration's), once it listens
+
+
+def service_zk():
+    """The ZooKeeper client of the instance `serve` runs (None before it
+    listens, or outside `serve`)."""
+    return _zk
+
+
 def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads: int = 16,
           settings: Settings | None = None, on_worker_start: Callable[[], None] | None = None) -> None:
     """Serve with gunicorn: one process (so per-instance counters are exact),
@@ -133,7 +142,8 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
             worker.sockets[0].getsockname()[1]
         if on_worker_start:
             on_worker_start()
-        state["zk"] = bzk.connect(settings, timeout=max(settings.zk_timeout, 2.0))
+        global _zk
+        state["zk"] = _zk = bzk.connect(settings, timeout=max(settings.zk_timeout, 2.0))
         state["reg"] = registry.register(state["zk"], settings, service, bound)
         log.info("%s listening on %s:%d (cluster %s)", service, settings.bind_host, bound, settings.cluster)
         print(f"{service} listening on http://{registry.advertise_host(settings)}:{bound}", flush=True)

@@ -28,7 +28,7 @@ import time
 
 from kazoo.exceptions import KazooException, LockTimeout, NoNodeError
 
-from bus import accounts
+from bus import accounts, ops
 from bus import tenancy
 from bus import zk as bzk
 from bus.broker_admin import BrokerAdmin, BrokerAdminError
@@ -123,6 +123,9 @@ class Tenants:
         return password
 
     def _create_account(self, name: str, kind: str) -> tuple[str, str | None]:
+        if self._rideshare_user(name):
+            # Logins look at platform accounts before RideShare's users: the user would be locked out.
+            raise accounts.Exists(name)
         try:
             return accounts.create(self.db, name, kind)
         except DBError as exc:
@@ -130,6 +133,18 @@ class Tenants:
             # the log after it, so it removes the row either way.
             self._undo(name)
             raise Failed(f"the account {name!r} could not be stored: {exc.message}") from None
+
+    def _rideshare_user(self, name: str) -> bool:
+        """A RideShare user of that name exists (the built-in tenant's users
+        log in with the same token service)."""
+        try:
+            rows = self.db.read(ops.select("users", [ops.eq("username", name)], columns=["username"]),
+                                tenant="rideshare").result
+        except DBError as exc:
+            if exc.code == "unknown_table":
+                return False
+            raise Failed(f"RideShare's users could not be checked for {name!r}: {exc.message}") from None
+        return bool(rows)
 
     def _undo(self, name: str, *, broker: bool = False) -> None:
         """Best effort: remove what create_tenant made so far."""

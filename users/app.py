@@ -14,10 +14,12 @@ from flask import Flask, Response, jsonify
 from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
-from bus.service import json_error
+from bus.service import json_error, service_zk
 from bus.tenants import rideshare_schema as rs
 
-from bus import web
+from bus import tenancy, web
+from bus.names import Paths
+from bus.settings import load
 from bus.web import InputError
 
 SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -25,6 +27,15 @@ SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 def db():
     return bus_client.shared("users", rs.TENANT)
+
+
+def reserved(username: str) -> bool:
+    """Names the platform keeps: admin and the like, and every tenant's name
+    (the token service looks at platform accounts before RideShare's users)."""
+    if username in tenancy.RESERVED:
+        return True
+    zk = service_zk()
+    return zk is not None and zk.exists(Paths(load().cluster).tenant(username)) is not None
 
 
 def create_app(*, ensure_schema: bool = True) -> Flask:
@@ -39,6 +50,8 @@ def create_app(*, ensure_schema: bool = True) -> Flask:
         password = web.text_field(body, "password")
         if not SHA1_HEX.fullmatch(password):
             raise InputError("password must be exactly 40 hexadecimal characters (a SHA-1 digest)")
+        if reserved(username):
+            raise InputError(f"the username {username!r} is reserved by the platform")
         schema.ensure()
         try:
             web.write(db(), [

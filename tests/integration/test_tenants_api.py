@@ -434,3 +434,32 @@ def test_delete_drops_the_tenants_tables(env):
         raise AssertionError("the dropped table is still there")
     except DBError as exc:
         assert exc.status == 400
+
+
+# --- names the platform keeps ---------------------------------------------------------------
+def test_rideshare_refuses_a_reserved_or_tenant_username_and_a_tenant_cannot_take_a_users_name(env):
+    """Logins look at the admin, then platform accounts, then RideShare's users:
+    a RideShare user under an account's name would be locked out, so neither
+    side may take the other's name."""
+    import requests
+    from bus.ports import free_port
+    cluster, orch, admin, db = env
+    port = free_port()
+    cluster.spawn("users-reserved", ["-m", "users"], STRATUS_USERS_PORT=port)
+    url = f"http://127.0.0.1:{port}/api/v1/users"
+    def up():
+        try:
+            return requests.get(url, timeout=1).status_code in (200, 204)
+        except requests.RequestException:
+            return False
+    wait_for(up, 30, what="the users service")
+    MADE.append("taken")
+    assert create(orch, "taken")[0] == 201
+    pw = "a" * 40
+    for name in ("admin", "platform", "stratus", "taken"):
+        r = requests.put(url, json={"username": name, "password": pw}, timeout=10)
+        assert r.status_code == 400 and "reserved" in r.json()["error"], (name, r.text)
+    assert requests.put(url, json={"username": "rider-7", "password": pw}, timeout=10).status_code == 201
+    status, body = create(orch, "rider-7")
+    assert status == 409, body
+    assert admin.get_user(tenancy.broker_user(cluster.name, "rider-7")) is None
