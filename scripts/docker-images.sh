@@ -79,7 +79,8 @@ ensure_engine() {
   else
     local logf=/var/log/stratus-dockerd.log
     log "starting dockerd in the background (log: $logf)"
-    nohup setsid "$dockerd" >>"$logf" 2>&1 </dev/null &
+    # 9>&-: the daemon must not inherit the build lock (fd 9), or it holds it for good.
+    nohup setsid "$dockerd" >>"$logf" 2>&1 </dev/null 9>&- &
   fi
   for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
   no_engine "dockerd did not answer within 60 s (see /var/log/stratus-dockerd.log)"
