@@ -5,9 +5,9 @@ the same machine.
     .venv/bin/python benchmarks/tenancy.py [--rounds 3] [--seconds 6] [--base REV] [--record]
 
 "Before" runs benchmarks/db_client.py as it stood at REV (by default the
-commit just before tenancy reached the data plane, found as the parent of the
-commit that added worker/namespace.py), from a temporary git worktree, as the
-platform. "After" runs today's db_client.py with --tenant, the client on the
+commit just before tenancy reached the DB client: the parent of the first
+commit whose bus/client.py imports bus.tenancy), from a temporary git
+worktree, as the platform. "After" runs today's db_client.py with --tenant, the client on the
 tenant's own broker account: every request carries a validated user_id, goes
 through the request exchange, and is resolved in the tenant's namespace.
 Target: after >= 90% of before, for reads and writes with 8 client threads."""
@@ -51,8 +51,9 @@ def main() -> int:
     ap.add_argument("--base", help="the revision before tenancy")
     ap.add_argument("--record", action="store_true")
     args = ap.parse_args()
-    base = args.base or git("rev-parse", git("log", "--diff-filter=A", "--format=%H", "--", "worker/namespace.py")
-                            .splitlines()[-1] + "^")
+    # Before tenancy: the parent of the first commit whose DB client speaks for a tenant.
+    base = args.base or git("rev-parse", git("log", "--format=%H", "-S", "from . import tenancy", "--",
+                                             "bus/client.py").splitlines()[-1] + "^")
     results: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
         tree = os.path.join(tmp, "base")
