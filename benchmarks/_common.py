@@ -8,15 +8,16 @@ import sys
 import time
 from pathlib import Path
 
+from stratus.measure import percentile
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the LocalCluster harness
 
 
 def pct(sorted_values: list[float], p: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    k = min(len(sorted_values) - 1, max(0, round(p / 100 * (len(sorted_values) - 1))))
-    return sorted_values[k]
+    """stratus.measure.percentile, NaN when there is nothing to measure."""
+    v = percentile(sorted_values, p)
+    return float("nan") if v is None else v
 
 
 def machine() -> str:

@@ -37,6 +37,7 @@ from bus.names import Names, Paths  # noqa: E402
 from bus.ports import free_port  # noqa: E402
 from bus.settings import load  # noqa: E402
 from bus.topology import delete_cluster  # noqa: E402
+from stratus.measure import wait_for as _wait_for  # noqa: E402
 
 from _common import pct, record  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
@@ -48,16 +49,7 @@ def http(port: int, method: str, path: str):
 
 
 def wait_for(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            v = pred()
-        except OSError:
-            v = None
-        if v:
-            return v
-        time.sleep(0.05)
-    raise SystemExit(f"timed out after {timeout}s waiting for {what}")
+    return _wait_for(pred, timeout, 0.05, what, errors=(OSError,))
 
 
 def healthy(port: int, max_lag: int | None = None):

@@ -26,16 +26,9 @@ import time
 from urllib.parse import urlsplit
 
 from bus.settings import load as load_settings
+from .measure import percentile
 
 OK_STATUSES = (200, 204)
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_values:
-        return None
-    k = max(0, min(len(sorted_values) - 1, -(-int(pct * len(sorted_values)) // 100) - 1))
-    return sorted_values[k]
 
 
 class Window:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from urllib.parse import quote, urlsplit
+from .measure import percentile
 
 # The toys of catalog/products.csv (a unit test keeps the two in step; the
 # client talks HTTP only and imports no component).
@@ -31,14 +32,6 @@ DEFAULT_TOYS = ["Tux", "Fox", "Python", "Whale", "Elephant", "Dolphin", "Lego", 
 TYPES = ("query", "order", "check")
 MAX_UNITS = 3
 CHECK_ATTEMPTS = 5
-
-
-def percentile(sorted_values: list[float], pct: float) -> float | None:
-    """Nearest-rank percentile of an ascending list (None when empty)."""
-    if not sorted_values:
-        return None
-    k = max(0, min(len(sorted_values) - 1, int(-(-pct * len(sorted_values) // 100)) - 1))
-    return sorted_values[k]
 
 
 class Stats:

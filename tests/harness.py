@@ -24,19 +24,9 @@ from bus.names import Names, Paths
 from bus.ports import free_port  # noqa: F401  (tests import it from here)
 from bus.settings import Settings, load
 from bus.topology import delete_cluster
+from stratus.measure import wait_for  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def wait_for(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def sqlite_checksum(path: Path) -> dict[str, str]:

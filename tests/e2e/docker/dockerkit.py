@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -19,6 +18,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from bus.ports import free_port  # noqa: F401  (the Docker tests import it from here)
+from stratus.measure import wait_for as _wait_for
 
 ROOT = Path(__file__).resolve().parents[3]
 LOG_DIR = ROOT / ".docker-cache" / "test-logs"
@@ -27,17 +27,8 @@ PASSWORD = "3d725109c7e7c0bfb9d709836735b56d943d263f"  # a SHA-1 hex
 
 
 def wait_for(pred, timeout: float, interval: float = 0.5, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except Exception as exc:  # a service not answering yet
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    """stratus.measure.wait_for, where any exception is a service not answering yet."""
+    return _wait_for(pred, timeout, interval, what, errors=(Exception,))
 
 
 def run(cmd: list[str], *, env=None, cwd=None, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
