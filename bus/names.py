@@ -34,9 +34,34 @@ class Names:
         self.response_prefix = p + "responseQ."  # one reply queue per client: responseQ.<tenant>.<client>
         self.request_exchange = p + "requests"   # direct: "read" -> readQ, "write" -> writeQ (tenants write here only)
         self.snapshot_queue = p + "snapshotQ"    # a new worker asks a ready member for a snapshot here
+        self.task_prefix = p + "tasks."          # tasks.<tenant> (exchange), tasks.<tenant>.<app>.<role>[.dead]
 
     def response_queue(self, client_id: str) -> str:
         return self.response_prefix + client_id
+
+    def task_exchange(self, tenant: str) -> str:
+        """The tenant's own direct exchange for tasks (bus/tasks.py)."""
+        return self.task_prefix + _part(tenant, "tenant")
+
+    def task_queue(self, tenant: str, app: str, role: str) -> str:
+        """The durable task queue of one worker role of one app."""
+        return f"{self.task_exchange(tenant)}.{_part(app, 'app')}.{_part(role, 'role')}"
+
+    def task_dead_queue(self, tenant: str, app: str, role: str) -> str:
+        """Where that role's tasks go once they have failed too often."""
+        return self.task_queue(tenant, app, role) + ".dead"
+
+
+_PART_RE = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+def _part(value: str, what: str) -> str:
+    """One dot-free part of a task object's name: a tenant, app or role
+    name, so that `tasks.<tenant>.` is a prefix no other tenant shares and
+    `.dead` never ends a role's name."""
+    if not isinstance(value, str) or not _PART_RE.match(value):
+        raise ValueError(f"{what} {value!r}: 1-63 characters of a-z, 0-9 and '-', starting with a letter")
+    return value
 
 
 class Paths:
@@ -53,6 +78,7 @@ class Paths:
         self.services = self.root + "/services"        # tenant service registry
         self.locks = self.root + "/locks"
         self.tenants = self.root + "/tenants"          # tenant directory: one node per tenant, no secrets
+        self.apps = self.root + "/apps"                # desired state of apps: apps/<tenant>/<app>
 
     def worker(self, worker_id: str) -> str:
         return f"{self.workers}/{worker_id}"
@@ -62,6 +88,9 @@ class Paths:
 
     def tenant(self, name: str) -> str:
         return f"{self.tenants}/{name}"
+
+    def app(self, tenant: str, app: str) -> str:
+        return f"{self.apps}/{tenant}/{app}"
 
     def lock(self, name: str) -> str:
         return f"{self.locks}/{name}"
