@@ -12,7 +12,8 @@ installed, which it is not in the platform's venv today):
                           "env": {"KEY": "value"}}}}
 
 Rules, each refused with ManifestError(400, why): unknown keys; a role name
-that is not an identifier (a-z first, then a-z 0-9 _ -, at most 32); an
+that is not an identifier (a-z first, then a-z 0-9 -, at most 32: it is
+part of queue and instance names, see Names.task_queue); an
 unknown kind; instances not an integer in 0..quota; neither command nor
 image; routes on a worker role; a route or health path that is not a clean
 absolute path ("/" then segments without "", "." or ".."; no trailing "/"
@@ -52,7 +53,7 @@ RESERVED = (                # the platform's own paths (paas.md, Apps)
 PLATFORM_ENV = ("PORT",)    # besides every STRATUS_* key
 
 _ROLE_KEYS = {"kind", "command", "image", "instances", "routes", "health", "env"}
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
 _APP_RE = re.compile(r"^[a-z][a-z0-9-]{1,31}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._~!$&'()*+,;=:@%-]+$")
@@ -190,7 +191,7 @@ def parse(data, *, quota: int = DEFAULT_QUOTA) -> Manifest:
 
 def _role(name, spec, quota: int) -> Role:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise _bad(f"role name {name!r}: 1-32 characters of a-z, 0-9, '_' and '-', starting with a letter")
+        raise _bad(f"role name {name!r}: 1-32 characters of a-z, 0-9 and '-', starting with a letter")
     if not isinstance(spec, Mapping):
         raise _bad(f"role {name!r} must be an object")
     extra = set(spec) - _ROLE_KEYS

@@ -94,7 +94,10 @@ class Packages:
     def dir(self, tenant: str, app: str) -> Path:
         if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
             raise PackageError(400, f"not a tenant name: {tenant!r}")
-        check_app_name(app)
+        try:
+            check_app_name(app)
+        except AppError as exc:
+            raise PackageError(400, exc.message) from None
         return self.root / tenant / app
 
     def path(self, tenant: str, app: str, digest: str) -> Path:
