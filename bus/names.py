@@ -59,7 +59,7 @@ def _part(value: str, what: str) -> str:
     """One dot-free part of a task object's name: a tenant, app or role
     name, so that `tasks.<tenant>.` is a prefix no other tenant shares and
     `.dead` never ends a role's name."""
-    if not isinstance(value, str) or not _PART_RE.match(value):
+    if not isinstance(value, str) or not _PART_RE.fullmatch(value):
         raise ValueError(f"{what} {value!r}: 1-63 characters of a-z, 0-9 and '-', starting with a letter")
     return value
 

@@ -76,9 +76,16 @@ def permissions(names, tenant: str) -> dict[str, str]:
     """The broker permissions of a tenant account (regular expressions over
     object names, RabbitMQ's configure/write/read): its own reply queues, and
     publishing to the request exchange. Not the default exchange: through it
-    a routing key reaches any queue, the replication stream included."""
+    a routing key reaches any queue, the replication stream included.
+
+    Tasks (bus/tasks.py): its own task exchange `tasks.<tenant>` and its own
+    task queues `tasks.<tenant>.<app>.<role>[.dead]`, to declare, bind,
+    publish to and consume; nothing under another tenant's name (a tenant
+    name has no '.', so the prefix `tasks.<tenant>.` is no other tenant's)."""
     own = "^" + re.escape(names.response_prefix + tenant + ".") + ".*"
-    return {"configure": own, "write": own + "|^" + re.escape(names.request_exchange) + "$", "read": own}
+    tasks = "^" + re.escape(names.task_exchange(tenant)) + r"(\..*)?$"
+    mine = own + "|" + tasks
+    return {"configure": mine, "write": mine + "|^" + re.escape(names.request_exchange) + "$", "read": mine}
 
 
 # --- passwords ----------------------------------------------------------------

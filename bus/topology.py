@@ -109,6 +109,33 @@ def declare_response_queue(ch, names: Names, client_id: str) -> str:
     return q
 
 
+# A task's deliveries, counted by the broker (quorum queue, x-delivery-count):
+# past this many returns (a worker that died or gave it back) the broker
+# dead-letters it, so no task is retried forever (bus/tasks.py).
+TASK_DELIVERY_LIMIT = 10
+
+
+def declare_task_queues(ch, names: Names, tenant: str, app: str, role: str) -> tuple[str, str]:
+    """One worker role's task queue and dead-letter queue, bound to the
+    tenant's own task exchange under their own names. Returns (queue, dead)."""
+    x = names.task_exchange(tenant)
+    q, dead = names.task_queue(tenant, app, role), names.task_dead_queue(tenant, app, role)
+    ch.exchange_declare(x, exchange_type="direct", durable=True)
+    ch.queue_declare(dead, durable=True)
+    ch.queue_bind(dead, x, routing_key=dead)
+    ch.queue_declare(q, durable=True, arguments={
+        "x-queue-type": "quorum", "x-delivery-limit": TASK_DELIVERY_LIMIT,
+        "x-dead-letter-exchange": x, "x-dead-letter-routing-key": dead})
+    ch.queue_bind(q, x, routing_key=q)
+    return q, dead
+
+
+def delete_task_queues(ch, names: Names, tenant: str, app: str, role: str) -> None:
+    """Remove one role's task queues (its tenant's exchange stays)."""
+    ch.queue_delete(names.task_queue(tenant, app, role))
+    ch.queue_delete(names.task_dead_queue(tenant, app, role))
+
+
 def delete_cluster(ch, names: Names) -> None:
     """Remove a cluster's objects (tests clean up what they made)."""
     for q in (names.read_queue, names.write_queue, names.master_read_queue, names.log_stream, names.dead_queue,
