@@ -81,11 +81,16 @@ class Desired:
             data, stat = self.zk.get(self.paths.app(tenant, app))
         except NoNodeError:
             return None, -1
-        rec = json.loads(data)
-        # Stored manifests were valid when written; a lower quota since then
-        # must not make them unreadable.
-        m = parse(rec["manifest"], quota=max(self.quota, 1 << 30))
-        return App(tenant, app, m, rec.get("digest"), int(rec["generation"]), float(rec["updated"])), stat.version
+        try:
+            rec = json.loads(data)
+            # Stored manifests were valid when written; a lower quota since
+            # then must not make them unreadable.
+            m = parse(rec["manifest"], quota=max(self.quota, 1 << 30))
+            app_ = App(tenant, app, m, rec.get("digest"), int(rec["generation"]), float(rec["updated"]))
+        except (ValueError, KeyError, TypeError, AppError) as exc:
+            raise Failed(f"the stored state of {tenant}/{app} is unreadable ({type(exc).__name__}); "
+                         "delete the app and deploy it again") from None
+        return app_, stat.version
 
     def get(self, tenant: str, app: str) -> App | None:
         with self._zk_errors():

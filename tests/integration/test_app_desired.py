@@ -189,3 +189,15 @@ def test_concurrent_deploys_of_one_prefix_one_wins(desired, second):
         t.join(30)
     assert sorted(results.values()) == [200, 409], results
     assert len([p for p in desired.routes() if p == "/same"]) == 1
+
+
+def test_an_unreadable_record_is_503_and_can_be_deleted(desired, cluster):
+    cluster.zk.create(cluster.paths.app("acme", "shop"), b"{not json", makepath=True)
+    assert status(desired.get, "acme", "shop") == 503
+    assert status(desired.list, "acme") == 503
+    cluster.zk.set(cluster.paths.app("acme", "shop"), b"{}")
+    assert status(desired.get, "acme", "shop") == 503
+    assert status(desired.put, "acme", "shop", manifest(), DIGEST) == 503   # never built on a broken record
+    # delete still removes it, and a deploy starts again at generation 1
+    desired.delete("acme", "shop")
+    assert desired.put("acme", "shop", manifest(), DIGEST)[0].generation == 1
