@@ -11,7 +11,6 @@ import io
 import os
 import tarfile
 import tracemalloc
-from pathlib import Path
 
 import pytest
 
