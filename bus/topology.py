@@ -136,8 +136,29 @@ def delete_task_queues(ch, names: Names, tenant: str, app: str, role: str) -> No
     ch.queue_delete(names.task_dead_queue(tenant, app, role))
 
 
+def _task_objects(names: Names) -> tuple[list[str], list[str]]:
+    """The cluster's task queues and exchanges, listed by the management API
+    (their names hold tenants, apps and roles that no AMQP call can list);
+    nothing when that API cannot be reached."""
+    from .broker_admin import BrokerAdmin, BrokerAdminError
+    admin = BrokerAdmin(load(), timeout=5)
+    found = []
+    for kind in ("queues", "exchanges"):
+        try:
+            rows = admin._call("GET", f"/api/{kind}/{admin._q(admin.vhost)}?columns=name") or []
+        except BrokerAdminError:
+            rows = []
+        found.append([r["name"] for r in rows if str(r.get("name", "")).startswith(names.task_prefix)])
+    return found[0], found[1]
+
+
 def delete_cluster(ch, names: Names) -> None:
     """Remove a cluster's objects (tests clean up what they made)."""
+    queues, exchanges = _task_objects(names)
+    for q in queues:
+        ch.queue_delete(q)
+    for x in exchanges:
+        ch.exchange_delete(x)
     for q in (names.read_queue, names.write_queue, names.master_read_queue, names.log_stream, names.dead_queue,
               names.snapshot_queue):
         ch.queue_delete(q)

@@ -200,3 +200,42 @@ def test_a_refused_account_gets_forbidden_not_a_hang(env):
     with pytest.raises(Forbidden):
         q.submit({"x": 1})
     assert time.monotonic() - t0 < 10
+
+
+def test_a_task_whose_workers_keep_dying_is_dead_lettered_by_the_broker(env):
+    """Workers that die before their ack (here: take it and drop the
+    connection) give the task back; past TASK_DELIVERY_LIMIT returns the
+    broker dead-letters it itself, so it is not retried forever."""
+    from bus.topology import TASK_DELIVERY_LIMIT
+    url = env.tenants.make("acme")
+    web = env.queue(url, "acme")
+    tid = web.submit({"poison": True})
+    taken = 0
+    for _ in range(TASK_DELIVERY_LIMIT + 5):
+        conn = pika.BlockingConnection(connection_params(url))
+        ch = conn.channel()
+        method = wait_for(lambda: ch.basic_get(web.queue)[0] or web.dead_letters(), 10, 0.2,
+                          what="the task back in its queue or in the dead letters")
+        conn.close()   # no ack: a worker that died mid-task
+        if not isinstance(method, pika.spec.Basic.GetOk):
+            break
+        taken += 1
+    assert taken == TASK_DELIVERY_LIMIT + 1
+    dead = web.dead_letters()
+    assert [d.id for d in dead] == [tid] and "delivery limit" in dead[0].error
+
+
+def test_deleting_the_cluster_deletes_its_task_objects(env):
+    from bus.topology import _task_objects, delete_cluster
+    url = env.tenants.make("acme")
+    env.queue(url, "acme").submit({"x": 1})
+    queues, exchanges = _task_objects(env.cluster.names)
+    assert sorted(queues) == [env.cluster.names.task_queue("acme", APP, ROLE),
+                              env.cluster.names.task_dead_queue("acme", APP, ROLE)]
+    assert exchanges == [env.cluster.names.task_exchange("acme")]
+    conn = pika.BlockingConnection(connection_params(env.cluster.settings.amqp_url))
+    try:
+        delete_cluster(conn.channel(), env.cluster.names)
+    finally:
+        conn.close()
+    assert _task_objects(env.cluster.names) == ([], [])
