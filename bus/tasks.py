@@ -122,9 +122,10 @@ class TaskQueue:
     in the worker role. With a tenant's own credentials (STRATUS_AMQP_URL)
     it acts for that tenant only; with the platform's it names the tenant."""
 
-    def __init__(self, settings: Settings | None, tenant: str, app: str, role: str, *,
+    def __init__(self, settings: Settings | None, tenant: str | None, app: str, role: str, *,
                  max_attempts: int = MAX_ATTEMPTS, timeout: float = 10.0):
         self.settings = settings or load()
+        tenant = tenant or self.settings.tenant   # an app instance's own (STRATUS_TENANT)
         self.names = Names(self.settings.cluster)
         if not 1 <= max_attempts <= TASK_DELIVERY_LIMIT:
             raise ValueError(f"max_attempts must be 1..{TASK_DELIVERY_LIMIT}")
