@@ -71,6 +71,11 @@ class BrokerAdmin:
         self._call("DELETE", f"/api/users/{self._q(name)}")
         return True
 
+    def names(self, kind: str, prefix: str) -> list[str]:
+        """Names of the vhost's `kind` ("queues" or "exchanges") that start with prefix."""
+        rows = self._call("GET", f"/api/{kind}/{self._q(self.vhost)}?columns=name") or []
+        return [r["name"] for r in rows if str(r.get("name", "")).startswith(prefix)]
+
     def close_connections_of(self, name: str) -> int:
         conns = self._call("GET", "/api/connections?columns=name,user") or []
         n = 0

@@ -145,10 +145,9 @@ def _task_objects(names: Names) -> tuple[list[str], list[str]]:
     found = []
     for kind in ("queues", "exchanges"):
         try:
-            rows = admin._call("GET", f"/api/{kind}/{admin._q(admin.vhost)}?columns=name") or []
+            found.append(admin.names(kind, names.task_prefix))
         except BrokerAdminError:
-            rows = []
-        found.append([r["name"] for r in rows if str(r.get("name", "")).startswith(names.task_prefix)])
+            found.append([])
     return found[0], found[1]
 
 
