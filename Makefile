@@ -56,3 +56,6 @@ bench: venv services
 	$(PY) benchmarks/failover.py --record
 	$(PY) benchmarks/gateway.py --record
 	$(PY) benchmarks/toystore.py --record
+	$(PY) benchmarks/snapshot.py --record
+	$(PY) benchmarks/promotion_faults.py --record
+	$(PY) benchmarks/tenancy.py --record
