@@ -71,9 +71,8 @@ def tenant_client(cluster, tenant: str):
     from bus.broker_admin import BrokerAdmin
     from bus.client import DBClient
     admin = BrokerAdmin(cluster.settings)
-    user, password = tenancy.broker_user(cluster.name, tenant), tenancy.new_password()
-    admin.put_user(user, password)
-    admin.set_permissions(user, **tenancy.permissions(cluster.names, tenant))
+    password = tenancy.new_password()
+    user = admin.put_tenant(cluster.names, tenant, password)
     url = accounts.tenant_amqp_url(cluster.settings.amqp_url, cluster.name, tenant, password)
     db = DBClient(dataclasses.replace(cluster.settings, amqp_url=url), name="bench")
 

@@ -61,6 +61,15 @@ class BrokerAdmin:
         self._call("PUT", f"/api/permissions/{self._q(self.vhost)}/{self._q(name)}",
                    {"configure": configure, "write": write, "read": read})
 
+    def put_tenant(self, names, tenant: str, password: str) -> str:
+        """A tenant's broker account with exactly its permissions
+        (bus.tenancy); returns the account's name."""
+        from . import tenancy
+        user = tenancy.broker_user(names.cluster, tenant)
+        self.put_user(user, password)
+        self.set_permissions(user, **tenancy.permissions(names, tenant))
+        return user
+
     def get_user(self, name: str) -> dict | None:
         return self._call("GET", f"/api/users/{self._q(name)}")
 

@@ -7,7 +7,9 @@ import logging
 from typing import Any
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import NodeExistsError, NoNodeError
+from contextlib import contextmanager
+
+from kazoo.exceptions import KazooException, LockTimeout, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 
 from .settings import Settings
@@ -27,6 +29,31 @@ def connect(settings: Settings, *, timeout: float | None = None, start_timeout: 
     )
     zk.start(timeout=start_timeout)
     return zk
+
+
+class LockBusy(Exception):
+    """Another holder kept the lock past the wait."""
+
+
+@contextmanager
+def held_lock(zk: KazooClient, path: str, timeout: float):
+    """Hold the kazoo Lock at `path`, waiting at most `timeout` seconds
+    (LockBusy past it). A release that fails means our session is gone, and
+    the lock node with it."""
+    lock = zk.Lock(path)
+    try:
+        acquired = lock.acquire(timeout=timeout)
+    except LockTimeout:
+        acquired = False
+    if not acquired:
+        raise LockBusy(f"{path} is still held after {timeout:g}s")
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except KazooException:
+            pass
 
 
 def get_json(zk: KazooClient, path: str, default: Any = None) -> Any:

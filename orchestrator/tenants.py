@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 
-from kazoo.exceptions import KazooException, LockTimeout, NoNodeError
+from kazoo.exceptions import KazooException, NoNodeError
 
 from bus import accounts, ops
 from bus import tenancy
@@ -34,6 +34,7 @@ from bus import zk as bzk
 from bus.broker_admin import BrokerAdmin, BrokerAdminError
 from bus.errors import DBError
 from bus.names import Names, Paths
+from bus.tenants import rideshare_schema as rs
 
 log = logging.getLogger("stratus.orchestrator.tenants")
 
@@ -78,31 +79,20 @@ class Tenants:
     # --- changes ------------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self):
-        lock = self.zk.Lock(self.paths.lock("platform-accounts"))
         try:
-            acquired = lock.acquire(timeout=LOCK_WAIT)
-        except LockTimeout:
-            acquired = False
-        if not acquired:
-            raise Failed(f"another account change is still running after {LOCK_WAIT:g}s; try again")
-        try:
-            yield
-        finally:
-            try:
-                lock.release()
-            except KazooException:
-                pass   # our session is gone, and the lock node with it
+            with bzk.held_lock(self.zk, self.paths.lock("platform-accounts"), LOCK_WAIT):
+                yield
+        except bzk.LockBusy:
+            raise Failed(f"another account change is still running after {LOCK_WAIT:g}s; try again") from None
 
     def create_tenant(self, name) -> str:
         """A new tenant; returns its owner's password. Raises
         tenancy.InvalidName, accounts.Exists or Failed."""
         tenancy.check_tenant_name(name)
-        user = tenancy.broker_user(self.settings.cluster, name)
         with self._locked():
             password, broker_password = self._create_account(name, "tenant")
             try:
-                self.admin.put_user(user, broker_password)
-                self.admin.set_permissions(user, **tenancy.permissions(self.names, name))
+                self.admin.put_tenant(self.names, name, broker_password)
             except BrokerAdminError as exc:
                 self._undo(name, broker=True)
                 raise Failed(f"the broker account of {name!r} could not be made: {exc}") from None
@@ -138,8 +128,8 @@ class Tenants:
         """A RideShare user of that name exists (the built-in tenant's users
         log in with the same token service)."""
         try:
-            rows = self.db.read(ops.select("users", [ops.eq("username", name)], columns=["username"]),
-                                tenant="rideshare").result
+            rows = self.db.read(ops.select(rs.USERS, [ops.eq("username", name)], columns=["username"]),
+                                tenant=rs.TENANT).result
         except DBError as exc:
             if exc.code == "unknown_table":
                 return False

@@ -58,6 +58,7 @@ from typing import Callable, Iterator
 import pika
 
 from bus.client import connection_params
+from bus.files import fsync_dir
 from bus.names import Names
 from bus.settings import Settings
 from bus.topology import declare_snapshot_queue
@@ -105,7 +106,7 @@ def make_snapshot(db_path, out_path) -> dict:
             src.close()
         size, sha = _fsync_and_hash(tmp)
         os.replace(tmp, out_path)
-        _fsync_dir(out_path.parent)
+        fsync_dir(out_path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -140,13 +141,6 @@ def _fsync_and_hash(path: Path) -> tuple[int, str]:
             size += len(block)
     return size, h.hexdigest()
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- chunks (the wire format, both sides) --------------------------------------
@@ -216,7 +210,7 @@ def install(tmp: Path, dest: Path) -> None:
     for side in ("-wal", "-shm", "-journal"):
         Path(f"{dest}{side}").unlink(missing_ok=True)
     os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 # --- serving --------------------------------------------------------------------

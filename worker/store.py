@@ -240,9 +240,11 @@ class Store:
         cached = self._usage.get(tenant)
         if cached is not None and now - cached[1] < USAGE_EVERY:
             return cached[0]
-        used = self.storage().get(tenant, 0)
-        self._usage[tenant] = (used, now)
-        return used
+        measured = self.storage()   # one scan measures every tenant: keep them all
+        for t, used in measured.items():
+            self._usage[t] = (used, now)
+        self._usage[tenant] = (measured.get(tenant, 0), now)
+        return self._usage[tenant][0]
 
     def storage(self) -> dict[str, int]:
         """Bytes per tenant: SQLite's pages of each tenant's tables and indexes (dbstat)."""

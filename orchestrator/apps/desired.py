@@ -26,8 +26,9 @@ import json
 import time
 from typing import Any, Callable
 
-from kazoo.exceptions import BadVersionError, KazooException, LockTimeout, NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 
+from bus import zk as bzk
 from bus.names import Paths
 
 from . import AppError
@@ -194,21 +195,13 @@ class Desired:
     # --- plumbing -----------------------------------------------------------------
     @contextlib.contextmanager
     def _locked(self):
-        with self._zk_errors():
-            lock = self.zk.Lock(self.paths.lock("apps"))
-            try:
-                acquired = lock.acquire(timeout=LOCK_WAIT)
-            except LockTimeout:
-                acquired = False
-        if not acquired:
-            raise Failed(f"another app change is still running after {LOCK_WAIT:g}s; try again")
-        try:
+        with contextlib.ExitStack() as held:
+            with self._zk_errors():
+                try:
+                    held.enter_context(bzk.held_lock(self.zk, self.paths.lock("apps"), LOCK_WAIT))
+                except bzk.LockBusy:
+                    raise Failed(f"another app change is still running after {LOCK_WAIT:g}s; try again") from None
             yield
-        finally:
-            try:
-                lock.release()
-            except KazooException:
-                pass   # our session is gone, and the lock node with it
 
     @contextlib.contextmanager
     def _zk_errors(self):

@@ -30,6 +30,8 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+from bus.files import fsync_dir
+
 from . import AppError
 from .manifest import check_app_name
 
@@ -140,7 +142,7 @@ class Packages:
             digest = "sha256:" + h.hexdigest()
             os.replace(tmp, self.path(tenant, app, digest))
             tmp = None
-            _fsync_dir(d)
+            fsync_dir(d)
             return digest
         finally:
             if tmp is not None:
@@ -198,11 +200,3 @@ def _extract_checked(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> No
     with open(target, "wb") as out:
         shutil.copyfileobj(src, out, CHUNK)
     os.chmod(target, 0o755 if m.mode & 0o100 else 0o644)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

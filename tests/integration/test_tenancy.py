@@ -36,11 +36,8 @@ class Tenants:
         self.clients: list[DBClient] = []
 
     def make(self, name: str) -> str:
-        user = tenancy.broker_user(self.cluster.name, name)
         password = tenancy.new_password()
-        self.admin.put_user(user, password)
-        self.admin.set_permissions(user, **tenancy.permissions(self.cluster.names, name))
-        self.made.append(user)
+        self.made.append(self.admin.put_tenant(self.cluster.names, name, password))
         return accounts.tenant_amqp_url(self.cluster.settings.amqp_url, self.cluster.name, name, password)
 
     def client(self, name: str) -> DBClient:
