@@ -64,6 +64,12 @@ def _part(value: str, what: str) -> str:
     return value
 
 
+def app_service(tenant: str, app: str, role: str) -> str:
+    """The registry service name of one web role of one app: its instances
+    are registered under Paths.service(app_service(...))."""
+    return f"app.{_part(tenant, 'tenant')}.{_part(app, 'app')}.{_part(role, 'role')}"
+
+
 class Paths:
     """ZooKeeper paths for one cluster (layout documented in docs/architecture.md)."""
 
@@ -79,6 +85,9 @@ class Paths:
         self.locks = self.root + "/locks"
         self.tenants = self.root + "/tenants"          # tenant directory: one node per tenant, no secrets
         self.apps = self.root + "/apps"                # desired state of apps: apps/<tenant>/<app>
+        self.routes = self.root + "/routes"            # app routes for the gateway: routes/<tenant>.<app>
+        self.instances = self.root + "/instances"      # observed instances: instances/<tenant>/<app>
+        self.events = self.root + "/events"            # bounded event log: events/<tenant>
 
     def worker(self, worker_id: str) -> str:
         return f"{self.workers}/{worker_id}"
@@ -91,6 +100,16 @@ class Paths:
 
     def app(self, tenant: str, app: str) -> str:
         return f"{self.apps}/{tenant}/{app}"
+
+    def app_route(self, tenant: str, app: str) -> str:
+        """{"tenant", "app", "routes": {prefix: service}} (bus/routing.py)."""
+        return f"{self.routes}/{tenant}.{app}"
+
+    def app_instances(self, tenant: str, app: str) -> str:
+        return f"{self.instances}/{tenant}/{app}"
+
+    def tenant_events(self, tenant: str) -> str:
+        return f"{self.events}/{tenant}"
 
     def lock(self, name: str) -> str:
         return f"{self.locks}/{name}"
