@@ -1,19 +1,26 @@
-"""Worker runtimes: `make_runtime(settings)` picks one by STRATUS_RUNTIME."""
+"""Runtimes: `make_runtime(settings, kind)` picks a backend by STRATUS_RUNTIME
+(`process` or `docker`) for units of one kind: "worker" (DB workers, the DB
+controller's) or "instance" (app instances, the app controller's). See base.py
+for the interface and each backend's module for its on-disk or label layout."""
 from __future__ import annotations
 
 from bus.settings import Settings
 
-from .base import Runtime, WorkerHandle
+from .base import (KINDS, ExitCallback, Handle, Runtime, Spec, StartError, WorkerHandle, instance_env,
+                   instance_log, worker_spec)
 
-__all__ = ["Runtime", "WorkerHandle", "make_runtime"]
+__all__ = ["KINDS", "ExitCallback", "Handle", "Runtime", "Spec", "StartError", "WorkerHandle", "instance_env",
+           "instance_log", "make_runtime", "worker_spec"]
 
 
-def make_runtime(settings: Settings) -> Runtime:
-    kind = (settings.runtime or "process").lower()
-    if kind == "process":
+def make_runtime(settings: Settings, kind: str = "worker") -> Runtime:
+    if kind not in KINDS:
+        raise ValueError(f"runtime kind {kind!r}: use 'worker' or 'instance'")
+    backend = (settings.runtime or "process").lower()
+    if backend == "process":
         from .process import ProcessRuntime
-        return ProcessRuntime(settings)
-    if kind == "docker":
+        return ProcessRuntime(settings, kind=kind)
+    if backend == "docker":
         from .docker import DockerRuntime  # lazily: only the docker stage needs it
-        return DockerRuntime(settings)
+        return DockerRuntime(settings, kind=kind)
     raise ValueError(f"STRATUS_RUNTIME {settings.runtime!r}: use 'process' or 'docker'")

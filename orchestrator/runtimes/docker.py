@@ -1,5 +1,9 @@
-"""The Docker runtime: each worker is a container `python -m worker --id ID`
-from STRATUS_WORKER_IMAGE, on the stack's network STRATUS_DOCKER_NETWORK,
+"""The Docker runtime: each unit is a container on the stack's network
+STRATUS_DOCKER_NETWORK, named `stratus-<cluster>-<id>` (so it is reachable by
+that name on the network). Two kinds, each selected by its own labels, so a
+worker runtime never sees an instance container and vice versa.
+
+DB workers (kind "worker"): `python -m worker --id ID` from STRATUS_WORKER_IMAGE,
 with a fresh named volume for its database.
 
   container  stratus-<cluster>-<worker id>
@@ -8,34 +12,78 @@ with a fresh named volume for its database.
   volume     stratus-<cluster>-<worker id>-data  on /var/lib/stratus
              (the same labels), removed with its container: a replacement
              worker has a new id, so it always starts from an empty store.
+  env        the orchestrator's STRATUS_* settings minus secrets and runtime
+             knobs (worker_env), the id and the state dir.
 
-The worker's pid is the container's main pid (State.Pid from inspect, in the
-host's pid namespace). Deaths come from the Docker events stream (`die`,
-filtered by the cluster's labels), so a killed container is reported at once;
-the dead container and its volume are then removed. adopt() takes over the
-running containers an earlier orchestrator left with this cluster's labels and
-removes the dead ones. close() stops and removes the containers (and volumes)
-it started or adopted, and any dead ones of the cluster, so `docker-compose
-down` leaves no worker behind; a standby orchestrator, which runs none, leaves
-the leader's workers alone.
+App instances (kind "instance"): spec.argv in spec.image, or in an image built
+from spec.context (the unpacked package):
+
+  container  stratus-<cluster>-<instance id>
+             labels stratus.cluster=<cluster>, stratus.kind=instance,
+                    stratus.instance_id=<id>, stratus.port=<port> (web),
+                    stratus.log=<log path>, stratus.label.<k>=<v> for each
+                    spec label (tenant, app, role, digest...): adopt() rebuilds
+                    the handle (labels, host, port) from them.
+  host:port  the container's name and spec.port
+  env        base.instance_env and nothing else: LANG=C.UTF-8, HOME (/app, or
+             spec.cwd with an image of the role's own), PYTHONUNBUFFERED=1, PORT
+             (web), spec.env. PATH is the image's own and there is no
+             PYTHONPATH: the base image has bus installed in its venv, first
+             on its PATH, so `python` is that venv's interpreter.
+  image      built when spec.image is None, offline (the base holds every
+             dependency; no pip, build network "none"), from a generated
+             Dockerfile
+                 FROM <STRATUS_IMAGE_PREFIX or stratus>/app:latest
+                 COPY . /app
+                 WORKDIR /app
+             over a build context made of the package's files (owned by root,
+             world-readable) plus that Dockerfile and a .dockerignore naming it
+             (the daemon drops both from the context, so /app holds exactly the
+             package; a package's own .dockerignore is not used). Tagged
+             stratus-app/<tenant>-<app>:<digest[7:19]> (from the spec's labels
+             tenant, app, digest), labelled stratus.cluster=<cluster>, and
+             cached by tag: an existing tag is never rebuilt.
+  logs       a follower thread per container streams its output (stdout and
+             stderr, `docker logs --follow`) into the same file as the process
+             runtime: <cluster state>/logs/<spec.log>, i.e.
+             logs/instances/<tenant>/<app>/<id>.log. After adopt() the follower
+             resumes from the file's last modification time (a line written in
+             that same second may appear twice). The container keeps Docker's
+             own json-file log as well.
+
+Both kinds: the unit's pid is the container's main pid (State.Pid from
+inspect, in the host's pid namespace). Deaths come from the Docker events
+stream (`die`, filtered by the cluster's and the kind's labels), so a killed
+container is reported at once, with its exit code; the dead container (and a
+worker's volume) is then removed. adopt() takes over the running containers an
+earlier orchestrator left with this cluster's and kind's labels and removes
+the dead ones. close() stops and removes the containers (and volumes) it
+started or adopted, and any dead ones of the cluster and kind, so
+`docker-compose down` leaves none behind; a standby orchestrator, which runs
+none, leaves the leader's alone. Built app images are kept (the tag cache).
 
 Environment read here (besides the Settings):
   STRATUS_WORKER_IMAGE    default $STRATUS_IMAGE_PREFIX/worker:latest (prefix: stratus)
+  STRATUS_IMAGE_PREFIX    the base of app images: <prefix>/app:latest
   STRATUS_DOCKER_NETWORK  default stratus
   DOCKER_HOST etc.        as for the docker CLI (docker.from_env)"""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
+import tarfile
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from bus.settings import Settings
 
-from .base import ExitCallback, Runtime, WorkerHandle
+from .base import ExitCallback, Handle, Runtime, Spec, StartError, check_id, check_log_path, instance_env
 
 log = logging.getLogger("stratus.orchestrator.runtime")
 
@@ -43,9 +91,20 @@ LABEL_CLUSTER = "stratus.cluster"
 LABEL_ROLE = "stratus.role"
 LABEL_WORKER = "stratus.worker_id"
 LABEL_VOLUME = "stratus.volume"
+LABEL_KIND = "stratus.kind"
+LABEL_INSTANCE = "stratus.instance_id"
+LABEL_PORT = "stratus.port"
+LABEL_LOG = "stratus.log"
+LABEL_PREFIX = "stratus.label."
 ROLE = "worker"
+INSTANCE = "instance"
 DATA_DIR = "/var/lib/stratus"
+APP_DIR = "/app"
+APP_REPO = "stratus-app"
+DOCKERFILE = ".stratus.Dockerfile"
 _STARTED_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?")
+_DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 # Settings a worker does not need (secrets, this runtime's own knobs, the
 # state dir, which is the volume inside the container).
@@ -57,8 +116,8 @@ _NOT_PASSED = {
 
 
 # --- pure helpers (unit-tested without Docker) ------------------------------------
-def container_name(cluster: str, worker_id: str) -> str:
-    return f"stratus-{cluster}-{worker_id}"
+def container_name(cluster: str, unit_id: str) -> str:
+    return f"stratus-{cluster}-{unit_id}"
 
 
 def volume_name(cluster: str, worker_id: str) -> str:
@@ -70,9 +129,32 @@ def worker_labels(cluster: str, worker_id: str) -> dict[str, str]:
             LABEL_VOLUME: volume_name(cluster, worker_id)}
 
 
-def cluster_filters(cluster: str) -> dict[str, list[str]]:
-    """The label filter that selects this cluster's worker containers (and volumes)."""
-    return {"label": [f"{LABEL_CLUSTER}={cluster}", f"{LABEL_ROLE}={ROLE}"]}
+def instance_labels(cluster: str, spec: Spec) -> dict[str, str]:
+    """The labels of an instance container: everything adopt() needs."""
+    labels = {LABEL_CLUSTER: cluster, LABEL_KIND: INSTANCE, LABEL_INSTANCE: spec.id}
+    if spec.port is not None:
+        labels[LABEL_PORT] = str(spec.port)
+    if spec.log:
+        labels[LABEL_LOG] = spec.log
+    for k, v in spec.labels.items():
+        labels[LABEL_PREFIX + k] = v
+    return labels
+
+
+def spec_labels(container_labels: Mapping[str, str]) -> dict[str, str]:
+    """The spec's labels back from an instance container's labels."""
+    return {k[len(LABEL_PREFIX):]: v for k, v in (container_labels or {}).items() if k.startswith(LABEL_PREFIX)}
+
+
+def unit_label(kind: str) -> str:
+    return LABEL_WORKER if kind == "worker" else LABEL_INSTANCE
+
+
+def cluster_filters(cluster: str, kind: str = "worker") -> dict[str, list[str]]:
+    """The label filter that selects this cluster's containers (and volumes) of one kind."""
+    if kind == "worker":
+        return {"label": [f"{LABEL_CLUSTER}={cluster}", f"{LABEL_ROLE}={ROLE}"]}
+    return {"label": [f"{LABEL_CLUSTER}={cluster}", f"{LABEL_KIND}={INSTANCE}"]}
 
 
 def worker_env(environ: Mapping[str, str], settings: Settings, worker_id: str) -> dict[str, str]:
@@ -93,8 +175,63 @@ def worker_env(environ: Mapping[str, str], settings: Settings, worker_id: str) -
     return env
 
 
+def container_instance_env(spec: Spec) -> dict[str, str]:
+    """An instance container's whole environment (see the module docstring)."""
+    home = APP_DIR if spec.image is None else (spec.cwd or "")
+    env = instance_env(spec, path=None, home=home, pythonpath=None)
+    if not env["HOME"]:
+        del env["HOME"]   # an image of the role's own, no cwd given: its HOME stands
+    return env
+
+
 def worker_image(environ: Mapping[str, str]) -> str:
     return environ.get("STRATUS_WORKER_IMAGE") or f"{environ.get('STRATUS_IMAGE_PREFIX') or 'stratus'}/worker:latest"
+
+
+def app_base_image(environ: Mapping[str, str]) -> str:
+    return f"{environ.get('STRATUS_IMAGE_PREFIX') or 'stratus'}/app:latest"
+
+
+def app_image_tag(tenant: str, app: str, digest: str) -> str:
+    """stratus-app/<tenant>-<app>:<digest[7:19]> for a package digest "sha256:<64 hex>"."""
+    if not _NAME_RE.match(tenant or "") or not _NAME_RE.match(app or ""):
+        raise ValueError(f"tenant {tenant!r} and app {app!r} must be lower-case names")
+    if not _DIGEST_RE.match(digest or ""):
+        raise ValueError(f"digest {digest!r} is not sha256:<64 hex digits>")
+    return f"{APP_REPO}/{tenant}-{app}:{digest[7:19]}"
+
+
+def dockerfile_text(base_image: str) -> str:
+    return f"FROM {base_image}\nCOPY . {APP_DIR}\nWORKDIR {APP_DIR}\n"
+
+
+def build_context(context_dir: str | os.PathLike, base_image: str, out) -> None:
+    """Write the build context (an uncompressed tar) to the file `out`: the
+    package's files (root-owned, world-readable: the base image runs as an
+    unprivileged user), the generated Dockerfile and a .dockerignore naming it."""
+    root = Path(context_dir)
+    if not root.is_dir():
+        raise StartError(f"build context {str(root)!r} is not a directory")
+
+    def norm(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (ti.isfile() or ti.isdir()):
+            return None   # packages hold no links or devices (orchestrator/apps/packages.py)
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = "root"
+        ti.mode = 0o755 if ti.isdir() or ti.mode & 0o111 else 0o644
+        return ti
+
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(root.rglob("*")):
+            rel = path.relative_to(root).as_posix()
+            if rel in (DOCKERFILE, ".dockerignore"):
+                continue
+            tar.add(path, arcname=rel, recursive=False, filter=norm)
+        for name, text in ((DOCKERFILE, dockerfile_text(base_image)), (".dockerignore", f"{DOCKERFILE}\n.dockerignore\n")):
+            data = text.encode()
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(ti, io.BytesIO(data))
 
 
 def parse_started(ts: str | None) -> float:
@@ -106,26 +243,30 @@ def parse_started(ts: str | None) -> float:
     return dt.timestamp() + (float("0." + m.group(2)) if m.group(2) else 0.0)
 
 
-def die_event(event: Mapping[str, Any], cluster: str) -> tuple[str, str, int | None] | None:
-    """(container id, worker id, exit code) for a `die` event of one of this
-    cluster's workers, else None."""
+def die_event(event: Mapping[str, Any], cluster: str, kind: str = "worker") -> tuple[str, str, int | None] | None:
+    """(container id, unit id, exit code) for a `die` event of one of this
+    cluster's units of `kind`, else None."""
     if event.get("Type", "container") != "container":
         return None
     if (event.get("Action") or event.get("status")) != "die":
         return None
     actor = event.get("Actor") or {}
     attrs = actor.get("Attributes") or {}
-    if attrs.get(LABEL_CLUSTER) != cluster or attrs.get(LABEL_ROLE) != ROLE:
+    if attrs.get(LABEL_CLUSTER) != cluster:
         return None
-    wid = attrs.get(LABEL_WORKER)
-    if not wid:
+    if kind == "worker" and attrs.get(LABEL_ROLE) != ROLE:
+        return None
+    if kind == INSTANCE and attrs.get(LABEL_KIND) != INSTANCE:
+        return None
+    uid = attrs.get(unit_label(kind))
+    if not uid:
         return None
     code: int | None
     try:
         code = int(attrs["exitCode"])
     except (KeyError, TypeError, ValueError):
         code = None
-    return actor.get("ID") or event.get("id") or "", wid, code
+    return actor.get("ID") or event.get("id") or "", uid, code
 
 
 # --- the runtime ------------------------------------------------------------------
@@ -133,12 +274,17 @@ class DockerRuntime(Runtime):
     name = "docker"
 
     def __init__(self, settings: Settings, *, client_factory: Callable[[], Any] | None = None,
-                 environ: Mapping[str, str] | None = None):
+                 environ: Mapping[str, str] | None = None, kind: str = "worker"):
+        if kind not in ("worker", INSTANCE):
+            raise ValueError(f"runtime kind {kind!r}: use 'worker' or 'instance'")
         self.settings = settings
+        self.kind = kind
         self.cluster = settings.cluster
         self.environ = dict(os.environ if environ is None else environ)
         self.image = worker_image(self.environ)
+        self.base_image = app_base_image(self.environ)
         self.network = self.environ.get("STRATUS_DOCKER_NETWORK") or "stratus"
+        self.log_dir = settings.cluster_state_path() / "logs"
         if client_factory is None:
             import docker
 
@@ -146,7 +292,7 @@ class DockerRuntime(Runtime):
                 return docker.from_env(timeout=60)
         self._client_factory = client_factory
         self.client = client_factory()
-        self._handles: dict[str, WorkerHandle] = {}
+        self._handles: dict[str, Handle] = {}
         self._exited: set[str] = set()
         self._callbacks: list[ExitCallback] = []
         self._lock = threading.RLock()
@@ -154,49 +300,22 @@ class DockerRuntime(Runtime):
         self._events_thread: threading.Thread | None = None
         self._stream = None
         self._subscribed = threading.Event()
+        self._build_locks: dict[str, threading.Lock] = {}
+        self._followers: dict[str, threading.Thread] = {}
 
     # --- interface -----------------------------------------------------------------
-    def start_worker(self, worker_id: str) -> WorkerHandle:
-        self._ensure_events()
-        labels = worker_labels(self.cluster, worker_id)
-        vol = volume_name(self.cluster, worker_id)
-        self.client.volumes.create(name=vol, labels=labels)
-        kwargs = dict(
-            command=["python", "-m", "worker", "--id", worker_id],
-            name=container_name(self.cluster, worker_id),
-            hostname=worker_id,
-            labels=labels,
-            environment=worker_env(self.environ, self.settings, worker_id),
-            network=self.network,
-            volumes={vol: {"bind": DATA_DIR, "mode": "rw"}},
-            log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
-        )
-        container = None
-        try:
-            # create + start, not run(): a missing image is an error here, never a pull.
-            container = self.client.containers.create(self.image, **kwargs)
-            container.start()
-        except Exception:
-            if container is not None:
-                self._remove(container.id, None)
-            self._remove_volume(vol)
-            raise
-        container.reload()
-        state = container.attrs.get("State") or {}
-        h = WorkerHandle(id=worker_id, pid=int(state.get("Pid") or 0), ref=container.id,
-                         started=time.time(), labels={"adopted": False, "container": container.name})
+    def start(self, spec: Spec) -> Handle:
+        check_id(spec.id)
         with self._lock:
-            self._exited.discard(worker_id)
-            self._handles[worker_id] = h
-        if not state.get("Running", True):
-            # It died before we looked: the die event may have come before the handle existed.
-            self._reap(container.id, worker_id, state.get("ExitCode"))
-        log.info("started worker %s (container %s, pid %d, image %s)", worker_id, container.name, h.pid,
-                 self.image)
-        return h
+            if spec.id in self._handles:
+                raise ValueError(f"unit {spec.id} is running already")
+        self._ensure_events()
+        if self.kind == "worker":
+            return self._start_worker(spec)
+        return self._start_instance(spec)
 
-    def stop_worker(self, worker_id: str, *, timeout: float = 10.0) -> None:
-        h = self._handles.get(worker_id)
+    def stop(self, unit_id: str, timeout: float = 10.0) -> None:
+        h = self._handles.get(unit_id)
         if h is None:
             return
         try:
@@ -207,55 +326,70 @@ class DockerRuntime(Runtime):
                 raise
         # The die event reaps it; make sure even when the events stream lags.
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and worker_id in self.workers():
+        while time.monotonic() < deadline and unit_id in self.running():
             time.sleep(0.05)
-        if worker_id in self.workers():
-            self._reap(h.ref, worker_id, None)
+        if unit_id in self.running():
+            self._reap(h.ref, unit_id, None)
 
-    def kill_worker(self, worker_id: str) -> None:
-        h = self._handles.get(worker_id)
+    def kill(self, unit_id: str) -> None:
+        h = self._handles.get(unit_id)
         if h is None:
-            raise KeyError(worker_id)
+            raise KeyError(unit_id)
         try:
             self.client.containers.get(h.ref).kill(signal="SIGKILL")
         except Exception as exc:
             if not _not_found(exc) and "is not running" not in str(exc):
                 raise
 
-    def workers(self) -> dict[str, WorkerHandle]:
+    def running(self) -> dict[str, Handle]:
         with self._lock:
             return {i: h for i, h in self._handles.items() if i not in self._exited}
 
-    def adopt(self) -> list[WorkerHandle]:
+    def adopt(self) -> list[Handle]:
         self._ensure_events()
         adopted = []
-        for c in self.client.containers.list(all=True, filters=cluster_filters(self.cluster)):
+        for c in self.client.containers.list(all=True, filters=cluster_filters(self.cluster, self.kind)):
             labels = c.labels or {}
-            wid = labels.get(LABEL_WORKER)
-            if not wid:
+            uid = labels.get(unit_label(self.kind))
+            if not uid:
                 continue
             with self._lock:
-                if wid in self._handles:
+                if uid in self._handles:
                     continue
             state = c.attrs.get("State") or {}
             if state.get("Status") != "running" or not state.get("Pid"):
-                log.info("worker container %s is %s: removing it", c.name, state.get("Status"))
-                self._remove(c.id, labels.get(LABEL_VOLUME))
+                log.info("%s container %s is %s: removing it", self.kind, c.name, state.get("Status"))
+                self._remove(c.id, labels.get(LABEL_VOLUME) if self.kind == "worker" else None)
                 continue
-            h = WorkerHandle(id=wid, pid=int(state["Pid"]), ref=c.id, started=parse_started(state.get("StartedAt")),
-                             labels={"adopted": True, "container": c.name})
+            started = parse_started(state.get("StartedAt"))
+            if self.kind == "worker":
+                h = Handle(id=uid, pid=int(state["Pid"]), host=c.name, ref=c.id, started=started,
+                           labels={"adopted": True, "container": c.name}, adopted=True)
+            else:
+                try:
+                    port = int(labels[LABEL_PORT]) if labels.get(LABEL_PORT) else None
+                except ValueError:
+                    port = None
+                h = Handle(id=uid, pid=int(state["Pid"]), host=c.name, port=port, ref=c.id, started=started,
+                           labels=spec_labels(labels), adopted=True, log=self._log_file(labels.get(LABEL_LOG)))
             with self._lock:
-                self._handles[wid] = h
+                self._exited.discard(uid)
+                self._handles[uid] = h
             adopted.append(h)
-            log.info("adopted worker %s (container %s, pid %d)", wid, c.name, h.pid)
-        # Volumes whose container is gone (an orchestrator killed between the two removals).
-        self._remove_orphan_volumes()
+            if self.kind == INSTANCE:
+                self._follow(h, resume=True)
+            log.info("adopted %s %s (container %s, pid %d)", self.kind, uid, c.name, h.pid)
+        if self.kind == "worker":
+            # Volumes whose container is gone (an orchestrator killed between the two removals).
+            self._remove_orphan_volumes()
         return adopted
 
     def on_exit(self, callback: ExitCallback) -> None:
         self._callbacks.append(callback)
 
-    def close(self, *, remove_workers: bool = True) -> None:
+    def close(self, remove: bool = True, *, remove_workers: bool | None = None) -> None:
+        if remove_workers is not None:
+            remove = remove_workers
         self._closed.set()
         stream = self._stream
         if stream is not None:
@@ -265,34 +399,182 @@ class DockerRuntime(Runtime):
                 pass
         if self._events_thread is not None:
             self._events_thread.join(5)
-        if not remove_workers:
+        if not remove:
             return
         with self._lock:
             mine = set(self._handles)
         try:
-            # The workers this runtime started or adopted, and dead leftovers; a
-            # running worker it never adopted belongs to another (leading) orchestrator.
-            containers = [c for c in self.client.containers.list(all=True, filters=cluster_filters(self.cluster))
-                          if (c.labels or {}).get(LABEL_WORKER) in mine
+            # The units this runtime started or adopted, and dead leftovers; a
+            # running unit it never adopted belongs to another (leading) orchestrator.
+            containers = [c for c in self.client.containers.list(all=True,
+                                                                 filters=cluster_filters(self.cluster, self.kind))
+                          if (c.labels or {}).get(unit_label(self.kind)) in mine
                           or (c.attrs.get("State") or {}).get("Status") != "running"]
         except Exception:
-            log.exception("cannot list the worker containers to remove them")
+            log.exception("cannot list the %s containers to remove them", self.kind)
             return
         threads = [threading.Thread(target=self._stop_and_remove, args=(c,), daemon=True) for c in containers]
         for t in threads:
             t.start()
         for t in threads:
             t.join(30)
-        self._remove_orphan_volumes()
+        if self.kind == "worker":
+            self._remove_orphan_volumes()
         with self._lock:
             self._handles.clear()
-        log.info("removed %d worker containers", len(containers))
+        log.info("removed %d %s containers", len(containers), self.kind)
+
+    # --- starting --------------------------------------------------------------------
+    def _start_worker(self, spec: Spec) -> Handle:
+        worker_id = spec.id
+        labels = worker_labels(self.cluster, worker_id)
+        vol = volume_name(self.cluster, worker_id)
+        self.client.volumes.create(name=vol, labels=labels)
+        kwargs = dict(
+            command=list(spec.argv),
+            name=container_name(self.cluster, worker_id),
+            hostname=worker_id,
+            labels=labels,
+            environment={**worker_env(self.environ, self.settings, worker_id), **spec.env},
+            network=self.network,
+            volumes={vol: {"bind": DATA_DIR, "mode": "rw"}},
+            log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
+        )
+        container = None
+        try:
+            # create + start, not run(): a missing image is an error here, never a pull.
+            container = self.client.containers.create(spec.image or self.image, **kwargs)
+            container.start()
+        except Exception:
+            if container is not None:
+                self._remove(container.id, None)
+            self._remove_volume(vol)
+            raise
+        return self._started(spec, container, {"adopted": False, "container": container.name}, None)
+
+    def _start_instance(self, spec: Spec) -> Handle:
+        image = spec.image or self.build_image(spec)
+        kwargs: dict[str, Any] = dict(
+            name=container_name(self.cluster, spec.id),
+            hostname=spec.id,
+            labels=instance_labels(self.cluster, spec),
+            environment=container_instance_env(spec),
+            network=self.network,
+            log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
+        )
+        if spec.argv:
+            kwargs["command"] = list(spec.argv)
+        if spec.image is None:
+            kwargs["working_dir"] = APP_DIR
+        elif spec.cwd:
+            kwargs["working_dir"] = spec.cwd
+        container = None
+        try:
+            container = self.client.containers.create(image, **kwargs)
+            container.start()
+        except Exception as exc:
+            if container is not None:
+                self._remove(container.id, None)
+            raise StartError(f"instance {spec.id}: cannot start a container of {image}: {exc}") from exc
+        return self._started(spec, container, dict(spec.labels), self._log_file(spec.log))
+
+    def _started(self, spec: Spec, container, labels: dict, logfile: str | None) -> Handle:
+        container.reload()
+        state = container.attrs.get("State") or {}
+        h = Handle(id=spec.id, pid=int(state.get("Pid") or 0), host=container.name, port=spec.port,
+                   ref=container.id, started=time.time(), labels=labels, adopted=False, log=logfile)
+        with self._lock:
+            self._exited.discard(spec.id)
+            self._handles[spec.id] = h
+        if self.kind == INSTANCE:
+            self._follow(h, resume=False)
+        if not state.get("Running", True):
+            # It died before we looked: the die event may have come before the handle existed.
+            self._reap(container.id, spec.id, state.get("ExitCode"))
+        log.info("started %s %s (container %s, pid %d, image %s)", self.kind, spec.id, container.name, h.pid,
+                 spec.image or (self.image if self.kind == "worker" else "built"))
+        return h
+
+    def build_image(self, spec: Spec) -> str:
+        """The tag of the instance's image, built from spec.context unless that
+        tag exists already (see the module docstring)."""
+        if not spec.context:
+            raise StartError(f"instance {spec.id}: no image and no build context")
+        try:
+            tag = app_image_tag(spec.labels.get("tenant", ""), spec.labels.get("app", ""),
+                                spec.labels.get("digest", ""))
+        except ValueError as exc:
+            raise StartError(f"instance {spec.id}: cannot name its image: {exc}") from None
+        with self._lock:
+            lock = self._build_locks.setdefault(tag, threading.Lock())
+        with lock:   # instances of one app starting together build it once
+            try:
+                self.client.images.get(tag)
+                return tag
+            except Exception as exc:
+                if not _not_found(exc):
+                    raise StartError(f"instance {spec.id}: inspecting {tag}: {exc}") from exc
+            t0 = time.monotonic()
+            with tempfile.TemporaryFile() as ctx:
+                build_context(spec.context, self.base_image, ctx)
+                ctx.seek(0)
+                try:
+                    self.client.images.build(fileobj=ctx, custom_context=True, dockerfile=DOCKERFILE, tag=tag,
+                                             labels={LABEL_CLUSTER: self.cluster}, rm=True, forcerm=True,
+                                             pull=False, network_mode="none")
+                except Exception as exc:
+                    raise StartError(f"instance {spec.id}: building {tag} on {self.base_image} failed: "
+                                     f"{_build_error(exc)}") from exc
+            log.info("built %s on %s in %.1fs", tag, self.base_image, time.monotonic() - t0)
+            return tag
+
+    # --- logs --------------------------------------------------------------------------
+    def _log_file(self, rel: str | None) -> str | None:
+        if not rel:
+            return None
+        try:
+            return str(self.log_dir / check_log_path(rel))
+        except ValueError:
+            return None
+
+    def _follow(self, h: Handle, *, resume: bool) -> None:
+        if not h.log:
+            return
+        t = threading.Thread(target=self._follow_logs, args=(h, resume), name=f"logs-{h.id}", daemon=True)
+        with self._lock:
+            self._followers[h.id] = t
+        t.start()
+
+    def _follow_logs(self, h: Handle, resume: bool) -> None:
+        path = Path(h.log)
+        client = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            since = None
+            if resume and path.exists():
+                since = int(path.stat().st_mtime)
+            client = self._client_factory()
+            kw = {"stream": True, "follow": True, "stdout": True, "stderr": True}
+            if since is not None:
+                kw["since"] = since
+            stream = client.containers.get(h.ref).logs(**kw)
+            with open(path, "ab") as out:
+                for chunk in stream:
+                    out.write(chunk)
+                    out.flush()
+                    if self._closed.is_set() and h.id not in self.running():
+                        break
+        except Exception as exc:
+            if not _not_found(exc):
+                log.warning("following the output of %s: %s", h.id, exc)
+        finally:
+            if client is not None and client is not self.client:
+                try:
+                    client.close()
+                except Exception:
+                    pass
 
     # --- internals -----------------------------------------------------------------
-    def pid_of(self, worker_id: str) -> int | None:
-        h = self._handles.get(worker_id)
-        return h.pid if h else None
-
     def _stop_and_remove(self, c) -> None:
         try:
             if (c.attrs.get("State") or {}).get("Status") == "running":
@@ -300,7 +582,11 @@ class DockerRuntime(Runtime):
         except Exception as exc:
             if not _not_found(exc):
                 log.warning("stopping %s: %s", c.name, exc)
-        self._remove(c.id, (c.labels or {}).get(LABEL_VOLUME))
+        uid = (c.labels or {}).get(unit_label(self.kind))
+        follower = self._followers.get(uid) if uid else None
+        if follower is not None:
+            follower.join(5)   # the rest of its output first
+        self._remove(c.id, (c.labels or {}).get(LABEL_VOLUME) if self.kind == "worker" else None)
 
     def _remove(self, container_id: str, volume: str | None) -> None:
         try:
@@ -336,36 +622,44 @@ class DockerRuntime(Runtime):
             if v.name not in live:
                 self._remove_volume(v.name)
 
-    def _reap(self, container_id: str, worker_id: str, code) -> None:
+    def _reap(self, container_id: str, unit_id: str, code) -> None:
         with self._lock:
-            h = self._handles.get(worker_id)
-            if h is None or (container_id and h.ref and container_id != h.ref) or worker_id in self._exited:
+            h = self._handles.get(unit_id)
+            if h is None or (container_id and h.ref and container_id != h.ref) or unit_id in self._exited:
                 return
-            self._exited.add(worker_id)
-            self._handles.pop(worker_id, None)
-        log.info("worker %s (container %s, pid %d) exited with %s", worker_id, str(h.ref)[:12], h.pid, code)
+            self._exited.add(unit_id)
+            self._handles.pop(unit_id, None)
+            follower = self._followers.pop(unit_id, None)
+        log.info("%s %s (container %s, pid %d) exited with %s", self.kind, unit_id, str(h.ref)[:12], h.pid, code)
         for cb in list(self._callbacks):
             try:
-                cb(worker_id, code)
+                cb(unit_id, code)
             except Exception:
                 log.exception("exit callback failed")
-        # A dead worker's container and its store are not reused: remove them.
-        threading.Thread(target=self._remove, args=(h.ref, volume_name(self.cluster, worker_id)),
-                         name=f"remove-{worker_id}", daemon=True).start()
+        # A dead unit's container (and a worker's store) is not reused: remove them,
+        # once its output is all in its log file.
+        volume = volume_name(self.cluster, unit_id) if self.kind == "worker" else None
+
+        def remove():
+            if follower is not None:
+                follower.join(5)
+            self._remove(h.ref, volume)
+        threading.Thread(target=remove, name=f"remove-{unit_id}", daemon=True).start()
 
     def _ensure_events(self) -> None:
         if self._closed.is_set():
             return
         if self._events_thread is None or not self._events_thread.is_alive():
             self._subscribed.clear()
-            self._events_thread = threading.Thread(target=self._watch_events, name="docker-events", daemon=True)
+            self._events_thread = threading.Thread(target=self._watch_events, name=f"docker-events-{self.kind}",
+                                                   daemon=True)
             self._events_thread.start()
             # Subscribe before acting, so no death is missed (bounded wait).
             self._subscribed.wait(5)
 
     def _watch_events(self) -> None:
         client = self._client_factory()
-        filters = {"type": "container", "event": "die", **cluster_filters(self.cluster)}
+        filters = {"type": "container", "event": "die", **cluster_filters(self.cluster, self.kind)}
         while not self._closed.is_set():
             try:
                 self._stream = client.events(decode=True, filters=filters)
@@ -374,7 +668,7 @@ class DockerRuntime(Runtime):
                 for event in self._stream:
                     if self._closed.is_set():
                         break
-                    hit = die_event(event, self.cluster)
+                    hit = die_event(event, self.cluster, self.kind)
                     if hit:
                         self._reap(*hit)
             except Exception as exc:
@@ -387,21 +681,31 @@ class DockerRuntime(Runtime):
             pass
 
     def _check_handles(self) -> None:
-        """After (re)subscribing: any worker that died while we were not listening."""
-        for wid, h in list(self.workers().items()):
+        """After (re)subscribing: any unit that died while we were not listening."""
+        for uid, h in list(self.running().items()):
             try:
                 state = self.client.containers.get(h.ref).attrs.get("State") or {}
                 if state.get("Status") != "running":
-                    self._reap(h.ref, wid, state.get("ExitCode"))
+                    self._reap(h.ref, uid, state.get("ExitCode"))
             except Exception as exc:
                 if _not_found(exc):
-                    self._reap(h.ref, wid, None)
+                    self._reap(h.ref, uid, None)
+
+
+def _build_error(exc: Exception) -> str:
+    """The last lines of a failed build's log, when the SDK gives them."""
+    lines = []
+    for item in getattr(exc, "build_log", None) or ():
+        if isinstance(item, dict) and (item.get("stream") or item.get("error")):
+            lines.append(str(item.get("stream") or item.get("error")).strip())
+    tail = " | ".join(x for x in lines[-5:] if x)
+    return f"{exc} ({tail})" if tail else str(exc)
 
 
 def _not_found(exc: Exception) -> bool:
     try:
-        from docker.errors import NotFound
-        if isinstance(exc, NotFound):
+        from docker.errors import ImageNotFound, NotFound
+        if isinstance(exc, (NotFound, ImageNotFound)):
             return True
     except ImportError:
         pass
