@@ -20,6 +20,9 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
+from bus.names import Paths
+from bus.routing import RouteTable
+
 from . import router
 from .balancer import Upstreams, parse_base_url
 from .cache import Entry, InvalidationListener, ProductCache
@@ -40,7 +43,14 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # no getrandom() call (a GIL hand-over under load) per request.
 _RID_PREFIX = os.urandom(8).hex()
 _RID_SEQ = itertools.count(1)
-SERVICES = ("users", "rides", "catalog", "order", "orchestrator")
+PLATFORM = "orchestrator"     # the service behind the platform's own routes
+AFFINITY_COOKIE = "stratus_affinity"
+_COOKIE_VALUE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+# New affinity cookies: like request ids, a random prefix per process and a
+# counter (unique, and no getrandom() per request; a cookie only ever picks
+# an instance for whoever sends it, so it needs no secrecy).
+_COOKIE_PREFIX = os.urandom(9).hex()
+_COOKIE_SEQ = itertools.count(1)
 # Headers the gateway sets itself on the way up.
 _DROP_UP = frozenset({"content-length", "x-request-id", "x-stratus-min-lsn", "expect", "x-forwarded-for",
                       "x-forwarded-proto", "x-forwarded-host", "x-stratus-role", "x-stratus-subject",
@@ -72,15 +82,19 @@ def _error(status: int, message: str, route: str, **kw) -> Answer:
 
 
 class Gateway:
-    def __init__(self, cfg: GatewayConfig, *, zk=None, listen_for_invalidations: bool = True):
+    def __init__(self, cfg: GatewayConfig, *, zk=None, routes=None, listen_for_invalidations: bool = True):
         self.cfg = cfg
         self.metrics = Metrics()
         self.tokens = TokenService(cfg)  # first: generates the secrets, or stops the start cleanly
         self.limiter = RateLimiter(cfg.tenant_rate, cfg.tenant_burst, cfg.builtin_rate)
         self.upstreams = Upstreams(cfg, zk, fallbacks={
-            "orchestrator": parse_base_url(cfg.base.orchestrator_base_url())})
-        for s in SERVICES:
-            self.upstreams.pool(s)
+            PLATFORM: parse_base_url(cfg.base.orchestrator_base_url())})
+        self.upstreams.pool(PLATFORM)
+        self.routes = routes
+        if self.routes is None and zk is not None:
+            self.routes = RouteTable(zk, Paths(cfg.base.cluster), on_change=self._routes_changed)
+        if self.routes is not None:
+            self._routes_changed(self.routes.table)
         if zk is not None:  # a running gateway: open the bus connection for logins now, not on the first one
             threading.Thread(target=self._warm_bus, name="auth-bus", daemon=True).start()
         self.lsns = LSNTracker(cfg.lsn_clients, cfg.lsn_ttl)
@@ -107,10 +121,13 @@ class Gateway:
         except Exception as exc:  # the client reconnects on its own; logins report 503 meanwhile
             log.warning("bus client for logins not ready: %s", exc)
 
+    def _routes_changed(self, table) -> None:
+        self.upstreams.want({e.service for e in table.values()})
+
     # -- gauges ------------------------------------------------------------------------------
     def _instances_gauge(self):
         out = []
-        for name, pool in sorted(self.upstreams.pools.items()):
+        for name, pool in self.upstreams.snapshot():
             members = list(pool.instances.values())
             out.append(({"service": name, "state": "healthy"}, sum(1 for i in members if i.healthy)))
             out.append(({"service": name, "state": "unhealthy"}, sum(1 for i in members if not i.healthy)))
@@ -118,13 +135,15 @@ class Gateway:
 
     def _outstanding_gauge(self):
         return [({"service": n}, sum(i.outstanding for i in p.instances.values()))
-                for n, p in sorted(self.upstreams.pools.items())]
+                for n, p in self.upstreams.snapshot()]
 
     def _idle_gauge(self):
         return [({"service": n}, sum(i.idle_count() for i in p.instances.values()))
-                for n, p in sorted(self.upstreams.pools.items())]
+                for n, p in self.upstreams.snapshot()]
 
     def close(self) -> None:
+        if isinstance(self.routes, RouteTable):
+            self.routes.close()
         if self.invalidations is not None:
             self.invalidations.close()
         self.upstreams.close()
@@ -170,7 +189,7 @@ class Gateway:
             router.check_path(path)
         except router.BadPath as exc:
             return _error(400, str(exc), "unknown")
-        r = router.route(path)
+        r = router.route(path, self.routes)
         if r is router.HEALTH:
             if req.method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed", r.name)
@@ -190,8 +209,8 @@ class Gateway:
                 return Answer(429, [("Content-Type", "application/json"), ("Retry-After", str(retry_after(over[1])))],
                               json_body({"error": f"too many requests for tenant {over[0]}; retry later"}), r.name)
         if r is router.NOT_FOUND:
-            return _error(404, "not found", r.name)
-        refused = router.refusal(r, path, claims)
+            return _error(404, "not found: no route serves this path", r.name)
+        refused = router.refusal(r, path, claims, req.method)
         if refused == 401:
             return Answer(401, [("Content-Type", "application/json"), ("WWW-Authenticate", 'Bearer realm="stratus"')],
                           json_body({"error": f"unauthorized: {problem}"}), r.name)
@@ -211,7 +230,8 @@ class Gateway:
 
         # The product cache.
         product = None
-        if r.service == "catalog" and req.method == "GET" and "?" not in req.target and self.cache.usable():
+        if r.owner == "toystore" and r.name == "catalog" and req.method == "GET" and "?" not in req.target \
+                and path.startswith("/products/") and self.cache.usable():
             parts = path.split("/")
             if len(parts) == 3 and parts[2]:
                 product = unquote(parts[2])
@@ -236,16 +256,33 @@ class Gateway:
             if tenant:
                 headers.append(("X-Stratus-Tenant", tenant))
 
-        affinity = None
-        if self.cfg.affinity:
-            affinity = token if claims is not None else _cookie(req.h.get("cookie", ""), "stratus_affinity")
-        pool = self.upstreams.pool(r.service)
-        up = forward(pool, self.cfg, req.method, req.target, headers, req.body, affinity_key=affinity,
-                     on_retry=lambda: self.metrics.retry(r.name),
-                     on_error=lambda kind: self.metrics.upstream_error(r.name, kind))
+        affinity = set_cookie = None
+        if self.cfg.affinity and r.app is not None:
+            if claims is not None:
+                affinity = key
+            else:
+                cookie = _cookie(req.h.get("cookie", ""), AFFINITY_COOKIE)
+                if cookie is not None and _COOKIE_VALUE.match(cookie):
+                    affinity = f"c:{cookie}"
+                else:
+                    cookie = f"{_COOKIE_PREFIX}{next(_COOKIE_SEQ):010x}"
+                    affinity = f"c:{cookie}"
+                    set_cookie = f"{AFFINITY_COOKIE}={cookie}; Path=/; HttpOnly; SameSite=Lax"
+        pool = self.upstreams.acquire(r.service)
+        try:
+            up = forward(pool, self.cfg, req.method, req.target, headers, req.body, affinity_key=affinity,
+                         on_retry=lambda: self.metrics.retry(r.name),
+                         on_error=lambda kind: self.metrics.upstream_error(r.name, kind))
+        finally:
+            self.upstreams.release(pool)
         upstream = up.instance.addr if up.instance else "-"
+        if affinity is not None and up.instance is not None and not up.error and up.attempts > 1:
+            pool.pin(affinity, up.instance)   # a retry answered elsewhere: stay there
         if up.error:
-            return _error(up.status, up.error, r.name, upstream=upstream)
+            ans = _error(up.status, up.error, r.name, upstream=upstream)
+            if set_cookie:
+                ans.headers.append(("Set-Cookie", set_cookie))
+            return ans
 
         lsn = 0
         for k, v in up.headers:
@@ -258,11 +295,13 @@ class Gateway:
         if product is not None and up.status == 200:
             self.cache.put(product, Entry(200, out_headers, up.body, max(lsn, client_lsn)), epoch)
             out_headers = out_headers + [("X-Cache", "MISS")]
+        if set_cookie:   # after the cache took its copy: the cookie is this client's alone
+            out_headers = out_headers + [("Set-Cookie", set_cookie)]
         return Answer(up.status, out_headers, up.body, r.name, upstream=upstream)
 
     def _health(self, route: str) -> Answer:
         services = {}
-        for name, pool in sorted(self.upstreams.pools.items()):
+        for name, pool in self.upstreams.snapshot():
             members = list(pool.instances.values())
             services[name] = {"instances": len(members), "healthy": sum(1 for i in members if i.healthy)}
         body = {"status": "ok", "service": "gateway", "uptime": round(time.time() - self.started, 1),

@@ -1,12 +1,21 @@
 """Upstream instances and how one is chosen.
 
 Each service's instances come from the ZooKeeper registry through a children
-watch (bus.registry.ServiceWatch): a znode appearing or vanishing changes the
-pool at once. A health checker GETs every instance's `health` path on an
-interval; an instance that fails it (or refuses a connection) leaves the
-rotation until a later check succeeds. The pick is the healthy instance with
-the fewest requests in flight, ties broken round robin, optionally pinned to
-the instance a client used before (affinity)."""
+watch on Paths.service(name) (bus.routing.Children): a znode appearing or
+vanishing changes the pool at once. A health checker GETs every instance's
+`health` path on an interval; an instance that fails it (or refuses a
+connection) leaves the rotation until a later check succeeds. The pick is the
+healthy instance with the fewest requests in flight, ties broken round robin,
+or, with an affinity key (a client's token, or its `stratus_affinity`
+cookie), the instance that key was pinned to while it is still a healthy
+member; otherwise the key is pinned to the instance picked now.
+
+An instance that leaves the registry takes no new request; requests already
+on it finish on their own connections, which are then closed. Upstreams
+keeps one pool per service, made on first use; `want(services)` names the
+services routes still point at, and a pool no route names any more is closed
+(its watch and health checker stopped) once no request is using it
+(`acquire`/`release` count them)."""
 from __future__ import annotations
 
 import http.client
@@ -27,6 +36,7 @@ log = logging.getLogger("stratus.gateway.balancer")
 # (gunicorn: 30 s here), and such a request is retried if the upstream did
 # close it.
 FRESH = 1.0
+AFFINITY_KEYS = 10_000   # affinity keys remembered per pool, least recently used first out
 
 
 class Instance:
@@ -123,21 +133,38 @@ class ServicePool:
         self.name = name
         self.cfg = cfg
         self.instances: dict[str, Instance] = {}
+        self.active = 0             # requests using the pool (Upstreams.acquire/release)
+        self.closed = False
         self._lock = threading.Lock()
         self._rr = itertools.count()
         self._fallback = Instance(f"fallback-{fallback[0]}:{fallback[1]}", fallback[0], fallback[1],
                                   static=True) if fallback else None
         self._affinity: OrderedDict[str, str] = OrderedDict()
         self._stop = threading.Event()
+        self._zk = zk
+        self._known: dict[str, dict] = {}   # registry child -> its data
         self.watch = None
         if zk is not None:
-            from bus.registry import ServiceWatch
-            self.watch = ServiceWatch(zk, cfg.base, name, on_change=self._on_change)
-            self._on_change(self.watch.snapshot())
+            from bus.names import Paths
+            from bus.routing import Children
+            self._path = Paths(cfg.base.cluster).service(name)
+            self.watch = Children(zk, self._path, self._on_children)
         self._checker = threading.Thread(target=self._health_loop, name=f"health-{name}", daemon=True)
         self._checker.start()
 
     # -- membership from the registry --------------------------------------------------
+    def _on_children(self, children: list[str]) -> None:
+        from bus.zk import get_json
+        known = {}
+        for child in children:
+            data = self._known.get(child)
+            if data is None:
+                data = get_json(self._zk, f"{self._path}/{child}")
+            if isinstance(data, dict):
+                known[child] = data
+        self._known = known
+        self._on_change(dict(known))
+
     def _on_change(self, found: dict) -> None:
         with self._lock:
             current = dict(self.instances)
@@ -181,7 +208,7 @@ class ServicePool:
                 pinned = self._affinity.get(affinity_key)
             if pinned is not None:
                 for inst in healthy:
-                    if inst.key == pinned:
+                    if inst.key == pinned and inst.healthy:
                         return inst
         n = len(healthy)
         start = next(self._rr) % n
@@ -191,12 +218,16 @@ class ServicePool:
             if best is None or inst.outstanding < best.outstanding:
                 best = inst
         if affinity_key is not None:
-            with self._lock:
-                self._affinity[affinity_key] = best.key
-                self._affinity.move_to_end(affinity_key)
-                while len(self._affinity) > 10_000:
-                    self._affinity.popitem(last=False)
+            self.pin(affinity_key, best)
         return best
+
+    def pin(self, affinity_key: str, inst: Instance) -> None:
+        """From now on `affinity_key` goes to `inst` while it is healthy."""
+        with self._lock:
+            self._affinity[affinity_key] = inst.key
+            self._affinity.move_to_end(affinity_key)
+            while len(self._affinity) > AFFINITY_KEYS:
+                self._affinity.popitem(last=False)
 
     def mark_down(self, inst: Instance, why: str) -> None:
         if inst.healthy:
@@ -230,20 +261,39 @@ class ServicePool:
                 inst.healthy = ok
 
     def close(self) -> None:
+        """Stop following the registry and checking health; drop idle
+        connections. A request still on an instance finishes, and its
+        connection is closed instead of pooled."""
+        self.closed = True
         self._stop.set()
+        if self.watch is not None:
+            self.watch.close()
         for inst in self.members():
+            inst.removed = True
             inst.close_idle()
 
 
 class Upstreams:
-    """The pools of every service, made on first use."""
+    """The pools of every service, made on first use. Pools of the services
+    in `keep` (the fallbacks, such as the orchestrator) are never closed;
+    others are closed once `want` no longer names them and no request uses
+    them."""
 
-    def __init__(self, cfg: GatewayConfig, zk=None, fallbacks: dict[str, tuple[str, int]] | None = None):
+    def __init__(self, cfg: GatewayConfig, zk=None, fallbacks: dict[str, tuple[str, int]] | None = None,
+                 keep=()):
         self.cfg = cfg
         self.zk = zk
         self.fallbacks = fallbacks or {}
+        self.keep = frozenset(keep) | frozenset(self.fallbacks)
+        self.wanted: frozenset[str] | None = None   # None: every pool is kept
         self.pools: dict[str, ServicePool] = {}
         self._lock = threading.Lock()
+
+    def _make(self, service: str) -> ServicePool:
+        """With the lock held."""
+        pool = ServicePool(service, self.cfg, self.zk, fallback=self.fallbacks.get(service))
+        self.pools[service] = pool
+        return pool
 
     def pool(self, service: str) -> ServicePool:
         pool = self.pools.get(service)
@@ -251,13 +301,54 @@ class Upstreams:
             return pool
         with self._lock:
             pool = self.pools.get(service)
+            return pool if pool is not None else self._make(service)
+
+    def _unwanted(self, name: str) -> bool:
+        return self.wanted is not None and name not in self.wanted and name not in self.keep
+
+    def acquire(self, service: str) -> ServicePool:
+        """The service's pool, counted as used until `release`."""
+        with self._lock:
+            pool = self.pools.get(service)
             if pool is None:
-                pool = ServicePool(service, self.cfg, self.zk, fallback=self.fallbacks.get(service))
-                self.pools[service] = pool
+                pool = self._make(service)
+            pool.active += 1
             return pool
 
+    def release(self, pool: ServicePool) -> None:
+        with self._lock:
+            pool.active -= 1
+            retire = pool.active == 0 and self._unwanted(pool.name) and self.pools.get(pool.name) is pool
+            if retire:
+                del self.pools[pool.name]
+        if retire:
+            log.info("%s: no route names it any more; pool closed", pool.name)
+            pool.close()
+
+    def want(self, services) -> None:
+        """The services that routes name now: their pools are made (health
+        checks begin before the first request), and the others' closed once
+        idle."""
+        retired = []
+        with self._lock:
+            self.wanted = frozenset(services)
+            for name in sorted(self.wanted):
+                if name not in self.pools:
+                    self._make(name)
+            for name, pool in list(self.pools.items()):
+                if pool.active == 0 and self._unwanted(name):
+                    del self.pools[name]
+                    retired.append(pool)
+        for pool in retired:
+            log.info("%s: no route names it any more; pool closed", pool.name)
+            pool.close()
+
+    def snapshot(self) -> list[tuple[str, ServicePool]]:
+        with self._lock:
+            return sorted(self.pools.items())
+
     def close(self) -> None:
-        for pool in list(self.pools.values()):
+        for _, pool in self.snapshot():
             pool.close()
 
 

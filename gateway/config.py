@@ -29,7 +29,8 @@ class GatewayConfig:
     health_interval: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_HEALTH_INTERVAL", 1.0))
     health_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_HEALTH_TIMEOUT", 0.8))
     pool_idle: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_POOL_IDLE", 20.0))
-    affinity: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_AFFINITY", False))
+    # Affinity (paas.md, Behaviour): a client stays on one instance of a web role while it is healthy.
+    affinity: bool = field(default_factory=lambda: env_bool("STRATUS_GATEWAY_AFFINITY", True))
     # Read-your-writes: how many clients' LSNs are remembered, and for how long.
     lsn_clients: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_LSN_CLIENTS", 100_000))
     lsn_ttl: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_LSN_TTL", 3600.0))

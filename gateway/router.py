@@ -1,6 +1,21 @@
 """Which component answers a path, who may call it, and which tenant's rate it
 counts against (shared spec platform.md, "Routes through the gateway";
-paas.md, Accounts and Data isolation).
+paas.md, Words, Accounts, Apps and Data isolation).
+
+Resolution, in this order (`route`):
+  1. the platform's own routes, built in: exact paths (/health, /metrics,
+     /api/v1/auth/token, /api/v1/openapi.json, /api/v1/worker/list,
+     /api/v1/cluster, /api/v1/switchover) and prefixes (/api/v1/db,
+     /api/v1/crash, /api/v1/tenants, /api/v1/developers, /api/v1/logs);
+  2. any other path under a prefix the platform reserves (paas.md, Apps:
+     /api/v1/auth, /api/v1/worker, /dashboard, /health, /metrics, ...) is
+     not found: no app can own it;
+  3. the apps' routes (bus.routing.RouteTable, from ZooKeeper): the longest
+     prefix that covers the path; the Route is named after the web role,
+     goes to the role's registry service, is public, and belongs to the
+     app's tenant (Route.owner, for the rate limit);
+  4. otherwise not found (the gateway answers 404 with a JSON error).
+A prefix covers the path equal to it and the paths that continue it with "/".
 
 Access (Route.access), checked by `refusal`:
     PUBLIC   anyone, with or without a token
@@ -10,16 +25,22 @@ Access (Route.access), checked by `refusal`:
     TENANT   /api/v1/tenants/{t}/...: the admin, or the owner of t (role
              tenant, claim tenant == t). /api/v1/tenants and
              /api/v1/tenants/{t} themselves are the admin's alone.
-No valid token on a protected route: 401; a valid one without the right: 403.
-
-Route.owner is the tenant whose app serves the route: the built-in services'
-prefixes belong to the tenants rideshare and toystore."""
+    LOGS     /api/v1/logs: the admin, a developer, or a tenant's owner (the
+             orchestrator keeps an owner to its own instances' logs, from the
+             identity headers)
+The developer "reads the status, events and logs of every component; changes
+nothing": besides LOGS, a developer token may GET or HEAD
+/api/v1/tenants/{t}/apps..., /api/v1/tenants/{t}/events, /api/v1/cluster and
+/api/v1/worker/list (Route.dev_read); any other method there is 403.
+No valid token on a protected route: 401; a valid one without the right: 403."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from urllib.parse import unquote
 
-PUBLIC, ADMIN, DB, TENANT = "public", "admin", "db", "tenant"
+PUBLIC, ADMIN, DB, TENANT, LOGS = "public", "admin", "db", "tenant", "logs"
+READ_METHODS = frozenset({"GET", "HEAD"})
 
 
 @dataclass(frozen=True)
@@ -28,6 +49,8 @@ class Route:
     service: str | None       # upstream service in the registry; None: served by the gateway
     access: str = PUBLIC
     owner: str | None = None  # the tenant whose app this is
+    app: str | None = None    # set for an app's web role: affinity applies
+    dev_read: bool = False    # a developer may GET/HEAD it (ADMIN routes)
 
 
 HEALTH = Route("health", None)
@@ -35,26 +58,33 @@ METRICS = Route("metrics", None)
 TOKEN = Route("auth", None)
 NOT_FOUND = Route("unknown", None)
 _ADMIN = Route("admin", "orchestrator", ADMIN)
+_STATUS = Route("admin", "orchestrator", ADMIN, dev_read=True)
 
 # (prefix, route): the path equals the prefix or continues with "/".
 _PREFIXES = (
-    ("/api/v1/users", Route("users", "users", owner="rideshare")),
-    ("/api/v1/rides", Route("rides", "rides", owner="rideshare")),
-    ("/products", Route("catalog", "catalog", owner="toystore")),
-    ("/orders", Route("order", "order", owner="toystore")),
     ("/api/v1/db", Route("admin", "orchestrator", DB)),
     ("/api/v1/crash", _ADMIN),
     ("/api/v1/tenants", Route("tenants", "orchestrator", TENANT)),
     ("/api/v1/developers", Route("developers", "orchestrator", ADMIN)),
+    ("/api/v1/logs", Route("logs", "orchestrator", LOGS)),
 )
 _EXACT = {
     "/health": HEALTH,
     "/metrics": METRICS,
     "/api/v1/auth/token": TOKEN,
-    "/api/v1/worker/list": _ADMIN,
-    "/api/v1/cluster": _ADMIN,
+    "/api/v1/openapi.json": Route("openapi", "orchestrator"),
+    "/api/v1/worker/list": _STATUS,
+    "/api/v1/cluster": _STATUS,
     "/api/v1/switchover": _ADMIN,
 }
+# The platform's own paths (paas.md, Apps): no app route ever serves them.
+RESERVED = ("/api/v1/auth", "/api/v1/tenants", "/api/v1/developers", "/api/v1/db", "/api/v1/crash",
+            "/api/v1/worker", "/api/v1/cluster", "/api/v1/switchover", "/api/v1/logs", "/api/v1/openapi.json",
+            "/dashboard", "/health", "/metrics")
+
+
+def _under(path: str, prefix: str) -> bool:
+    return path == prefix or path.startswith(prefix + "/")
 
 
 def path_tenant(path: str) -> str | None:
@@ -66,9 +96,22 @@ def path_tenant(path: str) -> str | None:
     return unquote(parts[4])
 
 
-def refusal(route: Route, path: str, claims: dict | None) -> int | None:
+def developer_reads(path: str) -> bool:
+    """/api/v1/tenants/{t}/apps, /api/v1/tenants/{t}/apps/..., /api/v1/tenants/{t}/events:
+    what a developer may read under /api/v1/tenants."""
+    if path_tenant(path) is None:
+        return False
+    rest = path.split("/")[5:]          # after /api/v1/tenants/{t}
+    if len(rest) > 1 and rest[-1] == "":
+        rest = rest[:-1]                # a trailing "/"
+    if rest[0] == "apps":
+        return all(rest)                # no empty segment inside
+    return rest == ["events"]
+
+
+def refusal(route: Route, path: str, claims: dict | None, method: str = "GET") -> int | None:
     """None when `claims` (a valid token's, or None) may use `route` at
-    `path`; else 401 or 403."""
+    `path` with `method`; else 401 or 403."""
     if route.access == PUBLIC:
         return None
     if claims is None:
@@ -77,9 +120,14 @@ def refusal(route: Route, path: str, claims: dict | None) -> int | None:
     if role == "admin":
         return None
     if role == "tenant":
-        if route.access == DB:
+        if route.access in (DB, LOGS):
             return None
         if route.access == TENANT and path_tenant(path) == claims["tenant"]:
+            return None
+    elif role == "developer":
+        if route.access == LOGS:
+            return None if method in READ_METHODS else 403
+        if method in READ_METHODS and (route.dev_read or (route.access == TENANT and developer_reads(path))):
             return None
     return 403
 
@@ -99,7 +147,15 @@ def check_path(path: str) -> None:
             raise BadPath("dot segments are not accepted in paths")
 
 
-def route(path: str) -> Route:
+@lru_cache(maxsize=4096)
+def app_route(entry) -> Route:
+    """The Route of an app's web role (a bus.routing.Entry)."""
+    return Route(entry.role, entry.service, PUBLIC, owner=entry.tenant, app=entry.app)
+
+
+def route(path: str, table=None) -> Route:
+    """The Route for `path`; `table` (a bus.routing.RouteTable, or anything
+    with its `match`) holds the apps' routes."""
     r = _EXACT.get(path)
     if r is None and path.endswith("/") and len(path) > 1:
         r = _EXACT.get(path.rstrip("/"))
@@ -108,6 +164,13 @@ def route(path: str) -> Route:
     if r is not None:
         return r
     for prefix, r in _PREFIXES:
-        if path == prefix or path.startswith(prefix + "/"):
+        if _under(path, prefix):
             return r
+    for prefix in RESERVED:
+        if _under(path, prefix):
+            return NOT_FOUND
+    if table is not None:
+        found = table.match(path)
+        if found is not None:
+            return app_route(found[1])
     return NOT_FOUND

@@ -7,6 +7,7 @@ import uuid
 import requests
 
 from harness import free_port, wait_for
+from kits.testkit import route_builtins
 from test_rideshare_support import RideShare, future_ts, pw
 
 
@@ -52,6 +53,7 @@ def test_grader_sequence_through_the_gateway(tmp_path):
     in the ZooKeeper registry and passes the LSN headers through."""
     with RideShare.start(tmp_path, slaves=1) as rs:
         port = free_port()
+        route_builtins(rs.cluster)
         rs.cluster.spawn("gateway", ["-m", "gateway", "--port", str(port)])
         gw = f"http://127.0.0.1:{port}"
         c = rs.client(base_url=gw)

@@ -62,6 +62,8 @@ def gateway_available() -> bool:
 
 
 def start_gateway(cluster, key: str = "gw", **env) -> str:
+    from kits.testkit import route_builtins
+    route_builtins(cluster)
     port = free_port()
     cluster.spawn(key, ["-m", "gateway"], STRATUS_GATEWAY_PORT=port, **env)
     base = f"http://127.0.0.1:{port}"

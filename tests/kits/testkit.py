@@ -76,8 +76,25 @@ class Client:
         self.conn.close()
 
 
+BUILTIN_ROUTES = {
+    ("rideshare", "rideshare"): {"/api/v1/users": ("users", "users"), "/api/v1/rides": ("rides", "rides")},
+    ("toystore", "toystore"): {"/products": ("catalog", "catalog"), "/orders": ("order", "order")},
+}
+
+
+def route_builtins(cluster) -> None:
+    """Publish the built-in apps' routes (bus/routing.py, by "test") to the
+    services as tests start them directly: registered as users, rides,
+    catalog and order. `stratus up` deploys them as apps instead."""
+    from bus import routing
+    for (tenant, app), routes in BUILTIN_ROUTES.items():
+        routing.publish(cluster.zk, cluster.paths, tenant, app, routes, by="test")
+
+
 def start_gateway(cluster, key: str = "gateway", **env) -> int:
-    """A gateway process on a free port, answering /health; returns the port."""
+    """A gateway process on a free port, answering /health, with the built-in
+    apps' routes published (route_builtins); returns the port."""
+    route_builtins(cluster)
     port = free_port()
     env = {k if k.startswith("STRATUS_") else f"STRATUS_GATEWAY_{k.upper()}": str(v) for k, v in env.items()}
     cluster.spawn(key, ["-m", "gateway", "--port", str(port)], **env)

@@ -14,8 +14,9 @@ import time
 import jwt
 import pytest
 
+from bus.routing import build, match_prefix
 from gateway import router
-from gateway.balancer import Instance, ServicePool
+from gateway.balancer import Instance, ServicePool, Upstreams
 from gateway.cache import Entry, ProductCache
 from gateway.config import load_config
 from gateway.http11 import HttpError, Reader, RequestBuffer, parse_head, render
@@ -275,7 +276,28 @@ def test_render():
 
 
 # -- routing, access rules and the rate limit ----------------------------------------------
-A, D, T, P = router.ADMIN, router.DB, router.TENANT, router.PUBLIC
+A, D, T, P, L = router.ADMIN, router.DB, router.TENANT, router.PUBLIC, router.LOGS
+
+
+class Table:
+    """The built-in apps' routes as tests publish them (testkit.route_builtins),
+    matched by the real longest-prefix rule."""
+
+    def __init__(self, routes):
+        self.table = build(routes)
+
+    def match(self, path):
+        return match_prefix(self.table, path)
+
+
+BUILTINS = Table({
+    "rideshare.rideshare": {"tenant": "rideshare", "app": "rideshare", "routes": {
+        "/api/v1/users": {"role": "users", "service": "users"}, "/api/v1/rides": {"role": "rides", "service": "rides"}}},
+    "toystore.toystore": {"tenant": "toystore", "app": "toystore", "routes": {
+        "/products": {"role": "catalog", "service": "catalog"}, "/orders": {"role": "order", "service": "order"}}},
+    "acme.shop": {"tenant": "acme", "app": "shop", "routes": {
+        "/": {"role": "web", "service": "app.acme.shop.web"}}},
+})
 
 
 @pytest.mark.parametrize("path,service,access,owner", [
@@ -288,17 +310,35 @@ A, D, T, P = router.ADMIN, router.DB, router.TENANT, router.PUBLIC
     ("/api/v1/cluster", "orchestrator", A, None), ("/api/v1/switchover", "orchestrator", A, None),
     ("/api/v1/tenants", "orchestrator", T, None), ("/api/v1/tenants/acme/apps", "orchestrator", T, None),
     ("/api/v1/developers", "orchestrator", A, None),
-    ("/api/v1/usersX", None, P, None), ("/productsX", None, P, None), ("/", None, P, None),
-    ("/api/v1/_count", None, P, None), ("/api/v1/tenantsX", None, P, None),
+    ("/api/v1/logs", "orchestrator", L, None), ("/api/v1/openapi.json", "orchestrator", P, None),
+    # acme's app owns "/": whatever no longer prefix covers is its own...
+    ("/api/v1/usersX", "app.acme.shop.web", P, "acme"), ("/productsX", "app.acme.shop.web", P, "acme"),
+    ("/", "app.acme.shop.web", P, "acme"), ("/api/v1/tenantsX", "app.acme.shop.web", P, "acme"),
+    # ...except the platform's reserved paths, which no app serves.
+    ("/api/v1/auth/other", None, P, None), ("/api/v1/worker/other", None, P, None), ("/dashboard/", None, P, None),
+    ("/health/x", None, P, None), ("/api/v1/openapi.json/x", None, P, None),
 ])
 def test_routes(path, service, access, owner):
-    r = router.route(path)
+    r = router.route(path, BUILTINS)
     assert (r.service, r.access, r.owner) == (service, access, owner)
+
+
+def test_without_app_routes_only_the_platform_answers():
+    for path in ("/api/v1/users", "/products/Tux", "/orders", "/", "/shop"):
+        assert router.route(path) is router.NOT_FOUND
+        assert router.route(path, Table({})) is router.NOT_FOUND
+    assert router.route("/api/v1/cluster").service == "orchestrator"
+    app = router.route("/api/v1/users/bob", BUILTINS)
+    assert (app.name, app.app) == ("users", "rideshare") and app is router.route("/api/v1/users", BUILTINS)
 
 
 def _claims(role, tenant=None):
     c = {"sub": tenant or role, "role": role, "iat": 0, "exp": 1}
     return c if tenant is None else {**c, "tenant": tenant}
+
+
+WHO = {None: None, "admin": _claims("admin"), "developer": _claims("developer"),
+       "acme": _claims("tenant", "acme"), "beta": _claims("tenant", "beta"), "user": _claims("user", "acme")}
 
 
 @pytest.mark.parametrize("path,allowed", [
@@ -307,23 +347,44 @@ def _claims(role, tenant=None):
     ("/api/v1/tenants/acme/", {"admin"}),
     ("/api/v1/tenants/acme//", {"admin"}),
     ("/api/v1/tenants//acme/apps", {"admin"}),
-    ("/api/v1/tenants/acme/apps", {"admin", "acme"}),
-    ("/api/v1/tenants/%61cme/apps/shop", {"admin", "acme"}),
-    ("/api/v1/tenants/beta/apps", {"admin", "beta"}),
+    ("/api/v1/tenants/acme/apps", {"admin", "acme", "developer"}),
+    ("/api/v1/tenants/%61cme/apps/shop", {"admin", "acme", "developer"}),
+    ("/api/v1/tenants/beta/apps", {"admin", "beta", "developer"}),
+    ("/api/v1/tenants/beta/apps/shop/roles/web", {"admin", "beta", "developer"}),
+    ("/api/v1/tenants/beta/apps//x", {"admin", "beta"}),
+    ("/api/v1/tenants/beta/events", {"admin", "beta", "developer"}),
+    ("/api/v1/tenants/beta/events/", {"admin", "beta", "developer"}),
+    ("/api/v1/tenants/beta/eventsX", {"admin", "beta"}),
+    ("/api/v1/tenants/beta/other", {"admin", "beta"}),
     ("/api/v1/developers", {"admin"}),
     ("/api/v1/db/read", {"admin", "acme", "beta"}),     # the orchestrator keeps a tenant inside its own
     ("/api/v1/db/clear", {"admin", "acme", "beta"}),
-    ("/api/v1/cluster", {"admin"}), ("/api/v1/crash/master", {"admin"}), ("/api/v1/switchover", {"admin"}),
+    ("/api/v1/logs", {"admin", "developer", "acme", "beta"}),   # the orchestrator filters an owner's
+    ("/api/v1/cluster", {"admin", "developer"}), ("/api/v1/worker/list", {"admin", "developer"}),
+    ("/api/v1/crash/master", {"admin"}), ("/api/v1/switchover", {"admin"}),
+    ("/api/v1/openapi.json", {None, "admin", "developer", "acme", "beta", "user"}),
     ("/api/v1/users", {None, "admin", "developer", "acme", "beta", "user"}),
     ("/products/Tux", {None, "admin", "developer", "acme", "beta", "user"}),
 ])
 def test_access_rules(path, allowed):
-    who = {None: None, "admin": _claims("admin"), "developer": _claims("developer"),
-           "acme": _claims("tenant", "acme"), "beta": _claims("tenant", "beta"), "user": _claims("user", "acme")}
-    r = router.route(path)
-    for name, claims in who.items():
-        expected = None if name in allowed else (401 if claims is None else 403)
-        assert router.refusal(r, path, claims) == expected, (path, name)
+    r = router.route(path, BUILTINS)
+    for method in ("GET", "HEAD"):
+        for name, claims in WHO.items():
+            expected = None if name in allowed else (401 if claims is None else 403)
+            assert router.refusal(r, path, claims, method) == expected, (path, method, name)
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_a_developer_changes_nothing(method):
+    dev = WHO["developer"]
+    for path in ("/api/v1/tenants/acme/apps/shop", "/api/v1/tenants/acme/apps/shop/restart",
+                 "/api/v1/tenants/acme/events", "/api/v1/logs", "/api/v1/cluster", "/api/v1/worker/list",
+                 "/api/v1/tenants", "/api/v1/developers", "/api/v1/switchover", "/api/v1/db/write"):
+        assert router.refusal(router.route(path), path, dev, method) == 403, (method, path)
+    # The same methods stay open to those who had them.
+    assert router.refusal(router.route("/api/v1/tenants/acme/apps/shop"), "/api/v1/tenants/acme/apps/shop",
+                          WHO["acme"], method) is None
+    assert router.refusal(router.route("/api/v1/cluster"), "/api/v1/cluster", WHO["admin"], method) is None
 
 
 class Clock:
@@ -456,6 +517,47 @@ def test_pick_least_outstanding_round_robin_and_health():
     assert {pool2.pick().key for _ in range(5)} == {"i0"}
     pool.close()
     pool2.close()
+
+
+def test_affinity_moves_only_when_its_instance_goes_and_stays_moved():
+    pool = ServicePool("svc", load_config(health_interval=3600))
+    pool._on_change({f"i{n}": {"host": "127.0.0.1", "port": 3000 + n} for n in range(2)})
+    keys = [f"c:{n}" for n in range(20)]
+    pinned = {k: pool.pick(affinity_key=k).key for k in keys}
+    assert set(pinned.values()) == {"i0", "i1"}          # new keys are spread
+    for _ in range(5):
+        assert {k: pool.pick(affinity_key=k).key for k in keys} == pinned
+    # i0's znode goes: its keys move to i1, and stay there when i0 comes back.
+    pool._on_change({"i1": {"host": "127.0.0.1", "port": 3001}})
+    assert {pool.pick(affinity_key=k).key for k in keys} == {"i1"}
+    pool._on_change({f"i{n}": {"host": "127.0.0.1", "port": 3000 + n} for n in range(2)})
+    assert {pool.pick(affinity_key=k).key for k in keys} == {"i1"}
+    # pin() moves a key explicitly (the gateway does so when a retry answered elsewhere).
+    pool.pin("c:0", pool.instances["i0"])
+    assert pool.pick(affinity_key="c:0").key == "i0"
+    pool.close()
+
+
+def test_pools_no_route_names_are_closed_once_idle():
+    ups = Upstreams(load_config(health_interval=3600), fallbacks={"orchestrator": ("127.0.0.1", 1)})
+    ups.pool("orchestrator")
+    ups.want({"a", "b"})
+    assert [n for n, _ in ups.snapshot()] == ["a", "b", "orchestrator"]   # made before any request
+    busy = ups.acquire("a")
+    idle = ups.pool("b")
+    ups.want({"c"})                                       # a and b are no route's any more
+    assert idle.closed and not busy.closed                # b at once; a is still serving a request
+    assert sorted(n for n, _ in ups.snapshot()) == ["a", "c", "orchestrator"]
+    ups.release(busy)
+    assert busy.closed and sorted(n for n, _ in ups.snapshot()) == ["c", "orchestrator"]
+    # A request that matched just before the change still gets a pool, closed when it ends.
+    late = ups.acquire("a")
+    assert not late.closed and late is not busy
+    ups.release(late)
+    assert late.closed
+    ups.want(set())
+    assert [n for n, _ in ups.snapshot()] == ["orchestrator"]   # the platform's pool stays
+    ups.close()
 
 
 def test_strip_hop_by_hop():
