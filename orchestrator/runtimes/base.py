@@ -127,7 +127,8 @@ WorkerHandle = Handle  # the name orchestrator/control.py and older code use
 
 def check_id(unit_id: str) -> str:
     if not isinstance(unit_id, str) or not ID_RE.match(unit_id):
-        raise ValueError(f"unit id {unit_id!r}: 1-64 of letters, digits, '_', '.', '-', starting with a letter or digit")
+        raise ValueError(f"unit id {unit_id!r}: 1-64 of letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit")
     return unit_id
 
 

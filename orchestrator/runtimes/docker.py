@@ -227,7 +227,8 @@ def build_context(context_dir: str | os.PathLike, base_image: str, out) -> None:
             if rel in (DOCKERFILE, ".dockerignore"):
                 continue
             tar.add(path, arcname=rel, recursive=False, filter=norm)
-        for name, text in ((DOCKERFILE, dockerfile_text(base_image)), (".dockerignore", f"{DOCKERFILE}\n.dockerignore\n")):
+        generated = ((DOCKERFILE, dockerfile_text(base_image)), (".dockerignore", f"{DOCKERFILE}\n.dockerignore\n"))
+        for name, text in generated:
             data = text.encode()
             ti = tarfile.TarInfo(name)
             ti.size, ti.mode, ti.mtime = len(data), 0o644, int(time.time())
