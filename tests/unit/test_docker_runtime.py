@@ -1,18 +1,23 @@
 """The Docker runtime's logic without a Docker engine: names, labels, the
-environment a worker gets, event parsing, and the start/kill/adopt/close
-flows against a small in-memory fake of the docker SDK. The real behaviour
+environment a worker or an app instance gets, an instance's image (tag,
+Dockerfile, build context), event parsing, and the start/kill/adopt/close
+flows of both kinds against a small in-memory fake of the docker SDK. The real behaviour
 (containers, die events, docker-compose down) is tested in the Docker stage."""
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from bus.settings import Settings
-from orchestrator.runtimes.docker import (DockerRuntime, cluster_filters, container_name, die_event,
-                                          parse_started, volume_name, worker_env, worker_image, worker_labels)
+from orchestrator.runtimes import Spec, StartError, instance_log
+from orchestrator.runtimes.docker import (DockerRuntime, app_base_image, app_image_tag, build_context,
+                                          cluster_filters, container_instance_env, container_name, die_event,
+                                          dockerfile_text, instance_labels, parse_started, spec_labels,
+                                          volume_name, worker_env, worker_image, worker_labels)
 
 
 def settings(**kw) -> Settings:
@@ -110,6 +115,10 @@ class FakeContainer:
     def remove(self, force=False):
         self.api.containers_by_id.pop(self.id, None)
 
+    def logs(self, **kw):
+        self.api.log_calls.append((self.id, kw))
+        return iter(list(self.api.output.get(self.name, [])))
+
 
 class FakeVolume:
     def __init__(self, api, name, labels):
@@ -157,6 +166,11 @@ class FakeDocker:
         self.next_pid = 1000
         self.containers = self._Containers(self)
         self.volumes = self._Volumes(self)
+        self.images = self._Images(self)
+        self.built: dict[str, dict] = {}          # tag -> build kwargs (and the context's members)
+        self.build_fails = False
+        self.output: dict[str, list[bytes]] = {}  # container name -> what it prints
+        self.log_calls: list[tuple[str, dict]] = []
 
     def emit(self, ev):
         for s in self.streams:
@@ -199,6 +213,26 @@ class FakeDocker:
         def list(self, all=False, filters=None):
             return [c for c in list(self.api.containers_by_id.values())
                     if self.api._match(c.labels, filters) and (all or c.attrs["State"]["Status"] == "running")]
+
+    class _Images:
+        def __init__(self, api):
+            self.api = api
+
+        def get(self, tag):
+            if tag not in self.api.built:
+                raise NotFound(tag)
+            return tag
+
+        def build(self, fileobj=None, custom_context=False, **kw):
+            import tarfile
+            with tarfile.open(fileobj=fileobj, mode="r") as tar:
+                kw["members"] = {m.name: (m.uid, m.mode, tar.extractfile(m).read() if m.isfile() else None)
+                                 for m in tar.getmembers()}
+            kw["custom_context"] = custom_context
+            if self.api.build_fails:
+                raise RuntimeError("The command '/bin/sh -c x' returned a non-zero code: 1")
+            self.api.built[kw["tag"]] = kw
+            return kw["tag"], iter(())
 
     class _Volumes:
         def __init__(self, api):
@@ -336,3 +370,168 @@ def test_close_without_removal_leaves_workers_for_a_successor(fake):
     h = rt.start_worker("w-1")
     rt.close(remove_workers=False)
     assert fake.containers_by_id[h.ref].attrs["State"]["Status"] == "running"
+
+
+# --- app instances ------------------------------------------------------------------------
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def instance_spec(iid="i-1a2b3c4d", *, image=None, context=None, port=8000, **kw):
+    return Spec(id=iid, argv=("python", "-m", "shop.web"), image=image, context=context, port=port,
+                env={"STRATUS_TENANT": "acme", "STRATUS_AMQP_URL": "amqp://acme:tenant-pw@rabbitmq:5672/%2F"},
+                labels={"tenant": "acme", "app": "shop", "role": "web", "digest": DIGEST},
+                log=instance_log("acme", "shop", iid), **kw)
+
+
+def test_instance_labels_names_and_filters():
+    spec = instance_spec()
+    labels = instance_labels("c1", spec)
+    assert labels == {"stratus.cluster": "c1", "stratus.kind": "instance", "stratus.instance_id": "i-1a2b3c4d",
+                      "stratus.port": "8000", "stratus.log": "instances/acme/shop/i-1a2b3c4d.log",
+                      "stratus.label.tenant": "acme", "stratus.label.app": "shop", "stratus.label.role": "web",
+                      "stratus.label.digest": DIGEST}
+    assert spec_labels(labels) == dict(spec.labels)
+    assert container_name("c1", "i-1a2b3c4d") == "stratus-c1-i-1a2b3c4d"
+    assert cluster_filters("c1", "instance") == {"label": ["stratus.cluster=c1", "stratus.kind=instance"]}
+    assert "stratus.role" not in labels      # the worker filter (stratus.role=worker) never selects an instance
+    # die events: each kind hears only its own
+    ev = {"Type": "container", "Action": "die", "Actor": {"ID": "cid9", "Attributes": {**labels, "exitCode": "3"}}}
+    assert die_event(ev, "c1", "instance") == ("cid9", "i-1a2b3c4d", 3)
+    assert die_event(ev, "c1", "worker") is None
+    assert die_event(_event(), "c1", "instance") is None
+    assert die_event(ev, "c2", "instance") is None
+
+
+def test_instance_container_env_holds_nothing_of_the_orchestrator():
+    env = container_instance_env(instance_spec())
+    assert env == {"LANG": "C.UTF-8", "HOME": "/app", "PYTHONUNBUFFERED": "1", "PORT": "8000",
+                   "STRATUS_TENANT": "acme", "STRATUS_AMQP_URL": "amqp://acme:tenant-pw@rabbitmq:5672/%2F"}
+    own = container_instance_env(instance_spec(image="acme/own:1", port=None))
+    assert "HOME" not in own and "PORT" not in own       # an image of its own keeps its HOME
+    assert container_instance_env(instance_spec(image="acme/own:1", cwd="/srv"))["HOME"] == "/srv"
+
+
+def test_app_image_tag_base_and_dockerfile():
+    assert app_image_tag("acme", "shop", DIGEST) == "stratus-app/acme-shop:0123456789ab"
+    for bad in (("acme", "shop", "sha256:xyz"), ("acme", "shop", "0123"), ("Acme", "shop", DIGEST),
+                ("acme", "sh/op", DIGEST), ("", "shop", DIGEST)):
+        with pytest.raises(ValueError):
+            app_image_tag(*bad)
+    assert app_base_image({}) == "stratus/app:latest"
+    assert app_base_image({"STRATUS_IMAGE_PREFIX": "reg.example/st"}) == "reg.example/st/app:latest"
+    assert dockerfile_text("stratus/app:latest") == "FROM stratus/app:latest\nCOPY . /app\nWORKDIR /app\n"
+
+
+def make_package(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "shop").mkdir(parents=True)
+    (pkg / "shop" / "web.py").write_text("print('hi')\n")
+    (pkg / "shop" / "web.py").chmod(0o600)              # unreadable to the image's user unless normalised
+    (pkg / "run.sh").write_text("#!/bin/sh\n")
+    (pkg / "run.sh").chmod(0o700)
+    (pkg / ".dockerignore").write_text("shop\n")        # a package's own: not used
+    return pkg
+
+
+def test_build_context_is_the_package_plus_the_generated_dockerfile(tmp_path):
+    import io
+    import tarfile
+    buf = io.BytesIO()
+    build_context(make_package(tmp_path), "stratus/app:latest", buf)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"shop", "shop/web.py", "run.sh", ".stratus.Dockerfile", ".dockerignore"}
+        assert tar.extractfile(".stratus.Dockerfile").read() == b"FROM stratus/app:latest\nCOPY . /app\nWORKDIR /app\n"
+        assert tar.extractfile(".dockerignore").read() == b".stratus.Dockerfile\n.dockerignore\n"
+    assert all(m.uid == 0 and m.gid == 0 for m in members.values())
+    assert members["shop/web.py"].mode == 0o644 and members["run.sh"].mode == 0o755 and members["shop"].mode == 0o755
+    with pytest.raises(StartError):
+        build_context(tmp_path / "nope", "stratus/app:latest", io.BytesIO())
+
+
+@pytest.fixture
+def instances(fake, tmp_path):
+    rt = DockerRuntime(settings(state_dir=str(tmp_path / "state")), client_factory=lambda: fake, kind="instance",
+                       environ={"STRATUS_IMAGE_PREFIX": "pfx", "STRATUS_DOCKER_NETWORK": "net1",
+                                "STRATUS_ADMIN_PASSWORD": "admin-pw", "STRATUS_TOKEN_SECRET": "tok"})
+    yield rt
+    rt.close(remove=False)
+
+
+def test_an_instance_is_built_once_from_its_package_and_runs_labelled(instances, fake, tmp_path):
+    pkg = make_package(tmp_path)
+    fake.output["stratus-c1-i-00000001"] = [b"hello from i-00000001\n", b"serving\n"]
+    exits = []
+    instances.on_exit(lambda uid, code: exits.append((uid, code)))
+    h = instances.start(instance_spec("i-00000001", context=str(pkg)))
+    tag = "stratus-app/acme-shop:0123456789ab"
+    built = fake.built[tag]
+    assert built["custom_context"] and built["dockerfile"] == ".stratus.Dockerfile" and built["pull"] is False
+    assert built["labels"] == {"stratus.cluster": "c1"} and built["network_mode"] == "none"
+    assert built["members"][".stratus.Dockerfile"][2] == b"FROM pfx/app:latest\nCOPY . /app\nWORKDIR /app\n"
+    image, kw = fake.runs[0]
+    assert image == tag and kw["name"] == "stratus-c1-i-00000001" and kw["network"] == "net1"
+    assert kw["command"] == ["python", "-m", "shop.web"] and kw["working_dir"] == "/app"
+    assert kw["labels"] == instance_labels("c1", instance_spec("i-00000001", context=str(pkg)))
+    assert kw["environment"] == container_instance_env(instance_spec("i-00000001"))
+    assert "volumes" not in kw
+    assert (h.host, h.port, h.adopted) == ("stratus-c1-i-00000001", 8000, False)
+    assert h.labels == {"tenant": "acme", "app": "shop", "role": "web", "digest": DIGEST}
+    # its output is followed into the process runtime's log file layout
+    logf = tmp_path / "state" / "clusters" / "c1" / "logs" / "instances" / "acme" / "shop" / "i-00000001.log"
+    assert h.log == str(logf)
+    wait(lambda: logf.exists() and logf.read_bytes() == b"hello from i-00000001\nserving\n")
+    # a second instance of the same package reuses the image
+    instances.start(instance_spec("i-00000002", context=str(pkg)))
+    assert len(fake.built) == 1 and fake.runs[1][0] == tag
+    assert set(instances.running()) == {"i-00000001", "i-00000002"}
+    # a crash: the die event reports the exit code, the container goes
+    instances.kill("i-00000001")
+    wait(lambda: exits == [("i-00000001", 137)])
+    wait(lambda: h.ref not in fake.containers_by_id)
+    assert set(instances.running()) == {"i-00000002"}
+
+
+def test_a_failed_build_or_missing_image_is_a_start_error(instances, fake, tmp_path):
+    fake.build_fails = True
+    with pytest.raises(StartError, match="building stratus-app/acme-shop"):
+        instances.start(instance_spec("i-00000003", context=str(make_package(tmp_path))))
+    with pytest.raises(StartError, match="no image and no build context"):
+        instances.start(instance_spec("i-00000004"))
+    with pytest.raises(StartError, match="missing/image"):
+        instances.start(instance_spec("i-00000005", image="missing/image"))
+    assert fake.containers_by_id == {} and instances.running() == {}
+
+
+def test_instances_are_adopted_with_their_labels_and_kinds_stay_apart(fake, tmp_path):
+    st = settings(state_dir=str(tmp_path / "state"))
+    first = DockerRuntime(st, client_factory=lambda: fake, kind="instance", environ={})
+    workers = DockerRuntime(st, client_factory=lambda: fake, environ={})
+    h = first.start(instance_spec("i-00000006", image="acme/own:1"))
+    w = workers.start_worker("w-1")
+    dead = fake.add("stratus-c1-i-00000007", instance_labels("c1", instance_spec("i-00000007")), status="exited")
+    first.close(remove=False)
+    workers.close(remove_workers=False)
+
+    second = DockerRuntime(st, client_factory=lambda: fake, kind="instance", environ={})
+    workers2 = DockerRuntime(st, client_factory=lambda: fake, environ={})
+    try:
+        adopted = second.adopt()
+        assert [(a.id, a.host, a.port, a.adopted, a.ref) for a in adopted] == \
+            [("i-00000006", "stratus-c1-i-00000006", 8000, True, h.ref)]
+        assert adopted[0].labels == {"tenant": "acme", "app": "shop", "role": "web", "digest": DIGEST}
+        assert adopted[0].log.endswith("logs/instances/acme/shop/i-00000006.log")
+        assert dead.id not in fake.containers_by_id              # a dead instance is removed
+        assert [x.id for x in workers2.adopt()] == ["w-1"]       # workers adopt workers only
+        # the successor follows the output on from where the log file ends
+        wait(lambda: [kw.get("since") for cid, kw in fake.log_calls if cid == h.ref] ==
+             [None, int(Path(h.log).stat().st_mtime)])
+        # closing the instances leaves the workers alone, and vice versa
+        second.close(remove=True)
+        assert h.ref not in fake.containers_by_id and w.ref in fake.containers_by_id
+        assert second.running() == {}
+    finally:
+        second.close(remove=False)
+        workers2.close(remove_workers=True)
+    assert w.ref not in fake.containers_by_id
