@@ -36,6 +36,11 @@ class Names:
         self.snapshot_queue = p + "snapshotQ"    # a new worker asks a ready member for a snapshot here
         self.task_prefix = p + "tasks."          # tasks.<tenant> (exchange), tasks.<tenant>.<app>.<role>[.dead]
 
+    def invalidate_exchange_of(self, tenant: str) -> str:
+        """A tenant's own fanout of cache invalidations (the gateway's product
+        cache listens to the toy store's)."""
+        return self.invalidate_exchange + "." + _part(tenant, "tenant")
+
     def response_queue(self, client_id: str) -> str:
         return self.response_prefix + client_id
 

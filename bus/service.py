@@ -9,6 +9,7 @@ gunicorn threads and registers the instance in the ZooKeeper service registry.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import uuid
@@ -47,6 +48,16 @@ def default_error_body(status: int, message: str) -> dict:
     return {"error": message}
 
 
+def allow_large_bodies(app: Flask, endpoint: str, limit: int) -> None:
+    """Let one endpoint take bodies up to `limit` bytes (others: MAX_BODY).
+    The endpoint then reads request.stream itself, in chunks."""
+    app.config.setdefault("STRATUS_BODY_LIMITS", {})[endpoint] = limit
+
+
+def body_limit(app: Flask) -> int:
+    return app.config.get("STRATUS_BODY_LIMITS", {}).get(request.endpoint, MAX_BODY)
+
+
 def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_error_body) -> Flask:
     """A Flask app whose every error, 404/405/413 included, is a JSON body."""
     app = Flask(name)
@@ -59,7 +70,10 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
     def _start():
         g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
         g.started = time.monotonic()
-        if request.content_length is not None and request.content_length > MAX_BODY:
+        limit = body_limit(app)
+        if limit != MAX_BODY:
+            request.max_content_length = limit
+        if request.content_length is not None and request.content_length > limit:
             _drain(request.content_length)
             abort(413)
 
@@ -72,7 +86,7 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
-        messages = {404: "not found", 405: "method not allowed", 413: f"body larger than {MAX_BODY} bytes"}
+        messages = {404: "not found", 405: "method not allowed", 413: f"body larger than {body_limit(app)} bytes"}
         msg = messages.get(exc.code, exc.description or exc.name)
         resp = jsonify(error_body(exc.code or 500, msg))
         if exc.code == 405 and getattr(exc, "valid_methods", None):
@@ -127,7 +141,9 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
           settings: Settings | None = None, on_worker_start: Callable[[], None] | None = None) -> None:
     """Serve with gunicorn: one process (so per-instance counters are exact),
     `threads` threads. The instance registers itself (host:port, /health) as
-    an ephemeral znode once it listens; port 0 takes any free port."""
+    an ephemeral znode once it listens; port 0 takes any free port. Started
+    by the platform as an app instance (STRATUS_INSTANCE set), it serves on
+    $PORT and leaves registering to the orchestrator."""
     from gunicorn.app.base import BaseApplication
 
     from . import registry, zk as bzk
@@ -135,6 +151,11 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
     settings = settings or load()
     setup_logging(service, settings.log_level)
     state: dict = {}
+    # Run by the platform as an app instance (paas.md, Apps): serve on PORT;
+    # the orchestrator, which probes the instance, registers it itself.
+    instance = os.environ.get("STRATUS_INSTANCE")
+    if os.environ.get("PORT"):
+        port = int(os.environ["PORT"])
 
     def post_worker_init(worker):
         setup_logging(service, settings.log_level)
@@ -144,7 +165,8 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
             on_worker_start()
         global _zk
         state["zk"] = _zk = bzk.connect(settings, timeout=max(settings.zk_timeout, 2.0))
-        state["reg"] = registry.register(state["zk"], settings, service, bound)
+        if not instance:
+            state["reg"] = registry.register(state["zk"], settings, service, bound)
         log.info("%s listening on %s:%d (cluster %s)", service, settings.bind_host, bound, settings.cluster)
         print(f"{service} listening on http://{registry.advertise_host(settings)}:{bound}", flush=True)
 

@@ -93,6 +93,8 @@ class Settings:
     log_segment_bytes: int = field(default_factory=lambda: env_int("STRATUS_LOG_SEGMENT_BYTES", 64 * 1024 ** 2))
     # Workers snapshot their store every this many seconds (0: only on demand).
     # A tenant's database quota in bytes (paas.md: 256 MiB); past it, writes are refused.
+    # A tenant's instances across its apps (paas.md: 16); past it, a deploy or scale answers 409.
+    tenant_instances: int = field(default_factory=lambda: env_int("STRATUS_TENANT_INSTANCES", 16))
     tenant_storage: int = field(default_factory=lambda: env_int("STRATUS_TENANT_STORAGE", 256 * 1024 ** 2))
     # A new worker (empty store) first fetches the latest snapshot from a
     # ready member; off: it replays the whole retained log (benchmarks compare).

@@ -81,11 +81,14 @@ def permissions(names, tenant: str) -> dict[str, str]:
     Tasks (bus/tasks.py): its own task exchange `tasks.<tenant>` and its own
     task queues `tasks.<tenant>.<app>.<role>[.dead]`, to declare, bind,
     publish to and consume; nothing under another tenant's name (a tenant
-    name has no '.', so the prefix `tasks.<tenant>.` is no other tenant's)."""
+    name has no '.', so the prefix `tasks.<tenant>.` is no other tenant's).
+    Publishing to its own invalidation fanout `invalidate.<tenant>`."""
     own = "^" + re.escape(names.response_prefix + tenant + ".") + ".*"
     tasks = "^" + re.escape(names.task_exchange(tenant)) + r"(\..*)?$"
     mine = own + "|" + tasks
-    return {"configure": mine, "write": mine + "|^" + re.escape(names.request_exchange) + "$", "read": mine}
+    notices = "|^" + re.escape(names.invalidate_exchange_of(tenant)) + "$"
+    return {"configure": mine, "write": mine + notices + "|^" + re.escape(names.request_exchange) + "$",
+            "read": mine}
 
 
 # --- passwords ----------------------------------------------------------------

@@ -90,8 +90,13 @@ def declare_snapshot_queue(ch, names: Names):
     return ch.queue_declare(names.snapshot_queue, durable=True)
 
 
+INVALIDATING_TENANTS = ("toystore",)   # tenants whose app publishes cache invalidations
+
+
 def declare_invalidation(ch, names: Names) -> None:
     ch.exchange_declare(names.invalidate_exchange, exchange_type="fanout", durable=True)
+    for tenant in INVALIDATING_TENANTS:
+        ch.exchange_declare(names.invalidate_exchange_of(tenant), exchange_type="fanout", durable=True)
 
 
 def declare_all(ch, names: Names, settings: Settings | None = None) -> None:
@@ -161,5 +166,6 @@ def delete_cluster(ch, names: Names) -> None:
     for q in (names.read_queue, names.write_queue, names.master_read_queue, names.log_stream, names.dead_queue,
               names.snapshot_queue):
         ch.queue_delete(q)
-    for x in (names.sync_exchange, names.dead_exchange, names.invalidate_exchange, names.request_exchange):
+    for x in (names.sync_exchange, names.dead_exchange, names.invalidate_exchange, names.request_exchange,
+              *(names.invalidate_exchange_of(t) for t in INVALIDATING_TENANTS)):
         ch.exchange_delete(x)

@@ -55,7 +55,7 @@ def restock_once(db: DBClient, names: Names) -> list[str]:
                                  set={"quantity": schema.RESTOCK_TO})])
     for name in empty:
         try:
-            db.publish(names.invalidate_exchange, name.encode())
+            db.publish(names.invalidate_exchange_of(schema.TENANT), name.encode())
         except DBError as exc:
             log.warning("invalidation of %s not published: %r", name, exc)
     log.info("restocked %d toys: %s (lsn %d)", reply.result[0]["rowcount"], empty, reply.lsn)
@@ -148,3 +148,33 @@ class Restocker(threading.Thread):
                 lock.release()
             except Exception:
                 pass
+
+
+def main() -> None:
+    """`python -m catalog.restock`: the restocker alone, as the toy store's
+    worker role (apps/toystore/manifest.json). It keeps a heartbeat
+    (bus.instance) and stops on SIGTERM, giving the role up at once."""
+    import signal
+
+    from bus import instance
+    from bus.client import shared
+    from bus.service import setup_logging
+    from bus.settings import load
+
+    settings = load()
+    setup_logging("restocker", settings.log_level)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    db = shared("restocker", schema.TENANT)
+    r = Restocker(settings, db)
+    r.start()
+    instance.keep_heartbeat(stop)
+    log.info("restocker %s running (every %gs)", r.id, r.interval)
+    stop.wait()
+    r.stop()
+    log.info("restocker %s stopped", r.id)
+
+
+if __name__ == "__main__":
+    main()

@@ -129,7 +129,7 @@ class InvalidationListener:
                 ch = conn.channel()
                 declare_invalidation(ch, self.names)
                 q = ch.queue_declare("", exclusive=True, auto_delete=True).method.queue
-                ch.queue_bind(q, self.names.invalidate_exchange)
+                ch.queue_bind(q, self.names.invalidate_exchange_of("toystore"))  # the product cache is the toy store's
                 ch.basic_consume(q, self._on_message, auto_ack=True)
                 self._conn = conn
                 self.cache.clear()   # anything cached before this point may have missed a message

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         sock = worker.sockets[0]
         port = sock.sock.getsockname()[1] if hasattr(sock, "sock") else sock.getsockname()[1]
         state["pid"] = os.getpid()
-        holder.controller = Controller(settings, port=port).start()
+        holder.controller = Controller(settings, port=port, credentials=holder.credentials).start()
         log.info("orchestrator listening on %s:%d (cluster %s, runtime %s)", settings.bind_host, port,
                  settings.cluster, settings.runtime)
         print(f"orchestrator listening on http://{settings.bind_host}:{port}", flush=True)

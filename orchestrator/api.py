@@ -32,6 +32,8 @@ from bus.errors import DBError
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 
+from .apps import routes as apps_routes
+from .apps.routes import delete_app
 from .control import ControlError
 from .tenants import BUILT_IN, DEFAULT_DB_TENANT, Failed, NotFound, Tenants
 
@@ -48,6 +50,48 @@ class Holder:
         self._db = db
         self._db_lock = threading.Lock()
         self._tenants: Tenants | None = None
+        self._apps_api = None
+        self._creds: dict[str, dict] = {}
+
+    def credentials(self, tenant: str) -> dict:
+        """What a tenant's instance needs to reach the bus as that tenant:
+        its own broker account (never the platform's). Cached; a tenant's
+        deletion forgets it."""
+        env = self._creds.get(tenant)
+        if env is None:
+            acct = accounts.get(self.db, tenant)
+            if acct is None or acct.get("kind") != "tenant" or not acct.get("broker_password"):
+                raise LookupError(f"tenant {tenant!r} has no broker account")
+            env = {"STRATUS_AMQP_URL": accounts.tenant_amqp_url(self.settings.amqp_url, self.settings.cluster,
+                                                                 tenant, acct["broker_password"])}
+            # A tenant made by an older release may lack a permission added since.
+            from bus.broker_admin import BrokerAdmin, BrokerAdminError
+            from bus.names import Names
+            try:
+                BrokerAdmin(self.settings).set_permissions(tenancy.broker_user(self.settings.cluster, tenant),
+                                                           **tenancy.permissions(Names(self.settings.cluster), tenant))
+            except BrokerAdminError as exc:
+                log.warning("the broker permissions of %s could not be refreshed: %s", tenant, exc)
+            self._creds[tenant] = env
+        return dict(env)
+
+    @property
+    def apps(self):
+        """The apps routes' AppsApi, on the controller's ZooKeeper session."""
+        if self.controller is None:
+            raise ControlError(503, "the orchestrator is starting")
+        if self._apps_api is None:
+            from bus.names import Paths
+            from .apps.desired import Desired
+            from .apps.events import Events
+            from .apps.packages import Packages
+            from .apps.routes import AppsApi
+            zk = self.controller.zk
+            self._apps_api = AppsApi(Desired(zk, self.settings.cluster, quota=self.settings.tenant_instances),
+                                     Events(zk, self.settings.cluster), Packages(self.settings.state_path),
+                                     lambda: self.controller.apps, self.tenants.known, zk,
+                                     Paths(self.settings.cluster), quota=self.settings.tenant_instances)
+        return self._apps_api
 
     @property
     def db(self) -> DBClient:
@@ -244,12 +288,29 @@ def create_app(holder: Holder | None = None) -> Flask:
     @app.get("/api/v1/tenants")
     def tenant_list():
         require_admin()
-        return jsonify(holder.tenants.list_tenants())
+        rows = holder.tenants.list_tenants()
+        apps = holder.apps
+        for row in rows:
+            mine = apps.desired.list(row["name"])
+            row["apps"] = len(mine)
+            row["instances"] = sum(a.manifest.instances for a in mine)
+        return jsonify(rows)
 
     @app.delete("/api/v1/tenants/<name>")
     def tenant_delete(name: str):
         require_admin()
+        if not holder.tenants.known(name) or name == tenancy.PLATFORM:
+            raise NotFound(name)
+        apps = holder.apps
+        for a in apps.desired.list(name):     # its apps stop first (paas.md)
+            delete_app(apps, name, a.name)
         holder.tenants.delete_tenant(name)
+        holder._creds.pop(name, None)
+        apps.events.drop(name)
+        try:
+            apps.packages.delete_tenant(name)
+        except Exception:
+            log.warning("the packages of %s stay on disk", name)
         return jsonify({})
 
     @app.post("/api/v1/developers")
@@ -261,6 +322,8 @@ def create_app(holder: Holder | None = None) -> Flask:
         username = body.get("username")
         password = holder.tenants.create_developer(username)
         return jsonify({"username": username, "password": password}), 201
+
+    apps_routes.register(app, lambda: holder.apps, identity, Refused)
 
     # --- failures, on demand --------------------------------------------------------
     @app.post("/api/v1/crash/master")

@@ -73,7 +73,8 @@ class TickView:
 
 
 class Controller:
-    def __init__(self, settings: Settings, runtime: Runtime | None = None, *, port: int | None = None):
+    def __init__(self, settings: Settings, runtime: Runtime | None = None, *, port: int | None = None,
+                 credentials=None, instance_runtime: Runtime | None = None):
         self.settings = settings
         self.paths = Paths(settings.cluster)
         self.port = port if port is not None else settings.orchestrator_port
@@ -108,16 +109,30 @@ class Controller:
         self._switch_lock = threading.Lock()
         self._promotion: Promotion | None = None  # the naming being watched (decisions.check_promotion)
         self._last_decisions: tuple[str, ...] = ()
+        # Tenants' app instances: a controller of their own, leading with this one.
+        self.apps = None
+        if credentials is not None:
+            from .apps.controller import AppController
+            self.apps = AppController(settings, self.zk, runtime=instance_runtime or make_runtime(settings, kind="instance"),
+                                      credentials=credentials,
+                                      leading=lambda: self.leading and not self.lost.is_set())
 
     # --- lifecycle ---------------------------------------------------------------
     def start(self) -> "Controller":
         self._thread = threading.Thread(target=self._campaign, name="orchestrator-election", daemon=True)
         self._thread.start()
+        if self.apps is not None:
+            self.apps.start()
         return self
 
     def close(self, *, remove_workers: bool = True) -> None:
         """Clean shutdown: stop leading; with remove_workers, stop the workers."""
         log.info("orchestrator stopping (remove_workers=%s)", remove_workers)
+        if self.apps is not None:   # the apps first: they use the database
+            try:
+                self.apps.close(remove=remove_workers)
+            except Exception:
+                log.exception("app controller close failed")
         self.stopping.set()
         self.wake.set()
         if self.election is not None:

@@ -135,7 +135,7 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None) 
         except DBError as exc:
             return db_error(exc)
         try:
-            db.publish(names.invalidate_exchange, name.encode())
+            db.publish(names.invalidate_exchange_of(schema.TENANT), name.encode())
         except DBError as exc:  # the order stands; the cache entry ages out
             log.warning("invalidation of %s not published: %r", name, exc)
         resp = jsonify({"data": {"order_number": number}})

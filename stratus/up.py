@@ -1,11 +1,12 @@
 """`stratus up` (what `make up` runs) and `stratus down`.
 
 up: runs the whole platform as local processes: the orchestrator (which
-starts the DB workers), users, rides, catalog, order and the gateway. Once
-they answer, it creates the built-in tenants rideshare and toystore through
-the orchestrator's API (one that exists is kept as it is); a new tenant's
-owner password goes to $STRATUS_STATE_DIR/tenants/<name>-password, readable
-by its owner alone. Prints where each listens. In the foreground, Ctrl-C stops everything it started
+starts the DB workers and every app's instances) and the gateway. Once they
+answer, it creates the built-in tenants rideshare and toystore through the
+orchestrator's API (one that exists is kept as it is; a new tenant's owner
+password goes to $STRATUS_STATE_DIR/tenants/<name>-password, readable by its
+owner alone) and deploys their apps from apps/<tenant>/ (stratus/builtin.py),
+as any tenant deploys. Prints where each listens. In the foreground, Ctrl-C stops everything it started
 and nothing else; with --detach it returns and `stratus down` stops it.
 Each component is a `python -m <component>` child; this module imports none."""
 from __future__ import annotations
@@ -27,9 +28,10 @@ from .ctl import ApiError, call
 
 BUILT_IN_TENANTS = ("rideshare", "toystore")
 
-# (component, settings attribute of its port)
-COMPONENTS = [("orchestrator", "orchestrator_port"), ("users", "users_port"), ("rides", "rides_port"),
-              ("catalog", "catalog_port"), ("order", "order_port"), ("gateway", "gateway_port")]
+# The platform's own components: (component, settings attribute of its port).
+# The tenants' apps, the built-in ones included, are not here: the
+# orchestrator runs them, and `up` deploys the built-in ones through its API.
+COMPONENTS = [("orchestrator", "orchestrator_port"), ("gateway", "gateway_port")]
 
 
 def pid_file(settings: Settings) -> Path:
@@ -160,7 +162,23 @@ def tenant_env(settings: Settings, tenant: str, db=None) -> dict[str, str]:
             "STRATUS_TENANT": tenant}
 
 
-def describe(settings: Settings, procs) -> None:
+def deploy_builtin_apps(settings: Settings, timeout: float = 90.0) -> dict[str, dict]:
+    """Deploy the built-in apps through the API and wait until they run;
+    returns {tenant: app view} for those that run."""
+    from . import builtin
+    base = settings.orchestrator_base_url()
+    views = {}
+    for tenant in builtin.BUILT_IN:
+        try:
+            builtin.deploy_builtin(base, tenant, timeout=timeout)
+            views[tenant] = builtin.wait_running(base, tenant, tenant, timeout=timeout)
+            print(f"  app    {tenant + '/' + tenant:<20} deployed")
+        except builtin.DeployError as exc:
+            print(f"  app    {tenant + '/' + tenant:<20} not running: {exc}")
+    return views
+
+
+def describe(settings: Settings, procs, apps: dict | None = None) -> None:
     ports = dict(COMPONENTS)
     print("\nStratus is up (cluster %r):" % settings.cluster)
     for name in procs:
@@ -168,6 +186,11 @@ def describe(settings: Settings, procs) -> None:
         note = " (the public entry point)" if name == "gateway" else ""
         note = " (admin API, loopback only)" if name == "orchestrator" else note
         print(f"  {name:<13} http://127.0.0.1:{port}{note}   pid {procs[name].pid}")
+    for tenant, view in (apps or {}).items():
+        for role, r in view["roles"].items():
+            where = ", ".join(f"http://{i['host']}:{i['port']}" if i.get("port") else f"pid {i['pid']}"
+                              for i in r["instances"])
+            print(f"  {role:<13} {where}   ({tenant}'s {r['kind']} role)")
     print(f"  {'rabbitmq':<13} {settings.amqp_url.split('@')[-1]}")
     print(f"  {'zookeeper':<13} {settings.zk_hosts}")
     pw = settings.state_path / "admin-password"
@@ -212,11 +235,13 @@ def up(args: list[str]) -> int:
     procs = start_all(settings)
     pid_file(settings).write_text(json.dumps({n: p.pid for n, p in procs.items()}))
     wait_healthy(settings, procs)
+    apps = {}
     if "orchestrator" in procs:
         for name, outcome in ensure_tenants(settings).items():
             note = f"; owner password in {password_file(settings, name)}" if outcome == "created" else ""
             print(f"  tenant {name:<10} {outcome}{note}")
-    describe(settings, procs)
+        apps = deploy_builtin_apps(settings)
+    describe(settings, procs, apps)
     if opts.detach:
         print("\nRunning in the background: `make down` (or `stratus down`) stops it.")
         return 0

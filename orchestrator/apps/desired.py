@@ -2,7 +2,10 @@
 
     Paths.app(tenant, app) = /stratus/<cluster>/apps/<tenant>/<app>
         {"manifest": <Manifest.to_dict()>, "digest": "sha256:...",
-         "generation": n, "updated": <unix time>}
+         "generation": n, "updated": <unix time>, "restart": r}
+
+`restart` counts restart requests: each one makes the controller replace
+every instance of the app, one slot at a time.
 
 `generation` starts at 1 and grows by one with every change, so a
 controller can tell which state it has reconciled. Every change is a
@@ -63,10 +66,11 @@ class App:
     digest: str | None
     generation: int
     updated: float
+    restart: int = 0      # bumped by a restart request: every instance is replaced, rolling
 
     def record(self) -> dict[str, Any]:
         return {"manifest": self.manifest.to_dict(), "digest": self.digest,
-                "generation": self.generation, "updated": self.updated}
+                "generation": self.generation, "updated": self.updated, "restart": self.restart}
 
 
 class Desired:
@@ -87,7 +91,8 @@ class Desired:
             # Stored manifests were valid when written; a lower quota since
             # then must not make them unreadable.
             m = parse(rec["manifest"], quota=max(self.quota, 1 << 30))
-            app_ = App(tenant, app, m, rec.get("digest"), int(rec["generation"]), float(rec["updated"]))
+            app_ = App(tenant, app, m, rec.get("digest"), int(rec["generation"]), float(rec["updated"]),
+                       int(rec.get("restart", 0)))
         except (ValueError, KeyError, TypeError, AppError) as exc:
             raise Failed(f"the stored state of {tenant}/{app} is unreadable ({type(exc).__name__}); "
                          "delete the app and deploy it again") from None
@@ -154,7 +159,7 @@ class Desired:
         def change(old: App | None) -> App:
             _expect(old, expect, tenant, app)
             created.append(old is None)
-            return App(tenant, app, manifest, digest, 0, 0.0)
+            return App(tenant, app, manifest, digest, 0, 0.0, old.restart if old else 0)
 
         with self._locked():
             check_routes(manifest, self.routes(), tenant, app)
@@ -179,6 +184,16 @@ class Desired:
         with self._locked():
             others = self.instances(tenant, besides=app)
             return self.update(tenant, app, change)
+
+    def restart(self, tenant: str, app: str) -> App:
+        """Ask for a rolling restart of every instance (404 no such app)."""
+
+        def change(old: App | None) -> App:
+            if old is None:
+                raise NotFound(f"no app {tenant}/{app}")
+            return dataclasses.replace(old, restart=old.restart + 1)
+
+        return self.update(tenant, app, change)
 
     def delete(self, tenant: str, app: str) -> None:
         """Remove the app's desired state (404 when there is none)."""

@@ -185,6 +185,12 @@ class Packages:
         """Remove every stored package of an app."""
         shutil.rmtree(self.dir(tenant, app), ignore_errors=True)
 
+    def delete_tenant(self, tenant: str) -> None:
+        """Remove every stored package of a tenant."""
+        if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
+            raise PackageError(400, f"not a tenant name: {tenant!r}")
+        shutil.rmtree(self.root / tenant, ignore_errors=True)
+
 
 def _extract_checked(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path) -> None:
     """A checked member written by hand: no links, no special files, and the

@@ -43,13 +43,13 @@ def test_hit_invalidation_lsn_guard_and_lru(cluster):
 
     # An invalidation message drops the entry: the next read goes upstream.
     db = cluster.client()
-    db.publish(cluster.names.invalidate_exchange, "Tux".encode())
+    db.publish(cluster.names.invalidate_exchange_of("toystore"), "Tux".encode())
     wait_until(lambda: a.get("/products/Tux")[2].getheader("X-Cache") == "MISS", 5, what="the entry to be dropped")
     assert product_reads(cat) == 2
     assert a.get("/products/Tux")[2].getheader("X-Cache") == "HIT"
     # A name nobody cached is harmless; non-UTF-8 bodies are ignored.
-    db.publish(cluster.names.invalidate_exchange, "Nope".encode())
-    db.publish(cluster.names.invalidate_exchange, b"\xff\xfe")
+    db.publish(cluster.names.invalidate_exchange_of("toystore"), "Nope".encode())
+    db.publish(cluster.names.invalidate_exchange_of("toystore"), b"\xff\xfe")
     time.sleep(0.3)
     assert a.get("/products/Tux")[2].getheader("X-Cache") == "HIT"
 
@@ -148,5 +148,5 @@ def test_cache_is_emptied_and_bypassed_while_the_invalidation_feed_is_down(clust
     assert status == 200 and resp.getheader("X-Cache") == "MISS" and product_reads(cat) == reads + 1
     assert c.get("/products/Tux")[2].getheader("X-Cache") == "HIT"
     # And invalidations work on the new connection.
-    cluster.client().publish(cluster.names.invalidate_exchange, b"Tux")
+    cluster.client().publish(cluster.names.invalidate_exchange_of("toystore"), b"Tux")
     wait_until(lambda: c.get("/products/Tux")[2].getheader("X-Cache") == "MISS", 5, what="the invalidation")

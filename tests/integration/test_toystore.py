@@ -240,7 +240,7 @@ def test_order_publishes_invalidation(stack):
     try:
         ch = conn.channel()
         q = ch.queue_declare("", exclusive=True).method.queue
-        ch.queue_bind(q, stack.cluster.names.invalidate_exchange)
+        ch.queue_bind(q, stack.cluster.names.invalidate_exchange_of("toystore"))
         status, body, _ = call(stack.order, "POST", "/orders", {"name": "Dolphin", "quantity": 1})
         assert status == 200, body
         got, deadline = [], time.monotonic() + 10

@@ -96,7 +96,7 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
     conn = pika.BlockingConnection(connection_params(cluster.settings.amqp_url))
     ch = conn.channel()
     q = ch.queue_declare("", exclusive=True).method.queue
-    ch.queue_bind(q, cluster.names.invalidate_exchange)
+    ch.queue_bind(q, cluster.names.invalidate_exchange_of("toystore"))
     try:
         for rnd, name in enumerate(["Tux", "Fox", "Yoyo"]):
             # sell out through the order service (the first) or the DB directly
