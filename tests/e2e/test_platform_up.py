@@ -20,7 +20,18 @@ from harness import ROOT, LocalCluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 STRATUS = [sys.executable, "-m", "stratus.cli"]
-COMPONENTS = ["orchestrator", "users", "rides", "catalog", "order", "gateway"]
+COMPONENTS = ["orchestrator", "users", "rides", "catalog", "order", "gateway"]   # each has a port
+PLATFORM = ["orchestrator", "gateway"]   # what `stratus up` starts itself; the apps run under the orchestrator
+
+
+def instance_pids(c) -> list[int]:
+    """The pids of the built-in apps' instances, from the orchestrator's API."""
+    out = []
+    for tenant in ("rideshare", "toystore"):
+        st, view = call(c.ports["orchestrator_port"], "GET", f"/api/v1/tenants/{tenant}/apps/{tenant}")
+        assert st == 200, view
+        out += [i["pid"] for r in view["roles"].values() for i in r["instances"]]
+    return out
 
 
 def call(port: int, method: str, path: str, body=None, token: str | None = None):
@@ -128,9 +139,15 @@ def test_up_detached_tour_and_down(platform):
     assert r.returncode == 0, r.stdout + r.stderr
     pids = up_pids(c)
     c.started.update(pids.values())
-    assert set(pids) == set(COMPONENTS), pids
-    for name in COMPONENTS:   # it prints where each one listens
+    assert set(pids) == set(PLATFORM), pids
+    for name in COMPONENTS:   # it prints where each one listens, the apps' first instances on their ports
         assert f"http://127.0.0.1:{c.ports[name + '_port']}" in r.stdout, r.stdout
+    # The built-in apps were deployed through the API (paas.md, Built-in apps).
+    st, apps = call(c.ports["orchestrator_port"], "GET", "/api/v1/tenants/toystore/apps")
+    assert st == 200 and [a["name"] for a in apps] == ["toystore"], apps
+    assert {r: v["running"] for r, v in apps[0]["roles"].items()} == {"catalog": 1, "order": 1, "restocker": 1}
+    instances = instance_pids(c)
+    c.started.update(instances)
     workers = tour(c)
 
     # Running it twice does no harm: nothing new is started.
@@ -140,7 +157,7 @@ def test_up_detached_tour_and_down(platform):
 
     r = stratus(c, "down")
     assert r.returncode == 0, r.stdout + r.stderr
-    gone = [*pids.values(), *workers]
+    gone = [*pids.values(), *workers, *instances]
     wait_for(lambda: not [p for p in gone if alive(p)], 30, 0.2, "every component and worker to exit")
     assert not (c.state_dir / "up.json").exists()
     assert "Nothing to stop" in stratus(c, "down").stdout   # twice: no harm
@@ -161,12 +178,14 @@ def test_up_in_the_foreground_stops_everything_on_ctrl_c(platform):
         wait_for(lambda: call(gw, "GET", "/api/v1/users")[0] in (200, 204), 60, 0.3, "users through the gateway")
         workers = wait_for(lambda: [w["pid"] for w in c.workers().values() if w.get("pid")], 30,
                            what="the workers in ZooKeeper")
+        instances = instance_pids(c)
+        c.started.update(instances)
         t0 = time.monotonic()
         os.kill(p.pid, signal.SIGINT)
         assert p.wait(60) == 0
         # Each component drains within a few seconds; nothing waits out the 20 s kill timeout.
         assert time.monotonic() - t0 < 15, f"Ctrl-C took {time.monotonic() - t0:.1f} s"
-        gone = [*pids.values(), *workers]
+        gone = [*pids.values(), *workers, *instances]
         wait_for(lambda: not [q for q in gone if alive(q)], 30, 0.2, "every component and worker to exit")
         assert "Stopped." in (c.log_dir / "up.out").read_text()
     finally:
