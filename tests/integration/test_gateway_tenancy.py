@@ -66,11 +66,12 @@ def test_accounts_log_in_and_each_role_gets_its_routes(cluster):
     rules = [  # (method, path, who may)
         ("POST", "/api/v1/tenants", {"admin"}), ("GET", "/api/v1/tenants", {"admin"}),
         ("DELETE", "/api/v1/tenants/acme", {"admin"}), ("POST", "/api/v1/developers", {"admin"}),
-        ("GET", "/api/v1/tenants/acme/apps", {"admin", "acme"}),
+        ("GET", "/api/v1/tenants/acme/apps", {"admin", "acme", "dev1"}),   # a developer reads, changes nothing
         ("PUT", "/api/v1/tenants/beta/apps/shop", {"admin", "beta"}),
         ("POST", "/api/v1/db/read", {"admin", "acme", "beta"}), ("POST", "/api/v1/db/write", {"admin", "acme", "beta"}),
         ("POST", "/api/v1/db/clear", {"admin", "acme", "beta"}),
-        ("GET", "/api/v1/cluster", {"admin"}), ("GET", "/api/v1/worker/list", {"admin"}),
+        ("GET", "/api/v1/cluster", {"admin", "dev1"}), ("GET", "/api/v1/worker/list", {"admin", "dev1"}),
+        ("GET", "/api/v1/logs", {"admin", "dev1", "acme", "beta"}), ("POST", "/api/v1/logs", {"admin", "acme", "beta"}),
         ("POST", "/api/v1/crash/slave", {"admin"}), ("POST", "/api/v1/switchover", {"admin"}),
         ("GET", "/api/v1/users/alice", everyone),
     ]
