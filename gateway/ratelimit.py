@@ -4,7 +4,8 @@ Each tenant has a token bucket: it refills at STRATUS_TENANT_RATE tokens per
 second (200) and holds at most STRATUS_TENANT_BURST (400); it starts full.
 A request takes one token from the bucket of every tenant it counts for:
 
-  - the tenant that owns its route (router.Route.owner: the tenant's app routes)
+  - the tenant that owns its route (router.Route.owner: the tenant of the app
+    whose route it is, from the route table in ZooKeeper, bus/routing.py)
   - the tenant named by its valid token (an owner's or a user's token)
 
 When a bucket is empty the request is refused (429) with the time until it

@@ -219,3 +219,42 @@ def test_an_apps_requests_count_against_its_tenant(cluster):
     assert status == 429 and "acme" in body["error"] and int(resp.getheader("Retry-After")) >= 1
     assert [c.get("/api/v1/users")[0] for _ in range(12)] == [200] * 12   # a built-in tenant: no limit
     assert 'stratus_gateway_throttled_total{tenant="acme"}' in c.get("/metrics")[1].decode()
+
+
+def test_route_table_follows_zookeeper(cluster):
+    """bus.routing.RouteTable against the real ZooKeeper, without a gateway:
+    entries added, changed and removed; the routes node itself deleted and
+    made again; read_all; every change reported in order."""
+    seen = []
+    table = routing.RouteTable(cluster.zk, cluster.paths, on_change=lambda t: seen.append(dict(t)))
+    try:
+        assert table.match("/shop") is None and routing.read_all(cluster.zk, cluster.paths) == {}
+        _publish(cluster, "acme", "shop", {"/shop": ("web", WEB)})
+        wait_until(lambda: table.match("/shop/x"), 1.0, 0.01, what="the entry")
+        assert table.match("/shop/x") == ("/shop", routing.Entry("acme", "shop", "web", WEB))
+        _publish(cluster, "acme", "shop", {"/shop": ("web", WEB), "/shop/api": ("api", API)})
+        wait_until(lambda: table.match("/shop/api/1") and table.match("/shop/api/1")[1].service == API, 1.0, 0.01,
+                   what="the changed entry")
+        _publish(cluster, "beta", "site", {"/": ("web", SITE)})
+        wait_until(lambda: table.match("/elsewhere"), 1.0, 0.01, what="a second app")
+        assert sorted(routing.read_all(cluster.zk, cluster.paths)) == ["acme.shop", "beta.site"]
+        assert routing.read_all(cluster.zk, cluster.paths)["acme.shop"]["by"] == "test"
+        # An unreadable entry is ignored; the other apps' routes stay.
+        cluster.zk.set(cluster.paths.app_route("acme", "shop"), b"{not json")
+        wait_until(lambda: table.match("/shop/x")[1].app == "site", 1.0, 0.01, what="the bad entry to be dropped")
+        assert routing.remove(cluster.zk, cluster.paths, "beta", "site") is True
+        assert routing.remove(cluster.zk, cluster.paths, "beta", "site") is False
+        wait_until(lambda: table.match("/elsewhere") is None, 1.0, 0.01, what="the removal")
+        # The whole routes node goes, and comes back: the table follows it.
+        cluster.zk.delete(cluster.paths.routes, recursive=True)
+        wait_until(lambda: table.table == {}, 1.0, 0.01, what="an empty table")
+        _publish(cluster, "acme", "shop", {"/shop": ("web", WEB)})
+        wait_until(lambda: table.match("/shop"), 2.0, 0.01, what="the entry under the new routes node")
+        assert [sorted(t) for t in seen] == [["/shop"], ["/shop", "/shop/api"], ["/", "/shop", "/shop/api"], ["/"],
+                                             [], ["/shop"]], seen
+    finally:
+        table.close()
+    # Closed: no more changes are reported.
+    routing.remove(cluster.zk, cluster.paths, "acme", "shop")
+    time.sleep(0.3)
+    assert table.table and sorted(seen[-1]) == ["/shop"]
