@@ -46,10 +46,12 @@ from spec.context (the unpacked package):
   logs       a follower thread per container streams its output (stdout and
              stderr, `docker logs --follow`) into the same file as the process
              runtime: <cluster state>/logs/<spec.log>, i.e.
-             logs/instances/<tenant>/<app>/<id>.log. After adopt() the follower
-             resumes from the file's last modification time (a line written in
-             that same second may appear twice). The container keeps Docker's
-             own json-file log as well.
+             logs/instances/<tenant>/<app>/<id>.log. A runtime closed without
+             removal stops writing; after adopt() its successor's follower
+             resumes from the file's last modification time (`since`, to the
+             microsecond), so what was written is not written again (a line in
+             flight at the very moment of the takeover may be lost). The
+             container keeps Docker's own json-file log as well.
 
 Both kinds: the unit's pid is the container's main pid (State.Pid from
 inspect, in the host's pid namespace). Deaths come from the Docker events
@@ -303,6 +305,7 @@ class DockerRuntime(Runtime):
         self._subscribed = threading.Event()
         self._build_locks: dict[str, threading.Lock] = {}
         self._followers: dict[str, threading.Thread] = {}
+        self._detached = False     # closed without removal: a successor owns the units now
 
     # --- interface -----------------------------------------------------------------
     def start(self, spec: Spec) -> Handle:
@@ -401,6 +404,7 @@ class DockerRuntime(Runtime):
         if self._events_thread is not None:
             self._events_thread.join(5)
         if not remove:
+            self._detached = True
             return
         with self._lock:
             mine = set(self._handles)
@@ -451,7 +455,8 @@ class DockerRuntime(Runtime):
                 self._remove(container.id, None)
             self._remove_volume(vol)
             raise
-        return self._started(spec, container, {"adopted": False, "container": container.name}, None)
+        return self._started(spec, container, {"adopted": False, "container": container.name}, None,
+                             spec.image or self.image)
 
     def _start_instance(self, spec: Spec) -> Handle:
         image = spec.image or self.build_image(spec)
@@ -477,9 +482,9 @@ class DockerRuntime(Runtime):
             if container is not None:
                 self._remove(container.id, None)
             raise StartError(f"instance {spec.id}: cannot start a container of {image}: {exc}") from exc
-        return self._started(spec, container, dict(spec.labels), self._log_file(spec.log))
+        return self._started(spec, container, dict(spec.labels), self._log_file(spec.log), image)
 
-    def _started(self, spec: Spec, container, labels: dict, logfile: str | None) -> Handle:
+    def _started(self, spec: Spec, container, labels: dict, logfile: str | None, image: str) -> Handle:
         container.reload()
         state = container.attrs.get("State") or {}
         h = Handle(id=spec.id, pid=int(state.get("Pid") or 0), host=container.name, port=spec.port,
@@ -492,8 +497,7 @@ class DockerRuntime(Runtime):
         if not state.get("Running", True):
             # It died before we looked: the die event may have come before the handle existed.
             self._reap(container.id, spec.id, state.get("ExitCode"))
-        log.info("started %s %s (container %s, pid %d, image %s)", self.kind, spec.id, container.name, h.pid,
-                 spec.image or (self.image if self.kind == "worker" else "built"))
+        log.info("started %s %s (container %s, pid %d, image %s)", self.kind, spec.id, container.name, h.pid, image)
         return h
 
     def build_image(self, spec: Spec) -> str:
@@ -553,7 +557,7 @@ class DockerRuntime(Runtime):
             path.parent.mkdir(parents=True, exist_ok=True)
             since = None
             if resume and path.exists():
-                since = int(path.stat().st_mtime)
+                since = path.stat().st_mtime   # a float: the API takes fractions of a second
             client = self._client_factory()
             kw = {"stream": True, "follow": True, "stdout": True, "stderr": True}
             if since is not None:
@@ -561,10 +565,10 @@ class DockerRuntime(Runtime):
             stream = client.containers.get(h.ref).logs(**kw)
             with open(path, "ab") as out:
                 for chunk in stream:
+                    if self._detached:
+                        break   # a successor follows it now
                     out.write(chunk)
                     out.flush()
-                    if self._closed.is_set() and h.id not in self.running():
-                        break
         except Exception as exc:
             if not _not_found(exc):
                 log.warning("following the output of %s: %s", h.id, exc)

@@ -526,7 +526,7 @@ def test_instances_are_adopted_with_their_labels_and_kinds_stay_apart(fake, tmp_
         assert [x.id for x in workers2.adopt()] == ["w-1"]       # workers adopt workers only
         # the successor follows the output on from where the log file ends
         wait(lambda: [kw.get("since") for cid, kw in fake.log_calls if cid == h.ref] ==
-             [None, int(Path(h.log).stat().st_mtime)])
+             [None, Path(h.log).stat().st_mtime])
         # closing the instances leaves the workers alone, and vice versa
         second.close(remove=True)
         assert h.ref not in fake.containers_by_id and w.ref in fake.containers_by_id
