@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 
 from flask import Flask, jsonify, request
@@ -114,6 +115,12 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None) 
     app = base_app("order", error_body=error_body)
     stop = threading.Event()
     app.extensions["toystore_stop"] = stop
+    # Deployed as the toy store's app (RECEIPTS=on in its manifest), every
+    # order hands a receipt task to the `receipts` worker role (order/receipts.py).
+    receipts = None
+    if os.environ.get("RECEIPTS", "off") == "on":
+        from .receipts import Submitter
+        receipts = Submitter(settings)
     if not _start_setup(db, stop).wait(STARTUP_WAIT):
         log.warning("order tables not created after %.0fs; still trying in the background", STARTUP_WAIT)
 
@@ -138,6 +145,8 @@ def create_app(settings: Settings | None = None, *, db: DBClient | None = None) 
             db.publish(names.invalidate_exchange_of(schema.TENANT), name.encode())
         except DBError as exc:  # the order stands; the cache entry ages out
             log.warning("invalidation of %s not published: %r", name, exc)
+        if receipts is not None:
+            receipts.hand_over(number, name, quantity)
         resp = jsonify({"data": {"order_number": number}})
         resp.headers["X-Stratus-LSN"] = str(lsn)
         return resp, 200

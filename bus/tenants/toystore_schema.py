@@ -4,6 +4,8 @@ create_table with the same definition is a no-op, so any start order works.
 
   products(name text PK, price real, quantity integer)   owned by catalog
   orders(number integer PK, name text, quantity integer) owned by order
+  receipts(number integer PK, name text, quantity integer, unit_price real,
+           total real, written_at real)                   owned by the receipts worker role
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ TENANT = "toystore"   # the tenant whose namespace holds these tables (paas.md, 
 
 PRODUCTS = "products"
 ORDERS = "orders"
+RECEIPTS = "receipts"
 ORDER_SEQ = "orders"      # the $seq that numbers orders from 0
 RESTOCK_LOCK = "restock"  # Paths(cluster).lock(RESTOCK_LOCK): one restocker at a time
 RESTOCK_TO = 100          # a toy at 0 goes back to this quantity
@@ -33,6 +36,17 @@ def orders_table() -> dict:
         ops.column("name", "text", nullable=False),
         ops.column("quantity", "integer", nullable=False),
     ], ["number"], indexes=[["name"]])
+
+
+def receipts_table() -> dict:
+    return ops.create_table(RECEIPTS, [
+        ops.column("number", "integer", nullable=False),
+        ops.column("name", "text", nullable=False),
+        ops.column("quantity", "integer", nullable=False),
+        ops.column("unit_price", "real", nullable=False),
+        ops.column("total", "real", nullable=False),
+        ops.column("written_at", "real", nullable=False),
+    ], ["number"])
 
 
 def create_tables(db, *, timeout: float | None = None):

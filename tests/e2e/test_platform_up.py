@@ -145,7 +145,7 @@ def test_up_detached_tour_and_down(platform):
     # The built-in apps were deployed through the API (paas.md, Built-in apps).
     st, apps = call(c.ports["orchestrator_port"], "GET", "/api/v1/tenants/toystore/apps")
     assert st == 200 and [a["name"] for a in apps] == ["toystore"], apps
-    assert {r: v["running"] for r, v in apps[0]["roles"].items()} == {"catalog": 1, "order": 1, "restocker": 1}
+    assert {r: v["running"] for r, v in apps[0]["roles"].items()} == {"catalog": 1, "order": 1, "restocker": 1, "receipts": 1}
     instances = instance_pids(c)
     c.started.update(instances)
     workers = tour(c)
