@@ -1,7 +1,7 @@
 """Schemathesis against a running platform (issue 15, OpenAPI): every
 operation of orchestrator/openapi.py is called with generated requests, valid
-and invalid, on the orchestrator's own port (which acts as the admin), and
-every answer must
+and invalid, twice: on the orchestrator's own port (which acts as the
+admin) and through a real gateway with an admin token. Every answer must
 
     not be a server error        (not_a_server_error: no 5xx but the 503/504
                                   the document lists for that route)
@@ -11,39 +11,40 @@ every answer must
     match its schema             (response_schema_conformance).
 
 The platform is the test's own: a LocalCluster namespace on the real
-RabbitMQ and ZooKeeper, and a real `python -m orchestrator`
-(tests/kits/testkit.py real_orchestrator) that starts the DB master. Its
-tenant instance quota is 2 (STRATUS_TENANT_INSTANCES), so generated
-deploys and scales start few processes on a 2-core machine.
+RabbitMQ and ZooKeeper, a real `python -m orchestrator`
+(tests/kits/testkit.py real_orchestrator) that starts the DB master, and a
+real gateway (testkit start_gateway). The tenant instance quota is 2
+(STRATUS_TENANT_INSTANCES), so generated deploys and scales start few
+processes on a 2-core machine.
 
 Excluded, and only these: POST /api/v1/crash/master, /api/v1/crash/slave
 and /api/v1/switchover, which kill or depose the master of the cluster
-under test, and POST /api/v1/auth/token, which the gateway answers itself
-(the orchestrator has no such route).
+under test; and on the orchestrator's port POST /api/v1/auth/token, which
+only the gateway answers.
 
-Steering: generated tenant names are almost never tenants, so only the
-404 branch of the tenant-scoped routes would run. A seeded tenant with one
-deployed app (a real package, one web instance) exists before the run, and
-about half the generated tenant-scoped requests (chosen by a hash of the
-generated name, so a run is reproducible) name it, its app "shop" and its
-role "web" instead. DELETE /api/v1/tenants/{t} is never steered.
+Hand-made requests first (Platform.known): each operation's success and its
+main refusals, with the statuses they must get, since generated requests
+seldom reach them. Then generated ones, steered: generated tenant names are
+almost never tenants, so a seeded tenant with a deployed app (a real
+package, one web instance) exists before the run, and about half the
+generated tenant-scoped requests (chosen by a hash of the generated values,
+so a run is reproducible) name it and its apps instead. DELETE
+/api/v1/tenants/{t} is never steered.
 
 Clean-up: tenants the run creates are deleted at the end (the list, then
 DELETE of every name that was not there before), and the module fails if
 any is left; broker accounts of created tenants are removed in any case.
 
-Examples per operation: STRATUS_OPENAPI_EXAMPLES (default 6: the whole
-module in under ~3 minutes on 2 cores)."""
+Examples per operation and target: STRATUS_OPENAPI_EXAMPLES (default 25:
+the whole module in well under ~3 minutes on 2 cores)."""
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
 import sys
 import tarfile
-import time
 import uuid
 from collections import Counter
 
@@ -59,11 +60,14 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, respons
 from bus import tenancy
 from bus.broker_admin import BrokerAdmin
 from harness import LocalCluster, wait_for
-from kits.testkit import real_orchestrator
+from kits.testkit import real_orchestrator, start_gateway
 from orchestrator import openapi
 
-EXAMPLES = int(os.environ.get("STRATUS_OPENAPI_EXAMPLES", "6"))
-EXCLUDED = r"^/api/v1/(crash/|switchover$|auth/token$)"
+EXAMPLES = int(os.environ.get("STRATUS_OPENAPI_EXAMPLES", "25"))
+EXCLUDED = r"^/api/v1/(crash/|switchover$)"       # both targets
+GATEWAY_ONLY = r"^/api/v1/auth/token$"            # not on the orchestrator's port
+TARGETS = ("orchestrator", "gateway")
+ADMIN_PASSWORD = f"pw-{uuid.uuid4().hex}"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
 # Packages go up as application/gzip too: sent as they are, like application/octet-stream.
@@ -110,6 +114,15 @@ class Platform:
         self.before: set[str] = set()
         self.created: set[str] = set()
         self.seed_view: dict = {}
+        self.targets: dict[str, tuple[str, dict]] = {"orchestrator": (self.base, {})}
+
+    def add_gateway(self, port: int) -> None:
+        """The gateway as a second target, with an admin token."""
+        base = f"http://127.0.0.1:{port}"
+        r = self.http.post(base + "/api/v1/auth/token", json={"username": "admin", "password": ADMIN_PASSWORD},
+                           timeout=30)
+        assert r.status_code == 200, (r.status_code, r.text)
+        self.targets["gateway"] = (base, {"Authorization": f"Bearer {r.json()['token']}"})
 
     def call(self, method: str, path: str, **kw) -> requests.Response:
         return self.http.request(method, self.base + path, timeout=60, **kw)
@@ -176,38 +189,39 @@ class Platform:
                 and response.status_code == 201:
             self.created.add(response.json()["name"])
 
-    def known(self, label: str) -> list[dict]:
+    def known(self, label: str, target: str) -> list[tuple[dict, set[int]]]:
         """Hand-made requests for `label` that reach its success and its
         refusals (generated ones seldom do): (Case arguments, statuses)."""
-        t, s = self.seed, {"t": self.seed}
+        t, s, g = self.seed, {"t": self.seed}, target[0]   # g: names made per target
         shop, spare, role = {**s, "a": APP}, {**s, "a": SPARE}, {**s, "a": APP, "r": ROLE}
         paas_example = {"roles": {
             "web": {"kind": "web", "command": ["python", "-m", "shop.web"], "instances": 2, "routes": ["/shop"],
                     "health": "/health", "env": {"GREETING": "hi"}},
             "jobs": {"kind": "worker", "command": ["python", "-m", "shop.jobs"], "instances": 1}}}
+        doomed = f"{DOOMED}-{g}"
         if label == "DELETE /api/v1/tenants/{t}":
-            self.create_tenant(f"{t}-d")
+            self.create_tenant(f"{t}-d{g}")
         if label == "DELETE /api/v1/tenants/{t}/apps/{a}":
-            self.deploy(DOOMED, 0)
+            self.deploy(doomed, 0)
         if label == "POST /api/v1/tenants":
-            self.created.add(f"{t}-n")
+            self.created.add(f"{t}-n{g}")
         cases = {   # label: [(Case arguments, the statuses it may answer)]
-            "POST /api/v1/tenants": [({"body": {"name": f"{t}-n"}}, {201}), ({"body": {"name": f"{t}-n"}}, {409}),
+            "POST /api/v1/tenants": [({"body": {"name": f"{t}-n{g}"}}, {201}), ({"body": {"name": f"{t}-n{g}"}}, {409}),
                                      ({"body": {"name": "admin"}}, {400}), ({"body": {"name": "Bad Name"}}, {400})],
             "GET /api/v1/tenants": [({}, {200})],
-            "DELETE /api/v1/tenants/{t}": [({"path_parameters": {"t": f"{t}-d"}}, {200}),
-                                           ({"path_parameters": {"t": f"{t}-d"}}, {404})],
-            "POST /api/v1/developers": [({"body": {"username": f"{t}-dev"}}, {201}),
-                                        ({"body": {"username": f"{t}-dev"}}, {409})],
+            "DELETE /api/v1/tenants/{t}": [({"path_parameters": {"t": f"{t}-d{g}"}}, {200}),
+                                           ({"path_parameters": {"t": f"{t}-d{g}"}}, {404})],
+            "POST /api/v1/developers": [({"body": {"username": f"{t}-dev{g}"}}, {201}),
+                                        ({"body": {"username": f"{t}-dev{g}"}}, {409})],
             "GET /api/v1/tenants/{t}/apps": [({"path_parameters": s}, {200})],
             "PUT /api/v1/tenants/{t}/apps/{a}": [
                 ({"path_parameters": spare, "body": manifest(f"/{t}-spare", 0)}, {200, 201}),
-                ({"path_parameters": spare, "body": manifest(f"/{t}-spare", 1)}, {200}),
+                ({"path_parameters": spare, "body": manifest(f"/{t}-spare", 0, V=g)}, {200}),
                 ({"path_parameters": spare, "body": manifest("/api/v1/db", 0)}, {409}),
                 ({"path_parameters": spare, "body": paas_example}, {409})],   # 1 + 1 + 3 instances > 2
             "GET /api/v1/tenants/{t}/apps/{a}": [({"path_parameters": shop}, {200})],
-            "DELETE /api/v1/tenants/{t}/apps/{a}": [({"path_parameters": {**s, "a": DOOMED}}, {200}),
-                                                    ({"path_parameters": {**s, "a": DOOMED}}, {404})],
+            "DELETE /api/v1/tenants/{t}/apps/{a}": [({"path_parameters": {**s, "a": doomed}}, {200}),
+                                                    ({"path_parameters": {**s, "a": doomed}}, {404})],
             "PUT /api/v1/tenants/{t}/apps/{a}/package": [
                 ({"path_parameters": spare, "body": package(), "media_type": "application/gzip"}, {201}),
                 ({"path_parameters": spare, "body": b"not a tar.gz", "media_type": "application/octet-stream"},
@@ -232,9 +246,16 @@ class Platform:
             "GET /api/v1/cluster": [({}, {200})],
             "GET /api/v1/openapi.json": [({}, {200})],
             "GET /health": [({}, {200})],
+            "POST /api/v1/auth/token": [
+                ({"body": {"username": "admin", "password": ADMIN_PASSWORD}}, {200}),
+                ({"body": {"username": "admin", "password": "wrong"}}, {401}),
+                ({"body": {"username": "", "password": "x"}}, {400})],
             "GET /metrics": [({}, {200})],
         }
-        return cases.get(label, [])
+        found = cases.get(label, [])
+        if target == "gateway" and label == "GET /api/v1/tenants":
+            found = found + [({"headers": {"Authorization": "Bearer not-a-token"}}, {401})]
+        return found
 
     def clean_up(self) -> list[str]:
         """Delete every tenant that was not there before; the names left."""
@@ -244,9 +265,9 @@ class Platform:
         return sorted(self.tenants() - self.before)
 
 
-def manifest(route: str, instances: int) -> dict:
+def manifest(route: str, instances: int, **env: str) -> dict:
     return {"roles": {ROLE: {"kind": "web", "command": [sys.executable, "web.py"], "instances": instances,
-                             "routes": [route]}}}
+                             "routes": [route], "env": env}}}
 
 
 @pytest.fixture(scope="module")
@@ -260,6 +281,8 @@ def platform(tmp_path_factory):
             wait_for(p.ready, 60, 0.25, what="the orchestrator to list tenants (a master serving)")
             p.before = p.tenants()
             p.seed_apps()
+            p.add_gateway(start_gateway(cluster, STRATUS_ADMIN_PASSWORD=ADMIN_PASSWORD,
+                                        STRATUS_ORCHESTRATOR_PORT=port))
             try:
                 yield p
             finally:
@@ -272,17 +295,24 @@ def platform(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api_schema(platform):
-    schema = schemathesis.openapi.from_dict(openapi.describe()).exclude(path_regex=EXCLUDED)
-    schema.config.update(base_url=platform.base)
-    return schema
+def api_schemas(platform):
+    """One loaded document per target, with the target's base URL."""
+    out = {}
+    for target, (base, _) in platform.targets.items():
+        schema = schemathesis.openapi.from_dict(openapi.describe()).exclude(path_regex=EXCLUDED)
+        if target != "gateway":
+            schema = schema.exclude(path_regex=GATEWAY_ONLY)
+        schema.config.update(base_url=base)
+        out[target] = schema
+    return out
 
 
-def labels() -> list[str]:
-    """Every operation of the document but the excluded ones."""
+def labels() -> list[tuple[str, str]]:
+    """(target, operation) for every operation of the document but the excluded ones."""
     doc = openapi.describe()
-    return [f"{m.upper()} {p}" for p, item in doc["paths"].items() for m in item
-            if m in ("get", "put", "post", "delete", "patch") and not re.match(EXCLUDED, p)]
+    ops = [(m.upper(), p) for p, item in doc["paths"].items() for m in item
+           if m in ("get", "put", "post", "delete", "patch") and not re.match(EXCLUDED, p)]
+    return [(t, f"{m} {p}") for t in TARGETS for m, p in ops if t == "gateway" or not re.match(GATEWAY_ONLY, p)]
 
 
 def strategy(op):
@@ -293,11 +323,11 @@ def strategy(op):
     return st.one_of(*(op.as_strategy(generation_mode=m) for m in modes))
 
 
-def test_the_seeded_app_view_conforms(platform, api_schema):
+def test_the_seeded_app_view_conforms(platform, api_schemas):
     """The app view of a real deployed app (with its instance once the
     controller reports it) matches the document's App schema."""
     path = f"/api/v1/tenants/{platform.seed}/apps/{APP}"
-    op = api_schema["/api/v1/tenants/{t}/apps/{a}"]["GET"]
+    op = api_schemas["orchestrator"]["/api/v1/tenants/{t}/apps/{a}"]["GET"]
 
     def listed():
         r = platform.call("GET", path)
@@ -308,20 +338,23 @@ def test_the_seeded_app_view_conforms(platform, api_schema):
     assert platform.seed_view["roles"][ROLE]["desired"] == 1
 
 
-def test_the_served_document_is_this_one(platform):
-    r = platform.call("GET", openapi.OPENAPI_PATH)
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_served_document_is_this_one(platform, target):
+    base, auth = platform.targets[target]
+    r = platform.http.get(base + openapi.OPENAPI_PATH, timeout=30)   # no token: the document is public
     assert r.status_code == 200, (r.status_code, r.text[:300])
     assert r.json() == openapi.describe()
 
 
-@pytest.mark.parametrize("label", labels())
-def test_every_answer_conforms(platform, api_schema, label):
-    op = api_schema.find_operation_by_label(label)
+@pytest.mark.parametrize("target,label", labels())
+def test_every_answer_conforms(platform, api_schemas, target, label):
+    op = api_schemas[target].find_operation_by_label(label)
     assert op is not None, label
+    auth = platform.targets[target][1]
     calls = []
-    for kw, expected in platform.known(label):
+    for kw, expected in platform.known(label, target):
         case = op.Case(**kw)
-        response = case.call(timeout=60)
+        response = case.call(headers={} if "headers" in kw else auth, timeout=60)
         calls.append(response.status_code)
         case.validate_response(response, checks=CHECKS)
         assert response.status_code in expected, \
@@ -333,7 +366,7 @@ def test_every_answer_conforms(platform, api_schema, label):
     @given(case=strategy(op))
     def run(case):
         platform.steer(case)
-        response = case.call(timeout=60)
+        response = case.call(headers=auth, timeout=60)
         calls.append(response.status_code)
         platform.record(case, response)
         case.validate_response(response, checks=CHECKS)
@@ -341,5 +374,5 @@ def test_every_answer_conforms(platform, api_schema, label):
     try:
         run()
     finally:
-        print(f"{label}: {len(calls)} requests, statuses {dict(sorted(Counter(calls).items()))}")
+        print(f"{target} {label}: {len(calls)} requests, statuses {dict(sorted(Counter(calls).items()))}")
     assert calls, f"{label}: no request was made"
