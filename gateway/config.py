@@ -23,6 +23,9 @@ class GatewayConfig:
     read_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_READ_TIMEOUT", 10.0))
     max_header_bytes: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_HEADER_BYTES", 16 * 1024))
     max_body_bytes: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_BODY_BYTES", 1024 * 1024))
+    # An app package upload (PUT /api/v1/tenants/{t}/apps/{a}/package) may be up to 50 MiB (paas.md).
+    max_package_bytes: int = field(default_factory=lambda: env_int("STRATUS_GATEWAY_MAX_PACKAGE_BYTES",
+                                                                   50 * 1024 * 1024))
     # Upstreams.
     upstream_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_UPSTREAM_TIMEOUT", 30.0))
     connect_timeout: float = field(default_factory=lambda: env_float("STRATUS_GATEWAY_CONNECT_TIMEOUT", 3.0))

@@ -89,9 +89,11 @@ class Reader:
     The socket may be switched to non-blocking (the server's selector) and
     back; the kernel timeouts stay."""
 
-    def __init__(self, sock: socket.socket, *, max_header_bytes: int, max_body_bytes: int, read_timeout: float):
+    def __init__(self, sock: socket.socket, *, max_header_bytes: int, max_body_bytes: int, read_timeout: float,
+                 body_limit=None):
         self.sock = sock
-        self.rb = RequestBuffer(max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes)
+        self.rb = RequestBuffer(max_header_bytes=max_header_bytes, max_body_bytes=max_body_bytes,
+                                body_limit=body_limit)
         self.read_timeout = read_timeout
         kernel_timeouts(sock, RECV_SLICE, read_timeout)
 
@@ -138,10 +140,11 @@ class RequestBuffer:
     `Content-Length` (ASCII digits only) or by `Transfer-Encoding: chunked`,
     never both; anything else is an HttpError."""
 
-    def __init__(self, *, max_header_bytes: int, max_body_bytes: int):
+    def __init__(self, *, max_header_bytes: int, max_body_bytes: int, body_limit=None):
         self.buf = bytearray()
         self.max_header = max_header_bytes
         self.max_body = max_body_bytes
+        self.body_limit = body_limit      # request -> its own limit (an app package upload), or None
         self.req: Request | None = None   # a head read whose body is still arriving
         self.length = 0                   # Content-Length of that body
         self.chunked: _Chunked | None = None
@@ -182,8 +185,9 @@ class RequestBuffer:
                 raise HttpError(431, f"request head larger than {self.max_header} bytes")
             req = parse_head(bytes(self.buf[:end]))
             del self.buf[:end + 4]
-            self.length, chunked = body_framing(req, self.max_body)
-            self.chunked = _Chunked(self.max_body, self.max_header) if chunked else None
+            limit = self.body_limit(req) if self.body_limit is not None else self.max_body
+            self.length, chunked = body_framing(req, limit)
+            self.chunked = _Chunked(limit, self.max_header) if chunked else None
             self.req, self.continued = req, False
         if self.chunked is not None:
             body = self.chunked.decode(self.buf)

@@ -174,3 +174,11 @@ def route(path: str, table=None) -> Route:
         if found is not None:
             return app_route(found[1])
     return NOT_FOUND
+
+
+def is_package_upload(path: str) -> bool:
+    """PUT /api/v1/tenants/{t}/apps/{a}/package: the one route whose body may
+    be larger than the gateway's usual limit."""
+    parts = path.split("/")
+    return (len(parts) == 8 and parts[:4] == ["", "api", "v1", "tenants"] and parts[5] == "apps"
+            and parts[7] == "package" and all(parts[4:7]))

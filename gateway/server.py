@@ -37,6 +37,7 @@ import threading
 import time
 
 from .app import ClientConn, Gateway
+from . import router
 from .config import GatewayConfig
 from .http11 import RECV_SLICE, ClientGone, HttpError, Reader, error_response, render
 
@@ -207,7 +208,8 @@ class Server:
             try:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 c.reader = Reader(sock, max_header_bytes=self.cfg.max_header_bytes,
-                                  max_body_bytes=self.cfg.max_body_bytes, read_timeout=self.cfg.read_timeout)
+                                  max_body_bytes=self.cfg.max_body_bytes, read_timeout=self.cfg.read_timeout,
+                                  body_limit=self._body_limit)
                 sock.setblocking(False)  # the kernel timeouts stay for when a pool thread serves it
             except OSError:
                 self._close(c)
@@ -312,6 +314,13 @@ class Server:
                 self._close(c)
 
     # -- refusing and closing (both sides) ------------------------------------------------
+    def _body_limit(self, req) -> int:
+        """The body limit of one request: an app package upload may be up to
+        max_package_bytes (paas.md); everything else max_body_bytes."""
+        if req.method == "PUT" and router.is_package_upload(req.target.split("?", 1)[0]):
+            return self.cfg.max_package_bytes
+        return self.cfg.max_body_bytes
+
     def _refuse(self, c: Conn, exc: HttpError, *, in_selector: bool) -> None:
         """Answer `exc` and close: stop sending, drain what the client still
         sends (in the selector, for at most LINGER s), then close."""

@@ -48,7 +48,7 @@ MAX_TEXT = 64 * 1024        # bytes of manifest text
 RESERVED = (                # the platform's own paths (paas.md, Apps)
     "/api/v1/auth", "/api/v1/tenants", "/api/v1/developers", "/api/v1/db", "/api/v1/crash",
     "/api/v1/worker", "/api/v1/cluster", "/api/v1/switchover", "/api/v1/logs", "/dashboard",
-    "/health", "/metrics",
+    "/health", "/metrics", "/api/v1/openapi.json",
 )
 PLATFORM_ENV = ("PORT",)    # besides every STRATUS_* key
 

@@ -330,6 +330,29 @@ def test_control_is_per_tenant(platform):
     assert status == 200 and body["name"] == "shop"
 
 
+def test_packages_through_the_gateway_up_to_50_mib(platform):
+    p = platform
+    import io
+    import tarfile
+    tok = {"Authorization": f"Bearer {p.token(p.tenant)}", "Content-Type": "application/gzip"}
+    path = f"/api/v1/tenants/{p.tenant}/apps/big/package"
+
+    def package(n):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
+            data = os.urandom(n)       # incompressible: the .tar.gz is a little over n bytes
+            info = tarfile.TarInfo("blob.bin")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        return raw.getvalue()
+    status, body, _ = p.gateway("PUT", path, package(5 * 1024 * 1024), tok)
+    assert status == 201 and body["digest"].startswith("sha256:"), body
+    status, body, _ = p.gateway("PUT", path, package(51 * 1024 * 1024), tok)
+    assert status == 413, body
+    status, body, _ = p.gateway("PUT", path, b"not a tarball", tok)
+    assert status == 400 and "error" in body, body
+
+
 def test_tenant_list_counts_apps_and_instances(platform):
     p = platform
     status, rows, _ = p.api("GET", "/api/v1/tenants")
