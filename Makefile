@@ -59,3 +59,4 @@ bench: venv services
 	$(PY) benchmarks/snapshot.py --record
 	$(PY) benchmarks/promotion_faults.py --record
 	$(PY) benchmarks/tenancy.py --record
+	$(PY) benchmarks/apps.py --record

@@ -26,6 +26,7 @@ from typing import Any
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
 
 from bus.names import Paths
+from bus.settings import env_int
 
 log = logging.getLogger("stratus.orchestrator.events")
 
@@ -36,10 +37,10 @@ CAS_TRIES = 20
 
 
 class Events:
-    def __init__(self, zk, cluster: str, *, bound: int = 500):
+    def __init__(self, zk, cluster: str, *, bound: int | None = None):
         self.zk = zk
         self.paths = Paths(cluster)
-        self.bound = max(1, bound)
+        self.bound = max(1, bound if bound is not None else env_int("STRATUS_EVENTS_KEPT", 500))
 
     def add(self, tenant: str, type_: str, **fields: Any) -> int | None:
         """Append one event; returns its seq (None when ZooKeeper did not
