@@ -25,6 +25,12 @@ COMMANDS = {
     "switchover": ("stratus.ctl", "a planned change of master"),
     "tenant": ("stratus.ctl", "tenant create NAME | list | delete NAME"),
     "load": ("stratus.load", "load rides|toystore: the demo load scripts"),
+    "deploy": ("stratus.apps_cli", "deploy PATH: pack a directory (manifest and code) and deploy it as an app"),
+    "apps": ("stratus.apps_cli", "apps [TENANT]: the apps, their roles and instance counts"),
+    "scale": ("stratus.apps_cli", "scale TENANT/APP/ROLE N: run N instances of a role"),
+    "restart": ("stratus.apps_cli", "restart TENANT/APP: a rolling restart"),
+    "events": ("stratus.apps_cli", "events [TENANT] [--since N] [--follow]: deploys, exits, restarts..."),
+    "logs": ("stratus.apps_cli", "logs [COMPONENT] [--since T] [--grep TEXT] [--follow]"),
 }
 
 

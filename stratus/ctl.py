@@ -17,24 +17,44 @@ from bus.settings import load
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None, body=None):
         super().__init__(message)
         self.status = status   # the HTTP status, None when the orchestrator was not reached
+        self.body = body       # the answer's JSON error ({"error": ...}), when there was one
+
+    def json(self) -> str:
+        """The error as JSON, for printing: the answer's own body when it had one."""
+        body = self.body if isinstance(self.body, dict) else {"error": str(self)}
+        return json.dumps(body)
 
 
-def call(base: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0):
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(base.rstrip("/") + path, data=data, method=method,
-                                 headers={"Content-Type": "application/json"})
+def call(base: str, method: str, path: str, body: dict | None = None, timeout: float = 60.0, *,
+         token: str | None = None, data: bytes | None = None, content_type: str | None = None,
+         query: dict | None = None):
+    """One request to the API at `base`: `body` is sent as JSON, or `data` as
+    raw bytes of `content_type`; `query` (None values left out) becomes the
+    query string; `token` is sent as a bearer token (through the gateway).
+    Returns the answer's JSON (None when empty); raises ApiError."""
+    if data is None and body is not None:
+        data = json.dumps(body).encode()
+    headers = {"Content-Type": content_type or "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    url = base.rstrip("/") + path
+    q = {k: v for k, v in (query or {}).items() if v is not None}
+    if q:
+        url += "?" + urllib.parse.urlencode(q)
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
         try:
-            msg = json.loads(e.read()).get("error", e.reason)
+            parsed = json.loads(e.read())
+            msg = parsed.get("error", e.reason) if isinstance(parsed, dict) else e.reason
         except ValueError:
-            msg = e.reason
-        raise ApiError(f"{e.code}: {msg}", e.code) from None
+            parsed, msg = None, e.reason
+        raise ApiError(f"{e.code}: {msg}", e.code, parsed) from None
     except (urllib.error.URLError, OSError) as e:
         raise ApiError(f"cannot reach the orchestrator at {base}: {getattr(e, 'reason', e)}") from None
 
