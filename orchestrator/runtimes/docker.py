@@ -25,8 +25,11 @@ from spec.context (the unpacked package):
                     spec label (tenant, app, role, digest...): adopt() rebuilds
                     the handle (labels, host, port) from them.
   host:port  the container's name and spec.port
-  env        base.instance_env and nothing else: LANG=C.UTF-8, HOME (/app, or
-             spec.cwd with an image of the role's own), PYTHONUNBUFFERED=1, PORT
+  workdir    /app for a built image; with an image of the role's own, spec.cwd
+             (a path inside the image) unless it is spec.context (the
+             package's directory on this host), else the image's own
+  env        base.instance_env and nothing else: LANG=C.UTF-8, HOME (the
+             workdir, when known), PYTHONUNBUFFERED=1, PORT
              (web), spec.env. PATH is the image's own and there is no
              PYTHONPATH: the base image has bus installed in its venv, first
              on its PATH, so `python` is that venv's interpreter.
@@ -179,11 +182,20 @@ def worker_env(environ: Mapping[str, str], settings: Settings, worker_id: str) -
 
 def container_instance_env(spec: Spec) -> dict[str, str]:
     """An instance container's whole environment (see the module docstring)."""
-    home = APP_DIR if spec.image is None else (spec.cwd or "")
+    home = APP_DIR if spec.image is None else (image_workdir(spec) or "")
     env = instance_env(spec, path=None, home=home, pythonpath=None)
     if not env["HOME"]:
         del env["HOME"]   # an image of the role's own, no cwd given: its HOME stands
     return env
+
+
+def image_workdir(spec: Spec) -> str | None:
+    """The working directory inside an image of the role's own: spec.cwd,
+    unless that is the package's directory on the orchestrator's host
+    (spec.context), which means nothing inside the container."""
+    if spec.image is None or not spec.cwd or spec.cwd == spec.context:
+        return None
+    return spec.cwd
 
 
 def worker_image(environ: Mapping[str, str]) -> str:
@@ -472,8 +484,8 @@ class DockerRuntime(Runtime):
             kwargs["command"] = list(spec.argv)
         if spec.image is None:
             kwargs["working_dir"] = APP_DIR
-        elif spec.cwd:
-            kwargs["working_dir"] = spec.cwd
+        elif image_workdir(spec):
+            kwargs["working_dir"] = image_workdir(spec)
         container = None
         try:
             container = self.client.containers.create(image, **kwargs)

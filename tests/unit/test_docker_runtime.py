@@ -409,6 +409,9 @@ def test_instance_container_env_holds_nothing_of_the_orchestrator():
     own = container_instance_env(instance_spec(image="acme/own:1", port=None))
     assert "HOME" not in own and "PORT" not in own       # an image of its own keeps its HOME
     assert container_instance_env(instance_spec(image="acme/own:1", cwd="/srv"))["HOME"] == "/srv"
+    # the package's directory on the orchestrator's host means nothing inside an image
+    host_dir = instance_spec(image="acme/own:1", cwd="/var/state/pkg", context="/var/state/pkg")
+    assert "HOME" not in container_instance_env(host_dir)
 
 
 def test_app_image_tag_base_and_dockerfile():
