@@ -36,9 +36,9 @@ the newest `limit` matching lines of all selected files, oldest first
 
 Files are read backwards from their end in blocks, never whole: memory is
 bounded by `limit` lines (each cut at MAX_LINE bytes) whatever the file's
-size, and one request reads at most SCAN_BUDGET bytes in all (so a search
-for a rare q in a huge file answers with what the newest SCAN_BUDGET bytes
-hold). A file is read up to the size it had when opened.
+size, and one request reads at most SCAN_BUDGET bytes in all, shared
+fairly between the files (so a search for a rare q in huge files answers
+with what the newest part of each holds). A file is read up to the size it had when opened.
 
 Access, by the identity the gateway forwards (X-Stratus-Role/-Subject/-Tenant;
 none = the orchestrator's own port = admin), given as a function:
@@ -330,14 +330,20 @@ class Layout:
 
 def read(sources: Iterable[Source], *, since: float | None = None, q: str | None = None,
          limit: int = DEFAULT_LIMIT, budget: int = SCAN_BUDGET) -> list[dict]:
-    """The newest `limit` matching lines of all `sources`, newest last."""
-    left = [budget]
+    """The newest `limit` matching lines of all `sources`, newest last. The
+    scan budget is shared fairly: each file may read an equal part of what
+    the files before it left (so one huge file cannot starve the others)."""
+    sources = list(sources)
+    left = budget
     lines: list[tuple[float, int, str, str]] = []
     for n, src in enumerate(sources):
-        if left[0] <= 0:
+        if left <= 0:
             break
-        for t, line in tail(src.path, since=since, q=q, limit=limit, budget=left):
+        share = [min(left, max(left // (len(sources) - n), BLOCK))]
+        given = share[0]
+        for t, line in tail(src.path, since=since, q=q, limit=limit, budget=share):
             lines.append((t, n, src.component, line))
+        left -= given - share[0]
     lines.sort(key=lambda x: x[0])   # stable: a file's own order is kept among equal times
     return [{"component": c, "time": round(t, 3), "line": line} for t, _, c, line in lines[-limit:]]
 

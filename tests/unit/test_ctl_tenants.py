@@ -37,3 +37,12 @@ def test_unreachable_orchestrator(capsys):
 def test_url_before_the_action(capsys):
     assert ctl.main("tenant", ["--url", "http://127.0.0.1:1", "delete", "acme"]) == 1
     assert "127.0.0.1:1" in capsys.readouterr().err
+
+
+def test_api_error_prints_the_answers_json():
+    import json
+    assert json.loads(ctl.ApiError("409: taken", 409, {"error": "taken", "code": "x"}).json()) == \
+        {"error": "taken", "code": "x"}
+    assert json.loads(ctl.ApiError("cannot reach the orchestrator at http://h:1: refused").json()) == \
+        {"error": "cannot reach the orchestrator at http://h:1: refused"}
+    assert json.loads(ctl.ApiError("502: Bad Gateway", 502, None).json()) == {"error": "502: Bad Gateway"}

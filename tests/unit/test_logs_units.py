@@ -334,3 +334,18 @@ def test_tail_matches_a_forward_reading_across_block_boundaries(tmp_path, monkey
         q = rnd.choice([None, "rid=a", "rid=b3", "***", "u:***@", "zzz"])
         limit = rnd.choice([1, 3, 50, 1000])
         assert logs.tail(p, since=since, q=q, limit=limit) == reference(p, since, q, limit), (since, q, limit)
+
+
+def test_one_huge_file_does_not_starve_the_others(tmp_path):
+    """q over many files: each gets a fair part of the scan budget."""
+    t0 = time.time() - 100
+    big = tmp_path / "gateway.log"
+    with open(big, "w") as f:
+        for i in range(40_000):   # about 2.4 MB, none of it matching
+            f.write(f"{asctime(t0 + i / 1000)} gateway INFO GET /x rid=other{i}\n")
+    small = write_lines(tmp_path / "w-1.log", [f"{asctime(t0 + 50)} worker INFO write rid-wanted/x lsn 9"])
+    sources = [logs.Source("gateway", big), logs.Source("w-1", small)]
+    got = logs.read(sources, q="rid-wanted", budget=1024 * 1024)
+    assert [(x["component"], x["line"][-20:]) for x in got] == [("w-1", "write rid-wanted/x lsn 9"[-20:])]
+    # With the budget spent on the first file alone, the second would not have been read.
+    assert logs.tail(big, q="rid-wanted", budget=[1024 * 1024]) == []
