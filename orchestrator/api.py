@@ -32,6 +32,7 @@ from bus.errors import DBError
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 
+from . import logs, openapi
 from .apps import routes as apps_routes
 from .apps.routes import delete_app
 from .control import ControlError
@@ -324,6 +325,8 @@ def create_app(holder: Holder | None = None) -> Flask:
         return jsonify({"username": username, "password": password}), 201
 
     apps_routes.register(app, lambda: holder.apps, identity, Refused)
+    logs.register(app, holder.settings, identity)
+    openapi.register(app)
 
     # --- failures, on demand --------------------------------------------------------
     @app.post("/api/v1/crash/master")

@@ -400,7 +400,10 @@ class AppController:
         if role.kind == "web":
             port = self._port(app.tenant, name, slot)
             env["PORT"] = str(port)
-        else:
+        elif getattr(self.runtime, "name", "") == "process":
+            # A heartbeat file the monitor can see: on this host. (A container
+            # cannot see the host's path: under Docker, the container's life
+            # alone tells.)
             self.heartbeats.mkdir(parents=True, exist_ok=True)
             beat = self.heartbeats / f"{iid}"
             beat.unlink(missing_ok=True)
