@@ -390,7 +390,11 @@ class AppController:
         env.update(self.credentials(app.tenant))
         env.update({"STRATUS_CLUSTER": self.settings.cluster, "STRATUS_TENANT": app.tenant,
                     "STRATUS_APP": app.name, "STRATUS_ROLE": name, "STRATUS_INSTANCE": iid,
-                    "STRATUS_LOG_LEVEL": self.settings.log_level})
+                    "STRATUS_LOG_LEVEL": self.settings.log_level,
+                    # where a web instance listens: this host's loopback, or every
+                    # interface of its own container
+                    "STRATUS_BIND_HOST": "127.0.0.1" if getattr(self.runtime, "name", "") == "process"
+                    else "0.0.0.0"})
         if app.tenant in BUILTIN_TENANTS:
             for key in BUILTIN_SETTINGS:
                 if key in os.environ:
