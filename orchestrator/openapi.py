@@ -15,7 +15,8 @@ and, against a running platform, tests/integration/test_openapi_schemathesis.py)
     failure is always a JSON object with "error" (components/schemas/Error);
   - what comes only from the gateway is listed too: 401 (no valid token),
     403 (a token of the wrong role or tenant), 429 with Retry-After (a
-    tenant's request rate), 502 and 504 (the orchestrator did not answer).
+    tenant's request rate), 431 (a request head over its limit), 502 and
+    504 (the orchestrator did not answer).
 
 Two servers, one API. Through the gateway (the public entry point) the
 platform routes need `Authorization: Bearer <JWT>` (security scheme
@@ -52,6 +53,8 @@ _REASONS = {
          "or no master/slave to act on.",
     413: "The body is too large.",
     429: "Through the gateway: the tenant's request rate is used up; retry after Retry-After seconds.",
+    431: "Through the gateway: the request's head (request line and headers) is larger than the gateway "
+         "takes (16 KiB by default).",
     502: "Through the gateway: the orchestrator did not answer.",
     503: "Not now: the orchestrator is starting or not leading, ZooKeeper, the broker or the database "
          "cannot be reached; nothing was changed, try again.",
@@ -61,7 +64,7 @@ _REASONS = {
 }
 
 # What every route proxied by the gateway to the orchestrator may answer, besides its own statuses.
-_GATEWAY = (429, 502, 503, 504)
+_GATEWAY = (429, 431, 502, 503, 504)
 _PROTECTED = (401, 403) + _GATEWAY
 
 
@@ -445,14 +448,14 @@ def _paths() -> dict:
                                             *_GATEWAY)}},
         "/health": {
             "get": {"tags": ["platform"], "operationId": "health", "summary": "Liveness", "security": public,
-                    "responses": _responses({200: _ok("Alive.", _ref("Health"))})}},
+                    "responses": _responses({200: _ok("Alive.", _ref("Health"))}, 431)}},
         "/metrics": {
             "get": {"tags": ["platform"], "operationId": "metrics", "summary": "Prometheus metrics",
                     "security": public,
                     "description": "The orchestrator's (503 while it starts), or through the gateway the "
                                    "gateway's own.",
                     "responses": _responses({200: _ok("Prometheus text format.", content={
-                        "text/plain": {"schema": {"type": "string"}}})}, 503)}},
+                        "text/plain": {"schema": {"type": "string"}}})}, 431, 503)}},
         "/api/v1/auth/token": {
             "post": {"tags": ["auth"], "operationId": "token", "summary": "A token (the gateway only)",
                      "description": "Served by the gateway itself. RideShare users get the role user (their "
@@ -460,7 +463,8 @@ def _paths() -> dict:
                                     "username is admin.",
                      "security": public,
                      "requestBody": _body(_ref("Credentials")),
-                     "responses": _responses({200: _ok("Granted.", _ref("Token"))}, 400, 401, 413, 429, 503)}},
+                     "responses": _responses({200: _ok("Granted.", _ref("Token"))}, 400, 401, 413, 429, 431,
+                                             503)}},
     }
 
 

@@ -207,7 +207,8 @@ class Platform:
             self.created.add(f"{t}-n{g}")
         cases = {   # label: [(Case arguments, the statuses it may answer)]
             "POST /api/v1/tenants": [({"body": {"name": f"{t}-n{g}"}}, {201}), ({"body": {"name": f"{t}-n{g}"}}, {409}),
-                                     ({"body": {"name": "admin"}}, {400}), ({"body": {"name": "Bad Name"}}, {400})],
+                                     ({"body": {"name": "admin"}}, {400}), ({"body": {"name": "Bad Name"}}, {400}),
+                                     ({"body": {"name": "x" * 70_000}}, {413})],   # over 64 KiB
             "GET /api/v1/tenants": [({}, {200})],
             "DELETE /api/v1/tenants/{t}": [({"path_parameters": {"t": f"{t}-d{g}"}}, {200}),
                                            ({"path_parameters": {"t": f"{t}-d{g}"}}, {404})],
@@ -231,7 +232,9 @@ class Platform:
                 ({"path_parameters": role, "body": {"instances": 16}}, {400, 409}),
                 ({"path_parameters": {**role, "r": "nope"}, "body": {"instances": 1}}, {404})],
             "POST /api/v1/tenants/{t}/apps/{a}/restart": [({"path_parameters": shop}, {202})],
-            "GET /api/v1/tenants/{t}/events": [({"path_parameters": s, "query": {"since": 0}}, {200})],
+            "GET /api/v1/tenants/{t}/events": [({"path_parameters": s, "query": {"since": 0}}, {200}),
+                                               # a 5 KB request line: a JSON 400 like any bad since
+                                               ({"path_parameters": s, "query": {"since": "x" * 5000}}, {400})],
             "GET /api/v1/logs": [({}, {200}), ({"query": {"component": "nosuch", "limit": 5}}, {404})],
             "POST /api/v1/db/read": [({"body": {"op": "tables", "tenant": t}}, {200}),
                                      ({"body": {"op": "select", "table": "nosuch", "tenant": t}}, {400})],
