@@ -17,7 +17,13 @@
 #          stratus/rabbitmq:3.10        rabbitmq-server from Debian (for rabbitmq:3.13-management)
 #          stratus/zookeeper:3.8        zookeeper + JRE from Debian (for zookeeper:3.9)
 #          stratus/app:latest           the venv with the project (docker/Dockerfile.base)
-#          stratus/<component>:latest   orchestrator worker gateway users rides catalog order
+#          stratus/<component>:latest   orchestrator worker gateway (the whole stack, compose/)
+#                                       and users rides catalog order (their own directories'
+#                                       files run them directly; in compose/ they are apps
+#                                       that the orchestrator builds from their packages)
+#          stratus/deploy:latest        the whole stack's one-shot `deploy` service: the
+#                                       built-in apps' manifests and sources in /opt/stratus-src
+#                                       (docker/deploy.Dockerfile, python -m stratus.deploy_builtin)
 # The compose files default to the official images; the names to use here are
 # written to .docker-cache/images.env and to compose/.env and orchestrator/.env.
 #
@@ -194,6 +200,34 @@ build_stratus() {
   done
 }
 
+# The directories the built-in apps' packages hold (apps/*/package.txt), and apps/ itself.
+deploy_dirs() {
+  { echo apps; cat apps/*/package.txt; } | sed 's/^[[:space:]]*//; s/[[:space:]]*$//' | grep -v -e '^#' -e '^$' \
+    | LC_ALL=C sort -u
+}
+
+deploy_files() { # as stratus.builtin.members packs them: no caches, no links
+  local dirs; mapfile -t dirs < <(deploy_dirs)
+  find "${dirs[@]}" -type f ! -path '*/__pycache__/*' ! -path '*/.git/*' ! -path '*/.pytest_cache/*' \
+    ! -path '*/.mypy_cache/*' ! -name '*.pyc' ! -name '*.pyo' | LC_ALL=C sort
+}
+
+build_deploy() {
+  local tag=$PREFIX/deploy:latest app=$PREFIX/app:latest
+  local files; mapfile -t files < <(deploy_files)
+  local hash; hash=$(hash_of "$(image_id "$app")" docker/deploy.Dockerfile "${files[@]}")
+  if [ "$(image_label "$tag")" = "$hash" ]; then
+    log "$tag is up to date"
+    return 0
+  fi
+  local ctx="$CACHE/deploy-context"
+  rm -rf "$ctx"
+  mkdir -p "$ctx/src"
+  tar -c "${files[@]}" | tar -x -C "$ctx/src"
+  build_image "$tag" "$hash" --build-arg "APP_IMAGE=$app" -f docker/deploy.Dockerfile "$ctx"
+  rm -rf "$ctx"
+}
+
 write_env() {
   local gid; gid=$(stat -c %g /var/run/docker.sock 2>/dev/null || echo 0)
   local body
@@ -229,6 +263,7 @@ main() {
   ensure_engine
   if [ "$BASE_KIND" != official ]; then build_local_bases; fi
   build_stratus
+  build_deploy
   write_env
   # Drop the untagged images earlier builds of ours left behind (ours only: by label).
   docker image prune -f --filter label=org.stratus.inputs >/dev/null 2>&1 || true
