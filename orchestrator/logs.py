@@ -24,11 +24,12 @@ A bad since or limit (or a q over 1000 characters): 400.
 A line's time is parsed from its start, either logging's %(asctime)s
 ("2026-11-25 15:43:52,123", local time) or an ISO 8601 time (a zone, or
 local when it has none). A line without one has the time of the nearest
-line before it in its file that has one, else the file's modification time
-(also when none is found within LOOKBACK_LINES lines before the oldest
-line kept). With `since`, a file is read back only until a line older than
-since - SKEW seconds (lines may be a little out of order): the untimed
-lines at the start of such a file are not reached, so not served.
+line before it in its file that has one; when there is none (the lines a
+program prints before it sets up logging, or none within LOOKBACK_LINES
+lines back), the time of the nearest timed line after it, so the order
+stays the file's; in a file with no time at all, the file's modification
+time. With `since`, a file is read back only until a line older than
+since - SKEW seconds (lines may be a little out of order).
 
 Answer: 200 {"lines": [{"component": C, "time": <unix seconds>, "line": "..."}]},
 the newest `limit` matching lines of all selected files, oldest first
@@ -205,13 +206,18 @@ def tail(path: Path, *, since: float | None = None, q: str | None = None, limit:
         size, mtime = st.st_size, st.st_mtime
         out: list[tuple[float, str]] = []   # newest first
         pending: list[str] = []              # matching lines, newer than here, whose time is not known yet
+        after: float | None = None           # the time of the oldest timed line read (the one after pending)
         looked = 0                           # untimed lines read while waiting to date a full pending list
         done = False
         for buf, lines in _reverse_blocks(f, size, budget):
             if prefilter and not pending and qb not in buf:
-                t = parse_time(_head(lines[-1]))   # only: is the block's oldest line before `since`?
-                if since is not None and t is not None and t < since - SKEW:
-                    break
+                # Nothing to give here; only the block's oldest time matters
+                # (is it before `since`? it dates untimed lines before it).
+                t = next((x for x in map(parse_time, map(_head, reversed(lines))) if x is not None), None)
+                if t is not None:
+                    after = t
+                    if since is not None and t < since - SKEW:
+                        break
                 continue
             for raw in lines:
                 t = parse_time(_head(raw))
@@ -235,14 +241,16 @@ def tail(path: Path, *, since: float | None = None, q: str | None = None, limit:
                     if line is not None:
                         out.append((t, line))
                 pending = []
+                after = t
                 if len(out) >= limit or (since is not None and t < since - SKEW):
                     done = True
                     break
             if done:
                 break
-        for p in pending:   # no timed line before them: the file's time
-            if since is None or mtime >= since:
-                out.append((mtime, p))
+        when = mtime if after is None else after   # no timed line before them: the one after, or the file's
+        for p in pending:
+            if since is None or when >= since:
+                out.append((when, p))
     out = out[:limit]
     out.reverse()
     return out

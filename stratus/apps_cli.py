@@ -16,10 +16,11 @@ $STRATUS_TENANT, else the token's own `tenant` claim.
 
 deploy: PATH is a directory holding manifest.json, or manifest.yaml/.yml
 (read with PyYAML when it is installed), and the app's code. The directory
-is packed as a .tar.gz of its files and directories, paths relative to it,
-leaving out __pycache__ and .git directories, *.pyc files and symbolic
+is packed as a .tar.gz of its files, paths relative to it, leaving out
+__pycache__, .git (and other cache) directories, *.pyc files and symbolic
 links (the platform refuses links), at most 50 MiB. Then, through paas.md's
-routes: PUT .../apps/{a}/package, PUT .../apps/{a} with the manifest, and
+routes: PUT .../apps/{a}/package, PUT .../apps/{a}?digest=<its digest>
+with the manifest (so that package is the one deployed), and
 (unless --no-wait) GET .../apps/{a} every 0.5 s, printing one line each
 time the roles' counts change, until every role runs its desired count
 (exit 0) or --timeout seconds pass (exit 1). The app's name is --app, else
@@ -38,14 +39,10 @@ from __future__ import annotations
 import argparse
 import base64
 import datetime as dt
-import fnmatch
-import gzip
-import io
 import json
 import os
 import re
 import sys
-import tarfile
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -53,13 +50,12 @@ from pathlib import Path
 
 from bus.settings import load
 
+from .builtin import SKIP_DIRS, SKIP_SUFFIXES, tarball
 from .ctl import ApiError, call, table
 
 COMMANDS = ("deploy", "apps", "scale", "restart", "events", "logs")
 PACKAGE_LIMIT = 50 * 1024 * 1024      # bytes of .tar.gz (paas.md)
 UNPACKED_LIMIT = 512 * 1024 * 1024    # bytes of files (orchestrator/apps/packages.py refuses more)
-EXCLUDED_DIRS = ("__pycache__", ".git")
-EXCLUDED_FILES = ("*.pyc",)
 MANIFESTS = ("manifest.json", "manifest.yaml", "manifest.yml")
 POLL = 0.5
 FOLLOW_POLL = 1.0
@@ -172,68 +168,51 @@ def read_manifest(directory: Path) -> dict:
 
 
 def excluded(rel: str, is_dir: bool) -> bool:
+    """Left out of a package: caches and .git (builtin.SKIP_DIRS), compiled
+    files (builtin.SKIP_SUFFIXES) - the built-in apps' rule."""
     name = rel.rsplit("/", 1)[-1]
     if is_dir:
-        return name in EXCLUDED_DIRS
-    return any(fnmatch.fnmatch(name, pat) for pat in EXCLUDED_FILES)
+        return name in SKIP_DIRS
+    return name.endswith(SKIP_SUFFIXES)
 
 
 def package(directory: Path, limit: int = PACKAGE_LIMIT) -> tuple[bytes, list[str], list[str]]:
     """(the .tar.gz, its member names, what was left out because it is a
-    link or not a file). Members are relative to `directory`, in sorted
-    order, owned by 0:0, in a gzip stream without a time, so the same tree
-    packs to the same bytes (and the same digest)."""
+    link or not a regular file). The members are the directory's files,
+    named relative to it, packed as the built-in apps are (builtin.tarball:
+    sorted, no times, no owners), so the same tree packs to the same bytes
+    and the same digest. Empty directories are not kept."""
     directory = Path(directory)
     if not directory.is_dir():
         raise Usage(f"{directory}: not a directory")
-    buf = io.BytesIO()
-    members: list[str] = []
+    files: list[tuple[str, Path]] = []
     skipped: list[str] = []
-    total = [0]
-    with gzip.GzipFile(filename="", fileobj=buf, mode="wb", mtime=0) as gz, \
-            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        def add(path: Path, rel: str) -> None:
-            info = tar.gettarinfo(str(path), arcname=rel)
-            total[0] += info.size
-            if total[0] > UNPACKED_LIMIT:
-                raise Usage(f"{directory}: more than {UNPACKED_LIMIT // (1024 * 1024)} MiB of files "
-                            "(the platform unpacks no more)")
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if info.isreg():
-                with open(path, "rb") as f:
-                    tar.addfile(info, f)
-            else:
-                tar.addfile(info)
-            members.append(rel)
-            if buf.tell() > limit:
-                raise Usage(f"{directory}: the package passes {limit // (1024 * 1024)} MiB")
-
-        for root, dirs, files in os.walk(directory, followlinks=False):
-            base = Path(root)
-            relroot = base.relative_to(directory).as_posix()
-            prefix = "" if relroot == "." else relroot + "/"
-            keep = []
-            for d in sorted(dirs):
-                p = base / d
-                if p.is_symlink():
-                    skipped.append(prefix + d)
-                elif not excluded(prefix + d, True):
-                    keep.append(d)
-            dirs[:] = keep
-            for d in keep:
-                add(base / d, prefix + d)
-            for name in sorted(files):
-                p = base / name
-                rel = prefix + name
-                if p.is_symlink() or not p.is_file():
-                    skipped.append(rel)
-                elif not excluded(rel, False):
-                    add(p, rel)
-    data = buf.getvalue()
+    total = 0
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        base = Path(root)
+        relroot = base.relative_to(directory).as_posix()
+        prefix = "" if relroot == "." else relroot + "/"
+        keep = []
+        for d in sorted(dirs):
+            if (base / d).is_symlink():
+                skipped.append(prefix + d)
+            elif not excluded(prefix + d, True):
+                keep.append(d)
+        dirs[:] = keep
+        for name in sorted(names):
+            p, rel = base / name, prefix + name
+            if p.is_symlink() or not p.is_file():
+                skipped.append(rel)
+            elif not excluded(rel, False):
+                total += p.stat().st_size
+                if total > UNPACKED_LIMIT:
+                    raise Usage(f"{directory}: more than {UNPACKED_LIMIT // (1024 * 1024)} MiB of files "
+                                "(the platform unpacks no more)")
+                files.append((rel, p))
+    data = tarball(files)
     if len(data) > limit:
         raise Usage(f"{directory}: the package is {len(data)} bytes, over {limit // (1024 * 1024)} MiB")
-    return data, members, skipped
+    return data, sorted(rel for rel, _ in files), skipped
 
 
 # --- progress -----------------------------------------------------------------------------------
@@ -428,8 +407,10 @@ def deploy(a, t: Target) -> int:
     print(f"packed {directory} ({len(members)} members, {len(data)} bytes){note}", flush=True)
     r = call(t.url, "PUT", app_path(tenant, app) + "/package", token=t.token, data=data,
              content_type="application/gzip", timeout=120)
-    print(f"package uploaded: {r.get('digest') if isinstance(r, dict) else r}", flush=True)
-    view = call(t.url, "PUT", app_path(tenant, app), manifest, token=t.token, timeout=60)
+    digest = r.get("digest") if isinstance(r, dict) else None
+    print(f"package uploaded: {digest}", flush=True)
+    view = call(t.url, "PUT", app_path(tenant, app), manifest, token=t.token, timeout=60,
+                query={"digest": digest})
     print(f"manifest applied: {tenant}/{app}"
           + (f" (generation {view.get('generation')})" if isinstance(view, dict) and "generation" in view else ""),
           flush=True)
