@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, jsonify, request
 from kazoo.exceptions import KazooException
 
-from bus import accounts, tenancy
+from bus import accounts, tenancy, web
 from bus.client import DBClient
 from bus.errors import DBError
 from bus.service import base_app, json_error
@@ -260,7 +260,9 @@ def create_app(holder: Holder | None = None) -> Flask:
         ops = body.get("ops")
         if not isinstance(ops, list) or not ops or not all(isinstance(o, dict) for o in ops):
             return json_error(400, "a write needs 'ops': a non-empty list of operations")
-        reply = holder.db.write(ops, tenant=tenant)
+        # The bus request id carries the HTTP request's X-Request-Id, so the
+        # worker's log line for this write can be found by it.
+        reply = holder.db.write(ops, tenant=tenant, request_id=web.write_id(ops))
         resp = jsonify({"results": reply.result, "lsn": reply.lsn})
         resp.headers["X-Stratus-LSN"] = str(reply.lsn)
         return resp

@@ -50,7 +50,7 @@ from pathlib import Path
 
 from bus.settings import load
 
-from .builtin import SKIP_DIRS, SKIP_SUFFIXES, tarball
+from .builtin import tarball, walk
 from .ctl import ApiError, call, table
 
 COMMANDS = ("deploy", "apps", "scale", "restart", "events", "logs")
@@ -167,15 +167,6 @@ def read_manifest(directory: Path) -> dict:
     raise Usage(f"{directory}: no manifest.json, manifest.yaml or manifest.yml")
 
 
-def excluded(rel: str, is_dir: bool) -> bool:
-    """Left out of a package: caches and .git (builtin.SKIP_DIRS), compiled
-    files (builtin.SKIP_SUFFIXES) - the built-in apps' rule."""
-    name = rel.rsplit("/", 1)[-1]
-    if is_dir:
-        return name in SKIP_DIRS
-    return name.endswith(SKIP_SUFFIXES)
-
-
 def package(directory: Path, limit: int = PACKAGE_LIMIT) -> tuple[bytes, list[str], list[str]]:
     """(the .tar.gz, its member names, what was left out because it is a
     link or not a regular file). The members are the directory's files,
@@ -185,30 +176,11 @@ def package(directory: Path, limit: int = PACKAGE_LIMIT) -> tuple[bytes, list[st
     directory = Path(directory)
     if not directory.is_dir():
         raise Usage(f"{directory}: not a directory")
-    files: list[tuple[str, Path]] = []
-    skipped: list[str] = []
-    total = 0
-    for root, dirs, names in os.walk(directory, followlinks=False):
-        base = Path(root)
-        relroot = base.relative_to(directory).as_posix()
-        prefix = "" if relroot == "." else relroot + "/"
-        keep = []
-        for d in sorted(dirs):
-            if (base / d).is_symlink():
-                skipped.append(prefix + d)
-            elif not excluded(prefix + d, True):
-                keep.append(d)
-        dirs[:] = keep
-        for name in sorted(names):
-            p, rel = base / name, prefix + name
-            if p.is_symlink() or not p.is_file():
-                skipped.append(rel)
-            elif not excluded(rel, False):
-                total += p.stat().st_size
-                if total > UNPACKED_LIMIT:
-                    raise Usage(f"{directory}: more than {UNPACKED_LIMIT // (1024 * 1024)} MiB of files "
-                                "(the platform unpacks no more)")
-                files.append((rel, p))
+    files, skipped = walk(directory)
+    total = sum(p.stat().st_size for _, p in files)
+    if total > UNPACKED_LIMIT:
+        raise Usage(f"{directory}: more than {UNPACKED_LIMIT // (1024 * 1024)} MiB of files "
+                    "(the platform unpacks no more)")
     data = tarball(files)
     if len(data) > limit:
         raise Usage(f"{directory}: the package is {len(data)} bytes, over {limit // (1024 * 1024)} MiB")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import os
 import tarfile
 import time
 import urllib.error
@@ -33,21 +34,48 @@ class DeployError(Exception):
         self.status = status
 
 
+def excluded(rel: str, is_dir: bool) -> bool:
+    """Left out of every package: caches and .git, compiled files."""
+    name = rel.rsplit("/", 1)[-1]
+    return name in SKIP_DIRS if is_dir else name.endswith(SKIP_SUFFIXES)
+
+
+def walk(directory: Path, prefix: str = "") -> tuple[list[tuple[str, Path]], list[str]]:
+    """(files, skipped) under `directory`: (name in the package, path) for
+    each regular file, named `prefix` + its path relative to `directory`,
+    sorted; links and special files are skipped (and named), never followed."""
+    files: list[tuple[str, Path]] = []
+    skipped: list[str] = []
+    for root, dirs, names in os.walk(directory, followlinks=False):
+        base = Path(root)
+        relroot = base.relative_to(directory).as_posix()
+        at = prefix + ("" if relroot == "." else relroot + "/")
+        keep = []
+        for d in sorted(dirs):
+            if (base / d).is_symlink():
+                skipped.append(at + d)
+            elif not excluded(at + d, True):
+                keep.append(d)
+        dirs[:] = keep
+        for name in sorted(names):
+            p = base / name
+            if p.is_symlink() or not p.is_file():
+                skipped.append(at + name)
+            elif not excluded(at + name, False):
+                files.append((at + name, p))
+    return sorted(files), skipped
+
+
 def members(base: Path, dirs: Iterable[str]) -> list[tuple[str, Path]]:
     """(name in the package, file) for every file under the given
-    directories of `base`, sorted, skipping caches."""
+    directories of `base` (each kept under its own name), sorted."""
     out = []
     for d in dirs:
         top = (base / d).resolve()
         if not top.is_dir() or base.resolve() not in top.parents:
             raise DeployError(f"{d!r} is not a directory of {base}")
-        for p in sorted(top.rglob("*")):
-            rel = p.relative_to(base.resolve())
-            if any(part in SKIP_DIRS for part in rel.parts) or p.suffix in SKIP_SUFFIXES:
-                continue
-            if p.is_file() and not p.is_symlink():
-                out.append((rel.as_posix(), p))
-    return out
+        out += walk(top, prefix=top.relative_to(base.resolve()).as_posix() + "/")[0]
+    return sorted(out)
 
 
 def tarball(files: Iterable[tuple[str, Path]]) -> bytes:

@@ -11,11 +11,9 @@ COMPONENTS = {
     "worker": "run one DB worker",
     "orchestrator": "run the orchestrator (control plane and API on :8081)",
     "gateway": "run the gateway (public front on :8080)",
-    "users": "run the users service",
-    "rides": "run the rides service",
-    "catalog": "run the catalog service",
-    "order": "run the order service",
 }
+# The tenants' apps, the built-in ones (apps/) included, are run by the
+# orchestrator: `stratus deploy` hands it one.
 # name -> (module in stratus/, help)
 COMMANDS = {
     "up": ("stratus.up", "run the whole platform as local processes (make up)"),
