@@ -3,8 +3,10 @@ operation of orchestrator/openapi.py is called with generated requests, valid
 and invalid, twice: on the orchestrator's own port (which acts as the
 admin) and through a real gateway with an admin token. Every answer must
 
-    not be a server error        (not_a_server_error: no 5xx but the 503/504
-                                  the document lists for that route)
+    not be a server error        (not_a_server_error: no 5xx at all; the 503s
+                                  and 504s the document lists are for a
+                                  platform whose ZooKeeper, broker or DB is
+                                  away, which this one's are not)
     have a listed status         (status_code_conformance)
     have the listed media type   (content_type_conformance)
     carry its required headers   (response_headers_conformance: X-Stratus-LSN)
