@@ -376,3 +376,37 @@ def test_delete_stops_the_instances_and_the_routes_answer_404(platform):
                    Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z" for pid in pids)
     wait_until(gone, 15, 0.1, what="every instance stopped")
     assert any(e["type"] == "deleted" for e in p.events())
+
+
+def test_the_cli_deploys_scales_restarts_and_reads(platform):
+    """stratus deploy/apps/scale/restart/events/logs against the real orchestrator."""
+    import subprocess
+    import sys
+    p = platform
+    env = {**p.cluster.env, "STRATUS_ORCHESTRATOR_URL": f"http://127.0.0.1:{p.orch}"}
+
+    def stratus(*args, timeout=120):
+        r = subprocess.run([sys.executable, "-m", "stratus.cli", *args], env=env, capture_output=True, text=True,
+                           timeout=timeout)
+        return r.returncode, r.stdout + r.stderr
+    rc, out = stratus("deploy", str(SHOP), "--tenant", p.tenant)
+    assert rc == 0, out
+    assert "web" in out and "2/2" in out, out           # progress lines until every role runs
+    wait_until(lambda: p.gateway("GET", "/shop")[0] == 200 or None, 5, what="the app through the gateway")
+    rc, out = stratus("apps", p.tenant)
+    assert rc == 0 and "shop" in out, out
+    rc, out = stratus("scale", f"{p.tenant}/shop/web", "3")
+    assert rc == 0, out
+    assert len(p.running("web")) == 3
+    before = {i["id"] for i in p.running("web")}
+    rc, out = stratus("restart", f"{p.tenant}/shop")
+    assert rc == 0, out
+    assert before.isdisjoint({i["id"] for i in p.running("web")})
+    rc, out = stratus("events", p.tenant)
+    assert rc == 0 and "restart_requested" in out and "scaled" in out, out
+    inst = p.running("web")[0]["id"]
+    rc, out = stratus("logs", f"{p.tenant}/shop/{inst}")
+    assert rc == 0 and f"shop.web {inst} listening" in out, out
+    rc, out = stratus("scale", f"{p.tenant}/shop/nope", "1")
+    assert rc == 1 and "error" in out, out
+    assert p.api("DELETE", f"/api/v1/tenants/{p.tenant}/apps/shop")[0] == 200
