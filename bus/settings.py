@@ -70,6 +70,11 @@ class Settings:
     rides_port: int = field(default_factory=lambda: env_int("STRATUS_RIDES_PORT", 8083))
     catalog_port: int = field(default_factory=lambda: env_int("STRATUS_CATALOG_PORT", 8084))
     order_port: int = field(default_factory=lambda: env_int("STRATUS_ORDER_PORT", 8085))
+    dashboard_port: int = field(default_factory=lambda: env_int("STRATUS_DASHBOARD_PORT", 8086))
+    # Prometheus (the metrics history behind the dashboard's charts), and the
+    # directory its file service discovery reads (the orchestrator writes there).
+    prometheus_url: str = field(default_factory=lambda: env_str("STRATUS_PROMETHEUS_URL", "http://127.0.0.1:9090"))
+    prometheus_sd_dir: str = field(default_factory=lambda: env_str("STRATUS_PROMETHEUS_SD_DIR", ""))
     # The address services bind to and advertise in the registry.
     bind_host: str = field(default_factory=lambda: env_str("STRATUS_BIND_HOST", "127.0.0.1"))
     advertise_host: str = field(default_factory=lambda: env_str("STRATUS_ADVERTISE_HOST", ""))
