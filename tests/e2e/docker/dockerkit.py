@@ -2,9 +2,18 @@
 HTTP client, the RideShare grader sequence, and cleanup by label and project.
 
 Every test stack gets its own compose project name, network name
-(STRATUS_NETWORK), cluster name (STRATUS_CLUSTER, which labels the worker
-containers and volumes) and free host ports, so tests never touch anything
-they did not start. Every wait is bounded."""
+(STRATUS_NETWORK), cluster name (STRATUS_CLUSTER, which labels the worker and
+app instance containers, the workers' volumes and the app images the
+orchestrator builds) and free host ports, so tests never touch anything they
+did not start. Every wait is bounded.
+
+In compose/ the built-in apps are deployed through the API (the one-shot
+`deploy` service) and run as the orchestrator's instance containers. The
+per-directory files run users, rides, catalog and order directly instead:
+each registers itself under its own name, and `publish_builtin_routes`
+publishes the route entries that send the built-in paths to those names
+(bus/routing.py, by "test"), as tests/kits/testkit.py route_builtins does for
+the process suites."""
 from __future__ import annotations
 
 import json
@@ -24,6 +33,29 @@ ROOT = Path(__file__).resolve().parents[3]
 LOG_DIR = ROOT / ".docker-cache" / "test-logs"
 ADMIN_PASSWORD = "docker-stage-admin"
 PASSWORD = "3d725109c7e7c0bfb9d709836735b56d943d263f"  # a SHA-1 hex
+# The built-in paths -> the services that users/, rides/, catalog/ and order/
+# register when run directly (as tests/kits/testkit.py BUILTIN_ROUTES).
+BUILTIN_ROUTES = {
+    ("rideshare", "rideshare"): {"/api/v1/users": ("users", "users"), "/api/v1/rides": ("rides", "rides")},
+    ("toystore", "toystore"): {"/products": ("catalog", "catalog"), "/orders": ("order", "order")},
+}
+# Run inside the orchestrator's container (it has bus, and the stack's
+# ZooKeeper address and cluster in its environment): publish argv[1]'s routes.
+_PUBLISH = """
+import json, sys
+from bus import routing, zk
+from bus.names import Paths
+from bus.settings import load
+s = load()
+c = zk.connect(s)
+try:
+    for e in json.loads(sys.argv[1]):
+        routing.publish(c, Paths(s.cluster), e["tenant"], e["app"], e["routes"], by="test")
+        print("published", e["tenant"], e["app"], sorted(e["routes"]))
+finally:
+    c.stop()
+    c.close()
+"""
 
 
 def wait_for(pred, timeout: float, interval: float = 0.5, what: str = "condition"):
@@ -199,6 +231,11 @@ class Stack:
     def wait_gateway(self, timeout: float = 120) -> None:
         wait_for(lambda: self.gateway.get("/health")[0] == 200, timeout, what="the gateway's /health")
 
+    def wait_toystore(self, timeout: float = 120) -> None:
+        wait_for(lambda: self.gateway.get("/products/Tux")[0] == 200, timeout, what="the catalog behind the gateway")
+        # The order service answers a bad body 400; the gateway, before it routes /orders, 404.
+        wait_for(lambda: self.gateway.post("/orders", {})[0] == 400, timeout, what="the orders behind the gateway")
+
     def wait_rideshare(self, timeout: float = 120) -> None:
         """Users and rides registered behind the gateway and the DB answering."""
         wait_for(lambda: self.gateway.get("/api/v1/rides?source=1&destination=2")[0] in (200, 204), timeout,
@@ -231,6 +268,45 @@ class Stack:
     def running_workers(self) -> list[dict]:
         return [c for c in self.worker_containers() if c["status"] == "running"]
 
+    def instance_containers(self, all_: bool = False, **labels: str) -> list[dict]:
+        """This stack's app instance containers (orchestrator/runtimes/docker.py),
+        optionally of a tenant, app or role: [{id, name, instance, tenant, app,
+        role, image, pid, status}]."""
+        args = ["docker", "ps", "-q", "--filter", f"label=stratus.cluster={self.id}",
+                "--filter", "label=stratus.kind=instance"]
+        for k, v in labels.items():
+            args += ["--filter", f"label=stratus.label.{k}={v}"]
+        if all_:
+            args.insert(2, "-a")
+        ids = run(args).stdout.split()
+        if not ids:
+            return []
+        p = run(["docker", "inspect", *ids], check=False)
+        out = []
+        for c in json.loads(p.stdout or "[]"):
+            lb = c["Config"]["Labels"]
+            out.append({"id": c["Id"], "name": c["Name"].lstrip("/"), "instance": lb.get("stratus.instance_id"),
+                        "tenant": lb.get("stratus.label.tenant"), "app": lb.get("stratus.label.app"),
+                        "role": lb.get("stratus.label.role"), "image": c["Config"]["Image"],
+                        "pid": c["State"]["Pid"], "status": c["State"]["Status"]})
+        return out
+
+    def container_of(self, directory: str, service: str) -> str:
+        """The id of the one running container of `service` in `directory`'s project."""
+        ids = run(["docker", "ps", "-q", "--filter", f"label=com.docker.compose.project={self.project(directory)}",
+                   "--filter", f"label=com.docker.compose.service={service}"]).stdout.split()
+        assert len(ids) == 1, f"{service} of {self.project(directory)}: {ids}"
+        return ids[0]
+
+    def publish_builtin_routes(self, directory: str = "orchestrator") -> None:
+        """Route the built-in paths to the directly run services (see the
+        module docstring), from inside the orchestrator's container."""
+        entries = [{"tenant": t, "app": a, "routes": {p: list(v) for p, v in routes.items()}}
+                   for (t, a), routes in BUILTIN_ROUTES.items()]
+        out = run(["docker", "exec", self.container_of(directory, "orchestrator"), "python", "-c", _PUBLISH,
+                   json.dumps(entries)], timeout=60).stdout
+        assert out.count("published") == len(entries), out
+
     # --- cleanup ---------------------------------------------------------------------
     def save_logs(self) -> Path:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -243,6 +319,9 @@ class Stack:
             for c in self.worker_containers(all_=True):
                 p = run(["docker", "logs", "--tail", "200", c["id"]], check=False, timeout=30)
                 f.write(f"===== worker {c['name']}\n{p.stdout}\n{p.stderr}\n")
+            for c in self.instance_containers(all_=True):
+                p = run(["docker", "logs", "--tail", "200", c["id"]], check=False, timeout=30)
+                f.write(f"===== instance {c['name']} ({c['tenant']}/{c['app']}/{c['role']})\n{p.stdout}\n{p.stderr}\n")
         return path
 
     def leftovers(self) -> dict[str, list[str]]:
@@ -260,7 +339,10 @@ class Stack:
 
     def teardown(self) -> dict[str, list[str]]:
         """`down -v` every project (last first), then report and remove
-        anything left: the worker containers are the orchestrator's to remove."""
+        anything left: the worker and instance containers are the
+        orchestrator's to remove. The app images the orchestrator built for
+        this cluster (labelled with it) are kept by design (a tag cache);
+        the test's are removed here and not reported."""
         for project, d in reversed(self.projects):
             run([*compose_cmd(), "-p", project, "-f", str(d / "docker-compose.yml"), "down", "-v",
                  "--remove-orphans", "-t", "45"], env=self.env, cwd=d, check=False, timeout=180)
@@ -271,6 +353,10 @@ class Stack:
             run(["docker", "volume", "rm", "-f", *left["volumes"]], check=False)
         if left["networks"]:
             run(["docker", "network", "rm", *left["networks"]], check=False)
+        images = run(["docker", "image", "ls", "-q", "--filter", f"label=stratus.cluster={self.id}"],
+                     check=False).stdout.split()
+        if images:
+            run(["docker", "image", "rm", "-f", *sorted(set(images))], check=False)
         return {k: v for k, v in left.items() if v}
 
 
