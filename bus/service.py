@@ -180,7 +180,8 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
 
     class App(BaseApplication):
         def load_config(self):
-            cfg = {"bind": f"{settings.bind_host}:{port}", "workers": 1, "worker_class": "gthread",
+            cfg = {"limit_request_line": 0, "limit_request_field_size": 16384,  # the gateway bounds heads (16 KiB): no HTML 414/431 from gunicorn
+                   "bind": f"{settings.bind_host}:{port}", "workers": 1, "worker_class": "gthread",
                    "threads": threads, "timeout": 60, "graceful_timeout": 10, "keepalive": 30,
                    "accesslog": None, "errorlog": "-", "loglevel": "warning",
                    "post_worker_init": post_worker_init, "worker_exit": worker_exit}

@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     class App(BaseApplication):
         def load_config(self):
-            cfg = {"bind": f"{settings.bind_host}:{settings.orchestrator_port}", "workers": 1,
+            cfg = {"limit_request_line": 0, "limit_request_field_size": 16384,  # the gateway bounds heads (16 KiB): no HTML 414/431 from gunicorn
+                   "bind": f"{settings.bind_host}:{settings.orchestrator_port}", "workers": 1,
                    "worker_class": "gthread", "threads": 16, "timeout": 60, "graceful_timeout": 30,
                    "keepalive": 30, "accesslog": None, "errorlog": "-", "loglevel": "warning",
                    "post_worker_init": post_worker_init, "worker_exit": worker_exit}
