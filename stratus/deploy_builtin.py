@@ -54,9 +54,12 @@ def package(root: Path, tenant: str) -> tuple[dict, bytes]:
     d = root / "apps" / tenant
     try:
         manifest = json.loads((d / "manifest.json").read_text())
-        lines = (d / "package.txt").read_text().splitlines()
     except (OSError, ValueError) as exc:
-        raise builtin.DeployError(f"{d}: {exc}") from None
+        raise builtin.DeployError(f"{d / 'manifest.json'}: {exc}") from None
+    try:
+        lines = (d / "package.txt").read_text().splitlines()
+    except OSError as exc:
+        raise builtin.DeployError(f"{d / 'package.txt'}: {exc}") from None
     dirs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     return manifest, builtin.tarball(builtin.members(root, dirs))
 
