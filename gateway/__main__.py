@@ -1,12 +1,20 @@
-"""`python -m gateway`: serve the public front until SIGTERM or Ctrl-C."""
+"""`python -m gateway`: serve the public front until SIGTERM or Ctrl-C.
+
+Once listening, the gateway registers itself in the ZooKeeper service
+registry as the service "gateway" ({host, port, health: /health}: the
+address it advertises, bus/registry.py), so that the orchestrator's
+Prometheus discovery finds its /metrics; the znode is ephemeral and deleted
+on a clean stop. Nothing routes requests to it through the registry."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 
+from bus import registry
 from bus import zk as bzk
 
 from .app import Gateway
@@ -37,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(gateway, cfg, host=args.host)
     server.start()
     host, port = server.address
+    # The registry entry advertises the address it listens on (a wildcard: the host's name).
+    reg = registry.register(zk, dataclasses.replace(cfg.base, bind_host=host), "gateway", port)
     log.info("gateway listening on %s:%d (cluster %s, %d threads, queue %d)", host, port, cfg.base.cluster,
              cfg.threads, cfg.queue)
     print(f"gateway listening on http://{host}:{port}", flush=True)
@@ -46,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     log.info("gateway stopping")
+    reg.close()
     server.stop()
     gateway.close()
     try:

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
+from bus.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from bus.names import Paths
 from bus.routing import RouteTable
 
@@ -75,6 +76,8 @@ class Answer:
     route: str
     upstream: str = "-"
     close: bool = False
+    tenant: str = ""         # the tenant and app owning the route ("" for the platform's): metrics labels
+    app: str = ""
 
 
 def _error(status: int, message: str, route: str, **kw) -> Answer:
@@ -110,8 +113,8 @@ class Gateway:
         m.gauge("stratus_gateway_upstream_outstanding", "Requests in flight per service.", self._outstanding_gauge)
         m.gauge("stratus_gateway_upstream_idle_connections", "Pooled keep-alive connections per service.",
                 self._idle_gauge)
-        m.gauge("stratus_gateway_cache_events", "Product cache hits, misses, LSN bypasses, invalidations.",
-                lambda: [({"event": k}, getattr(self.cache, k)) for k in ("hits", "misses", "bypasses", "invalidations")])
+        m.counter("stratus_gateway_cache_events", "Product cache hits, misses, LSN bypasses, invalidations.",
+                  lambda: [({"event": k}, getattr(self.cache, k)) for k in ("hits", "misses", "bypasses", "invalidations")])
         m.gauge("stratus_gateway_cache_entries", "Products in the cache.", lambda: [({}, len(self.cache))])
         m.gauge("stratus_gateway_lsn_clients", "Clients whose last LSN is remembered.", lambda: [({}, len(self.lsns))])
 
@@ -163,7 +166,7 @@ class Gateway:
             ans = _error(500, "internal gateway error", "error", close=True)
         ans.headers.append(("X-Request-Id", rid))
         elapsed = time.perf_counter() - t0
-        self.metrics.observe(ans.route, req.method, ans.status, elapsed)
+        self.metrics.observe(ans.route, req.method, ans.status, elapsed, ans.tenant, ans.app)
         if self.cfg.access_log:
             access.info("%s:%d %s %s %d %.1fms upstream=%s rid=%s", conn.ip, conn.port, req.method, req.target,
                         ans.status, elapsed * 1000, ans.upstream, rid)
@@ -190,6 +193,12 @@ class Gateway:
         except router.BadPath as exc:
             return _error(400, str(exc), "unknown")
         r = router.route(path, self.routes)
+        ans = self._answer(req, conn, rid, path, r)
+        if r.owner is not None:
+            ans.tenant, ans.app = r.owner, r.app or ""
+        return ans
+
+    def _answer(self, req: Request, conn: ClientConn, rid: str, path: str, r: router.Route) -> Answer:
         if r is router.HEALTH:
             if req.method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed", r.name)
@@ -197,8 +206,7 @@ class Gateway:
         if r is router.METRICS:
             if req.method not in ("GET", "HEAD"):
                 return _error(405, "method not allowed", r.name)
-            return Answer(200, [("Content-Type", "text/plain; version=0.0.4; charset=utf-8")],
-                          self.metrics.render().encode(), r.name)
+            return Answer(200, [("Content-Type", METRICS_CONTENT_TYPE)], self.metrics.render(), r.name)
 
         token, claims, problem = self._bearer(req)
         tenant = claims.get("tenant") if claims is not None else None

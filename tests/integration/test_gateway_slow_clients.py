@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 
+from bus import metrics as bmetrics
 from kits.testkit import Client, start_gateway, start_upstream, wait_healthy, wait_until
 
 SLOW = 300          # slow connections from 127.0.0.2
@@ -147,10 +148,10 @@ def test_slow_connections_from_one_address_leave_others_served(cluster):
         for s in slow:
             s.close()
     status, text, _ = Client(gw).get("/metrics")
-    text = text.decode() if isinstance(text, bytes) else str(text)
-    rejected = int(re.search(r"^stratus_gateway_rejected_connections_total (\d+)", text, re.M).group(1))
+    got = bmetrics.parse(text)
+    rejected = bmetrics.value(got, "stratus_gateway_rejected_connections_total")
     assert rejected >= SLOW - CAP, text  # and any 429 met while the freed slots were being closed
-    assert 'stratus_gateway_bad_requests_total{status="408"}' in text
+    assert bmetrics.value(got, "stratus_gateway_bad_requests_total", status=408) >= 1
 
 
 MALFORMED = [

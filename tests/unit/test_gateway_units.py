@@ -21,6 +21,7 @@ from gateway.cache import Entry, ProductCache
 from gateway.config import load_config
 from gateway.http11 import HttpError, Reader, RequestBuffer, parse_head, render
 from gateway.lsn import LSNTracker, parse_lsn
+from bus import metrics as bmetrics
 from gateway.metrics import Metrics
 from gateway.proxy import strip_hop_by_hop
 from gateway.ratelimit import RateLimiter, retry_after
@@ -568,17 +569,30 @@ def test_strip_hop_by_hop():
 
 def test_metrics_text():
     m = Metrics()
-    m.observe("users", "GET", 200, 0.003)
-    m.observe("users", "GET", 200, 20.0)
+    m.observe("users", "GET", 200, 0.003, "rideshare", "rideshare")
+    m.observe("users", "GET", 200, 20.0, "rideshare", "rideshare")
+    m.observe("admin", "POST", 403, 0.001)
     m.upstream_error("users", "connect")
     m.gauge("stratus_gateway_threads", "t", lambda: [({"state": "busy"}, 2)])
+    m.counter("stratus_gateway_cache_events", "c", lambda: [({"event": "hits"}, 5)])
     m.gauge("broken", "b", lambda: 1 / 0)
-    text = m.render()
-    assert 'stratus_gateway_requests_total{route="users",method="GET",status="200"} 2' in text
-    assert 'stratus_gateway_request_duration_seconds_bucket{route="users",le="0.005"} 1' in text
-    assert 'stratus_gateway_request_duration_seconds_bucket{route="users",le="+Inf"} 2' in text
-    assert 'stratus_gateway_upstream_errors_total{route="users",kind="connect"} 1' in text
-    assert 'stratus_gateway_threads{state="busy"} 2' in text
+    text = m.render().decode()
+    got = bmetrics.parse(text)   # valid Prometheus text, or it raises
+    users = {"route": "users", "tenant": "rideshare", "app": "rideshare"}
+    assert bmetrics.value(got, "stratus_gateway_requests_total", method="GET", status=200, **users) == 2
+    assert bmetrics.value(got, "stratus_gateway_requests_total", route="admin", method="POST", status=403,
+                          tenant="", app="") == 1
+    assert bmetrics.value(got, "stratus_gateway_request_duration_seconds_bucket", le="0.005", **users) == 1
+    assert bmetrics.value(got, "stratus_gateway_request_duration_seconds_bucket", le="+Inf", **users) == 2
+    assert bmetrics.value(got, "stratus_gateway_request_duration_seconds_count", **users) == 2
+    assert abs(bmetrics.value(got, "stratus_gateway_request_duration_seconds_sum", **users) - 20.003) < 1e-9
+    assert bmetrics.value(got, "stratus_gateway_upstream_errors_total", route="users", kind="connect") == 1
+    assert bmetrics.value(got, "stratus_gateway_threads", state="busy") == 2
+    assert bmetrics.value(got, "stratus_gateway_cache_events_total", event="hits") == 5
+    assert "# TYPE stratus_gateway_cache_events_total counter" in text
+    assert bmetrics.value(got, "broken") is None    # a failing gauge is left out, /metrics still answers
+    assert bmetrics.value(got, "process_cpu_seconds_total") is not None
+    assert "_created" not in text
 
 
 def test_instance_counters_are_thread_safe():
@@ -605,5 +619,7 @@ def test_metrics_labels_stay_bounded():
     m = Metrics()
     for i in range(1000):
         m.observe("unknown", f"M{i}", 404, 0.001)
-    assert len(m.requests) == 1
-    assert 'method="OTHER",status="404"} 1000' in m.render()
+    got = bmetrics.parse(m.render())
+    series = [k for k in got if k[0] == "stratus_gateway_requests_total"]
+    assert len(series) == 1
+    assert bmetrics.value(got, "stratus_gateway_requests_total", method="OTHER", status=404) == 1000
