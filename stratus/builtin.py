@@ -95,13 +95,20 @@ def tarball(files: Iterable[tuple[str, Path]]) -> bytes:
     return out.getvalue()
 
 
-def builtin_package(tenant: str) -> tuple[dict, bytes]:
-    """(manifest, package bytes) of a built-in app."""
-    d = APPS / tenant
-    manifest = json.loads((d / "manifest.json").read_text())
-    dirs = [line.strip() for line in (d / "package.txt").read_text().splitlines()
-            if line.strip() and not line.startswith("#")]
-    return manifest, tarball(members(ROOT, dirs))
+def builtin_package(tenant: str, root: Path = ROOT) -> tuple[dict, bytes]:
+    """(manifest, package bytes) of a built-in app, from `root` (the
+    repository, or a copy of its sources: stratus/deploy_builtin.py)."""
+    d = root / "apps" / tenant
+    try:
+        manifest = json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise DeployError(f"{d / 'manifest.json'}: {exc}") from None
+    try:
+        lines = (d / "package.txt").read_text().splitlines()
+    except OSError as exc:
+        raise DeployError(f"{d / 'package.txt'}: {exc}") from None
+    dirs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return manifest, tarball(members(root, dirs))
 
 
 def _http(base: str, method: str, path: str, body: bytes | None, ctype: str, timeout: float,
@@ -158,9 +165,10 @@ def wait_running(base: str, tenant: str, app: str, timeout: float = 60.0, *, tok
         time.sleep(0.2)
 
 
-def deploy_builtin(base: str, tenant: str, *, timeout: float = 60.0) -> dict:
-    """Deploy a built-in app (retrying while the orchestrator answers 503)."""
-    manifest, package = builtin_package(tenant)
+def deploy_builtin(base: str, tenant: str, *, timeout: float = 60.0, root: Path = ROOT) -> dict:
+    """Deploy a built-in app (retrying while the orchestrator answers 5xx or
+    not at all, for at most `timeout` seconds); returns the app view."""
+    manifest, package = builtin_package(tenant, root)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -28,7 +28,6 @@ Contract:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -49,36 +48,16 @@ def source_root(explicit: str | None = None) -> Path:
 
 
 def package(root: Path, tenant: str) -> tuple[dict, bytes]:
-    """(manifest, package bytes) of built-in app `tenant` under `root`,
-    exactly as stratus.builtin.builtin_package makes them from the checkout."""
-    d = root / "apps" / tenant
-    try:
-        manifest = json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise builtin.DeployError(f"{d / 'manifest.json'}: {exc}") from None
-    try:
-        lines = (d / "package.txt").read_text().splitlines()
-    except OSError as exc:
-        raise builtin.DeployError(f"{d / 'package.txt'}: {exc}") from None
-    dirs = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return manifest, builtin.tarball(builtin.members(root, dirs))
+    """(manifest, package bytes) of built-in app `tenant` under `root`."""
+    return builtin.builtin_package(tenant, root)
 
 
 def deploy_app(base: str, root: Path, tenant: str, *, timeout: float) -> dict:
-    """PUT the package and the manifest of the built-in app `tenant`
-    (retried while the orchestrator answers 5xx or not at all), then wait
-    until it runs; returns the app's view. DeployError on failure."""
-    manifest, pkg = package(root, tenant)
+    """Deploy the built-in app `tenant` from `root` (retried while the
+    orchestrator answers 5xx or not at all), then wait until it runs;
+    returns the app's view. DeployError on failure."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            builtin.deploy(base, tenant, tenant, manifest, pkg)
-            break
-        except builtin.DeployError as exc:
-            if (exc.status is None or exc.status >= 500) and time.monotonic() < deadline:
-                time.sleep(1.0)
-                continue
-            raise
+    builtin.deploy_builtin(base, tenant, timeout=timeout, root=root)
     return builtin.wait_running(base, tenant, tenant, timeout=max(1.0, deadline - time.monotonic()))
 
 

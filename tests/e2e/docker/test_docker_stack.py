@@ -8,10 +8,8 @@ of tests/data/apps/shop) deployed, scaled, killed and deleted as containers.
 A short scaling window (8 s) and at most 3 slaves keep the autoscaling demo
 quick and the container count small."""
 import json
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from dockerkit import ROOT, Http, Stack, grader_sequence, run, toystore_smoke, wait_for
@@ -113,24 +111,11 @@ def test_toystore_through_the_gateway(stack):
 
 
 SHOP = ROOT / "tests" / "data" / "apps" / "shop"
-# The example binds its server to 127.0.0.1, where inside a container nothing
-# but the container itself reaches it. Until it serves on the interface the
-# platform names (STRATUS_BIND_HOST: 127.0.0.1 for processes, 0.0.0.0 in a
-# container), the copy deployed here reads that one line from the
-# environment; nothing else of the app changes.
-LOOPBACK = 'ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)'
-BIND = 'ThreadingHTTPServer((os.environ.get("STRATUS_BIND_HOST", "127.0.0.1"), int(os.environ["PORT"])), Handler)'
 
 
-def shop_package(workdir: Path) -> tuple[dict, bytes]:
+def shop_package() -> tuple[dict, bytes]:
     manifest = json.loads((SHOP / "manifest.json").read_text())
-    files = builtin.members(SHOP, ["shop"])
-    web = (SHOP / "shop" / "web.py").read_text()
-    if LOOPBACK in web:
-        patched = workdir / "web.py"
-        patched.write_text(web.replace(LOOPBACK, BIND))
-        files = [(name, patched if name == "shop/web.py" else path) for name, path in files]
-    return manifest, builtin.tarball(files)
+    return manifest, builtin.tarball(builtin.members(SHOP, ["shop"]))
 
 
 def test_a_tenant_app_runs_as_containers_scaled_killed_and_deleted(stack):
@@ -138,8 +123,7 @@ def test_a_tenant_app_runs_as_containers_scaled_killed_and_deleted(stack):
     tenant, app = "acme", "shop"
     status, body = api.post("/api/v1/tenants", {"name": tenant})
     assert status == 201 and body["name"] == tenant, (status, body)
-    with tempfile.TemporaryDirectory() as d:
-        manifest, package = shop_package(Path(d))
+    manifest, package = shop_package()
     base = api.base
 
     def view():

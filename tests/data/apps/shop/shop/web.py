@@ -79,7 +79,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main():
-    server = ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Handler)
+    # PORT from the platform; the address too (loopback on the process
+    # runtime, every interface in a container), all interfaces without it.
+    server = ThreadingHTTPServer((os.environ.get("STRATUS_BIND_HOST", "0.0.0.0"), int(os.environ["PORT"])), Handler)
     server.daemon_threads = False       # server_close() waits for requests in flight
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
