@@ -43,7 +43,7 @@ from spec.context (the unpacked package):
              world-readable) plus that Dockerfile and a .dockerignore naming it
              (the daemon drops both from the context, so /app holds exactly the
              package; a package's own .dockerignore is not used). Tagged
-             stratus-app/<tenant>-<app>:<digest[7:19]> (from the spec's labels
+             stratus-app/<tenant>-<app>:<digest[7:19]>-<base id> (from the spec's labels
              tenant, app, digest), labelled stratus.cluster=<cluster>, and
              cached by tag: an existing tag is never rebuilt.
   logs       a follower thread per container streams its output (stdout and
@@ -206,13 +206,16 @@ def app_base_image(environ: Mapping[str, str]) -> str:
     return f"{environ.get('STRATUS_IMAGE_PREFIX') or 'stratus'}/app:latest"
 
 
-def app_image_tag(tenant: str, app: str, digest: str) -> str:
-    """stratus-app/<tenant>-<app>:<digest[7:19]> for a package digest "sha256:<64 hex>"."""
+def app_image_tag(tenant: str, app: str, digest: str, base_id: str = "") -> str:
+    """stratus-app/<tenant>-<app>:<digest[7:19]>[-<base id[7:15]>] for a package
+    digest "sha256:<64 hex>" built on the base image `base_id`: a rebuilt base
+    makes a new tag, so an app never keeps running an old base's code."""
     if not _NAME_RE.match(tenant or "") or not _NAME_RE.match(app or ""):
         raise ValueError(f"tenant {tenant!r} and app {app!r} must be lower-case names")
     if not _DIGEST_RE.match(digest or ""):
         raise ValueError(f"digest {digest!r} is not sha256:<64 hex digits>")
-    return f"{APP_REPO}/{tenant}-{app}:{digest[7:19]}"
+    base = base_id.split(":", 1)[-1][:8] if base_id else ""
+    return f"{APP_REPO}/{tenant}-{app}:{digest[7:19]}" + (f"-{base}" if base else "")
 
 
 def dockerfile_text(base_image: str) -> str:
@@ -518,8 +521,12 @@ class DockerRuntime(Runtime):
         if not spec.context:
             raise StartError(f"instance {spec.id}: no image and no build context")
         try:
+            base_id = self.client.images.get(self.base_image).id
+        except Exception as exc:
+            raise StartError(f"instance {spec.id}: the base image {self.base_image} is not here: {exc}") from None
+        try:
             tag = app_image_tag(spec.labels.get("tenant", ""), spec.labels.get("app", ""),
-                                spec.labels.get("digest", ""))
+                                spec.labels.get("digest", ""), base_id)
         except ValueError as exc:
             raise StartError(f"instance {spec.id}: cannot name its image: {exc}") from None
         with self._lock:

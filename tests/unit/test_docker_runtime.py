@@ -5,6 +5,9 @@ flows of both kinds against a small in-memory fake of the docker SDK. The real b
 (containers, die events, docker-compose down) is tested in the Docker stage."""
 from __future__ import annotations
 
+import hashlib
+import types
+
 import dataclasses
 import threading
 import time
@@ -168,6 +171,7 @@ class FakeDocker:
         self.volumes = self._Volumes(self)
         self.images = self._Images(self)
         self.built: dict[str, dict] = {}          # tag -> build kwargs (and the context's members)
+        self.bases = {"pfx/app:latest": "sha256:" + "ba5e" * 16}   # the platform's base image, present
         self.build_fails = False
         self.output: dict[str, list[bytes]] = {}  # container name -> what it prints
         self.log_calls: list[tuple[str, dict]] = []
@@ -219,9 +223,11 @@ class FakeDocker:
             self.api = api
 
         def get(self, tag):
+            if tag in self.api.bases:
+                return types.SimpleNamespace(id=self.api.bases[tag])
             if tag not in self.api.built:
                 raise NotFound(tag)
-            return tag
+            return types.SimpleNamespace(id="sha256:" + hashlib.sha256(tag.encode()).hexdigest())
 
         def build(self, fileobj=None, custom_context=False, **kw):
             import tarfile
@@ -416,6 +422,8 @@ def test_instance_container_env_holds_nothing_of_the_orchestrator():
 
 def test_app_image_tag_base_and_dockerfile():
     assert app_image_tag("acme", "shop", DIGEST) == "stratus-app/acme-shop:0123456789ab"
+    # a rebuilt base image makes another tag: an app never keeps an old base's code
+    assert app_image_tag("acme", "shop", DIGEST, "sha256:" + "ba5e" * 16) == "stratus-app/acme-shop:0123456789ab-ba5eba5e"
     for bad in (("acme", "shop", "sha256:xyz"), ("acme", "shop", "0123"), ("Acme", "shop", DIGEST),
                 ("acme", "sh/op", DIGEST), ("", "shop", DIGEST)):
         with pytest.raises(ValueError):
@@ -468,7 +476,7 @@ def test_an_instance_is_built_once_from_its_package_and_runs_labelled(instances,
     exits = []
     instances.on_exit(lambda uid, code: exits.append((uid, code)))
     h = instances.start(instance_spec("i-00000001", context=str(pkg)))
-    tag = "stratus-app/acme-shop:0123456789ab"
+    tag = "stratus-app/acme-shop:0123456789ab-ba5eba5e"   # the package digest, then the base image's id
     built = fake.built[tag]
     assert built["custom_context"] and built["dockerfile"] == ".stratus.Dockerfile" and built["pull"] is False
     assert built["labels"] == {"stratus.cluster": "c1"} and built["network_mode"] == "none"
