@@ -6,9 +6,11 @@ Resolution, in this order (`route`):
   1. the platform's own routes, built in: exact paths (/health, /metrics,
      /api/v1/auth/token, /api/v1/openapi.json, /api/v1/worker/list,
      /api/v1/cluster, /api/v1/switchover) and prefixes (/api/v1/db,
-     /api/v1/crash, /api/v1/tenants, /api/v1/developers, /api/v1/logs);
+     /api/v1/crash, /api/v1/tenants, /api/v1/developers, /api/v1/logs, and
+     /dashboard: the registry's service "dashboard", public, since the
+     dashboard signs its users in itself and calls the API with their tokens);
   2. any other path under a prefix the platform reserves (paas.md, Apps:
-     /api/v1/auth, /api/v1/worker, /dashboard, /health, /metrics, ...) is
+     /api/v1/auth, /api/v1/worker, /health, /metrics, ...) is
      not found: no app can own it;
   3. the apps' routes (bus.routing.RouteTable, from ZooKeeper): the longest
      prefix that covers the path; the Route is named after the web role,
@@ -59,6 +61,8 @@ TOKEN = Route("auth", None)
 NOT_FOUND = Route("unknown", None)
 _ADMIN = Route("admin", "orchestrator", ADMIN)
 _STATUS = Route("admin", "orchestrator", ADMIN, dev_read=True)
+DASHBOARD_SERVICE = "dashboard"   # the registry service of the dashboard (python -m dashboard)
+DASHBOARD = Route("dashboard", DASHBOARD_SERVICE)
 
 # (prefix, route): the path equals the prefix or continues with "/".
 _PREFIXES = (
@@ -67,6 +71,7 @@ _PREFIXES = (
     ("/api/v1/tenants", Route("tenants", "orchestrator", TENANT)),
     ("/api/v1/developers", Route("developers", "orchestrator", ADMIN)),
     ("/api/v1/logs", Route("logs", "orchestrator", LOGS)),
+    ("/dashboard", DASHBOARD),
 )
 _EXACT = {
     "/health": HEALTH,
