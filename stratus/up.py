@@ -1,8 +1,8 @@
 """`stratus up` (what `make up` runs) and `stratus down`.
 
 up: runs the whole platform as local processes: the orchestrator (which
-starts the DB workers and every app's instances) and the gateway. Once they
-answer, it creates the built-in tenants rideshare and toystore through the
+starts the DB workers and every app's instances), the dashboard and the
+gateway. Once they answer, it creates the built-in tenants rideshare and toystore through the
 orchestrator's API (one that exists is kept as it is; a new tenant's owner
 password goes to $STRATUS_STATE_DIR/tenants/<name>-password, readable by its
 owner alone) and deploys their apps from apps/<tenant>/ (stratus/builtin.py),
@@ -31,7 +31,7 @@ BUILT_IN_TENANTS = ("rideshare", "toystore")
 # The platform's own components: (component, settings attribute of its port).
 # The tenants' apps, the built-in ones included, are not here: the
 # orchestrator runs them, and `up` deploys the built-in ones through its API.
-COMPONENTS = [("orchestrator", "orchestrator_port"), ("gateway", "gateway_port")]
+COMPONENTS = [("orchestrator", "orchestrator_port"), ("dashboard", "dashboard_port"), ("gateway", "gateway_port")]
 
 
 def pid_file(settings: Settings) -> Path:
@@ -185,6 +185,7 @@ def describe(settings: Settings, procs, apps: dict | None = None) -> None:
         port = getattr(settings, ports[name])
         note = " (the public entry point)" if name == "gateway" else ""
         note = " (admin API, loopback only)" if name == "orchestrator" else note
+        note = f" (in a browser: {settings.gateway_base_url()}/dashboard/)" if name == "dashboard" else note
         print(f"  {name:<13} http://127.0.0.1:{port}{note}   pid {procs[name].pid}")
     for tenant, view in (apps or {}).items():
         for role, r in view["roles"].items():
