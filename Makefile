@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down test test-fast test-docker venv services bench clean-state fuzz
+.PHONY: up down test test-fast test-docker venv services browser bench clean-state fuzz
 
 $(VENV)/.installed: pyproject.toml
 	@python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "installing python3-venv"; \
@@ -22,6 +22,15 @@ venv: $(VENV)/.installed
 services:
 	@scripts/services.sh start
 
+# Headless Chromium and its driver (Debian's chromium, chromium-driver) for the
+# dashboard's browser tests; when they cannot be installed those tests skip
+# with a message, and everything else runs.
+browser:
+	@{ command -v chromium >/dev/null && command -v chromedriver >/dev/null; } || { echo "installing chromium and chromium-driver"; \
+	  { $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
+	    $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
+	  || echo "chromium could not be installed: the dashboard's browser tests will be skipped"; }
+
 up: venv services
 	@$(VENV)/bin/stratus up $(if $(DETACH),--detach,)
 
@@ -30,11 +39,11 @@ down: venv
 
 # The whole suite: unit, integration and end-to-end on processes, then the
 # Docker stage (a separate script, skipped with a message when no engine can run).
-test: venv services
+test: venv services browser
 	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS) tests
 	@scripts/docker-stage.sh
 
-test-fast: venv services
+test-fast: venv services browser
 	$(PY) -m pytest -q -m "not docker and not slow" $(PYTEST_ARGS) tests
 
 # The property test of the wire protocol with many more generated requests
