@@ -2,7 +2,8 @@
 or a test harness), kept in ZooKeeper:
 
   /stratus/{cluster}/workers/{id}   ephemeral, written by each worker: its Member
-      {id, pid, host, role, state, term, applied_lsn, ready, reads, serves_reads, started, reason}
+      {id, pid, host, role, state, term, applied_lsn, ready, reads, serves_reads, started, reason,
+       metrics_host, metrics_port}
       role:  "slave" | "master"                                    (Role)
       state: "catching_up" | "ready" | "promoting" | "master" |    (State)
              "draining" | "diverged"
@@ -12,6 +13,9 @@ or a test harness), kept in ZooKeeper:
       reads: reads this worker has taken from readQ since it started (the
              orchestrator sums the increases to count reads for scaling)
       reason: why the worker is not ready ("" when nothing to say)
+      metrics_host, metrics_port: where the worker serves its Prometheus
+             /metrics (worker/metrics.py); absent when it serves none. The
+             orchestrator's discovery (orchestrator/discovery.py) reads them.
   /stratus/{cluster}/leader         {id, term}: the worker named here becomes
       master for that term. Terms only grow; set_leader bumps it with a
       compare-and-set so two steerers can never hand out the same term.
@@ -99,6 +103,8 @@ class Member:
     serves_reads: bool = False
     started: float | None = None      # the worker's start (wall clock): with id, identifies one run
     reason: str = ""
+    metrics_host: str | None = None   # where the worker's /metrics listens (None: not served)
+    metrics_port: int | None = None
     # What the orchestrator adds to its own view; never written to ZooKeeper.
     booting: bool = False             # started by the runtime, not registered yet
     own_pid: int | None = None        # the pid the worker reports, when the runtime's differs (containers)
@@ -109,6 +115,7 @@ class Member:
         record has none. Never raises on the record's content."""
         d = d if isinstance(d, dict) else {}
         own = d.get("own_pid")
+        mport = _int(d.get("metrics_port"), -1)
         return cls(id=str(d.get("id") or id or ""), pid=_int(d.get("pid")),
                    host=d.get("host") if isinstance(d.get("host"), str) else None,
                    role=_enum(Role, d.get("role", Role.SLAVE.value), Role.UNKNOWN),
@@ -116,7 +123,9 @@ class Member:
                    term=_int(d.get("term")), applied_lsn=_int(d.get("applied_lsn")),
                    ready=bool(d.get("ready")), reads=_int(d.get("reads")),
                    serves_reads=bool(d.get("serves_reads")), started=_float(d.get("started")),
-                   reason=str(d.get("reason") or ""), booting=bool(d.get("booting")),
+                   reason=str(d.get("reason") or ""),
+                   metrics_host=d.get("metrics_host") if isinstance(d.get("metrics_host"), str) else None,
+                   metrics_port=mport if 0 < mport < 65536 else None, booting=bool(d.get("booting")),
                    own_pid=None if own is None else _int(own))
 
     def to_dict(self) -> dict:
@@ -125,6 +134,9 @@ class Member:
              "state": self.state.value, "term": self.term, "applied_lsn": self.applied_lsn,
              "ready": self.ready, "reads": self.reads, "serves_reads": self.serves_reads,
              "started": self.started, "reason": self.reason}
+        if self.metrics_port is not None:
+            d["metrics_host"] = self.metrics_host
+            d["metrics_port"] = self.metrics_port
         if self.booting:
             d["booting"] = True
         if self.own_pid is not None:

@@ -112,3 +112,41 @@ def value(text_or_parsed, name: str, **labels) -> float | None:
     want = {(k, str(v)) for k, v in labels.items()}
     found = [v for (n, ls), v in parsed.items() if n == name and want <= ls]
     return sum(found) if found else None
+
+
+class HttpMetrics:
+    """A Flask service's request metrics (bus/service.py base_app):
+      stratus_http_requests_total{service,endpoint,method,status}
+      stratus_http_request_duration_seconds{service,endpoint}
+    endpoint: the matched URL rule (/api/v1/users/<path:username>), or
+    "unmatched"; method: one of METHODS or OTHER. Bounded label sets."""
+
+    METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+    def __init__(self, service: str, reg: CollectorRegistry | None = None):
+        from prometheus_client import Counter, Histogram
+        self.service = service
+        self.registry = reg if reg is not None else registry()
+        self._requests = Counter("stratus_http_requests", "HTTP requests answered, by service, URL rule, method "
+                                 "and status.", ["service", "endpoint", "method", "status"], registry=self.registry)
+        self._duration = Histogram("stratus_http_request_duration_seconds", "Time to answer an HTTP request, by "
+                                   "service and URL rule.", ["service", "endpoint"], buckets=BUCKETS,
+                                   registry=self.registry)
+        self._req_children: dict[tuple, object] = {}
+        self._dur_children: dict[str, object] = {}
+
+    def observe(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        if method not in self.METHODS:
+            method = "OTHER"
+        key = (endpoint, method, status)
+        c = self._req_children.get(key)
+        if c is None:
+            c = self._req_children[key] = self._requests.labels(self.service, endpoint, method, str(status))
+        c.inc()
+        h = self._dur_children.get(endpoint)
+        if h is None:
+            h = self._dur_children[endpoint] = self._duration.labels(self.service, endpoint)
+        h.observe(seconds)
+
+    def render(self) -> bytes:
+        return render(self.registry)

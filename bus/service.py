@@ -1,6 +1,14 @@
 """What every tenant service shares: a Flask app with JSON errors, a 64 KiB
-body limit, request ids in every log line, and a runner that serves it with
-gunicorn threads and registers the instance in the ZooKeeper service registry.
+body limit, request ids in every log line, GET /health and GET /metrics, and
+a runner that serves it with gunicorn threads and registers the instance in
+the ZooKeeper service registry.
+
+/metrics: the Prometheus text (bus/metrics.py) of the app's own registry,
+app.extensions["stratus_metrics"] (a bus.metrics.HttpMetrics): every request
+counted by URL rule, method and status with its latency, plus the process's
+figures. A component adds its own collectors to that registry (the
+orchestrator's DB cluster figures). Scrapes of /metrics are counted but not
+written to the access log.
 
     app = base_app("users", error_body=lambda status, msg: {"error": msg})
     ...routes...
@@ -15,9 +23,10 @@ import time
 import uuid
 from typing import Callable
 
-from flask import Flask, abort, g, jsonify, request
+from flask import Flask, Response, abort, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, HttpMetrics
 from .settings import Settings, load
 
 MAX_BODY = 64 * 1024
@@ -64,6 +73,7 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
     app.json.sort_keys = False
     app.extensions["stratus_error_body"] = error_body
+    metrics = app.extensions["stratus_metrics"] = HttpMetrics(name)
     access = logging.getLogger(f"stratus.{name}.access")
 
     @app.before_request
@@ -80,8 +90,12 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
     @app.after_request
     def _finish(resp):
         resp.headers["X-Request-Id"] = g.get("request_id", "")
-        ms = (time.monotonic() - g.get("started", time.monotonic())) * 1000
-        access.info("%s %s %s %.1fms", request.method, request.full_path.rstrip("?"), resp.status_code, ms)
+        seconds = time.monotonic() - g.get("started", time.monotonic())
+        rule = request.url_rule
+        metrics.observe(rule.rule if rule is not None else "unmatched", request.method, resp.status_code, seconds)
+        if rule is None or rule.endpoint != "_metrics":
+            access.info("%s %s %s %.1fms", request.method, request.full_path.rstrip("?"), resp.status_code,
+                        seconds * 1000)
         return resp
 
     @app.errorhandler(HTTPException)
@@ -96,6 +110,10 @@ def base_app(name: str, *, error_body: Callable[[int, str], dict] = default_erro
     @app.get("/health")
     def _health():
         return jsonify({"status": "ok", "service": name})
+
+    @app.get("/metrics")
+    def _metrics():
+        return Response(metrics.render(), content_type=METRICS_CONTENT_TYPE)
 
     return app
 

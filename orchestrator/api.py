@@ -23,8 +23,9 @@ import threading
 
 from dataclasses import dataclass
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, jsonify, request
 from kazoo.exceptions import KazooException
+from prometheus_client.metrics_core import Metric
 
 from bus import accounts, tenancy, web
 from bus.client import DBClient
@@ -358,47 +359,107 @@ def create_app(holder: Holder | None = None) -> Flask:
     def cluster():
         return jsonify(controller().cluster_view())
 
-    @app.get("/metrics")
-    def metrics():
-        return Response(render_metrics(controller()), mimetype="text/plain; version=0.0.4")
+    # GET /metrics is base_app's (bus/service.py): the DB cluster's figures join its registry.
+    app.extensions["stratus_metrics"].registry.register(ClusterMetrics(holder))
 
     return app
 
 
-def render_metrics(c) -> str:
-    view = c.cluster_view()
+class ClusterMetrics:
+    """The DB cluster as this orchestrator sees it, read when /metrics is
+    scraped (a prometheus_client collector over Controller.cluster_view and
+    its counters; cluster_families holds the mapping). Before the controller
+    exists, or when ZooKeeper cannot be read, only stratus_orchestrator_leader
+    is given (and the HTTP and process figures of base_app)."""
+
+    def __init__(self, holder: Holder):
+        self.holder = holder
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = self.holder.controller
+        if c is None:
+            yield _gauge("stratus_orchestrator_leader", "1 when this orchestrator leads.", [({}, 0)])
+            return
+        try:
+            view = c.cluster_view()
+        except Exception as exc:   # ZooKeeper away: /metrics still answers
+            log.warning("metrics: the cluster view could not be read: %r", exc)
+            yield _gauge("stratus_orchestrator_leader", "1 when this orchestrator leads.", [({}, 1 if c.leading else 0)])
+            return
+        yield from cluster_families(view, dict(c.counters))
+
+
+def _gauge(name: str, help_: str, samples) -> Metric:
+    return _family(name, "gauge", help_, samples)
+
+
+def _counter(name: str, help_: str, samples) -> Metric:
+    """name without _total."""
+    return _family(name, "counter", help_, samples)
+
+
+def _family(name: str, kind: str, help_: str, samples) -> Metric:
+    m = Metric(name, help_, kind)
+    for labels, value in samples:
+        m.add_sample(name + ("_total" if kind == "counter" else ""), {k: str(v) for k, v in labels.items()},
+                     float(value))
+    return m
+
+
+def cluster_families(view: dict, counters: dict) -> list[Metric]:
+    """The metric families of a cluster_view() and the controller's counters.
+    Per worker (label worker = its id): info{role,state,host}, applied LSN,
+    lag (log entries behind the master), ready, reads taken from readQ since
+    its start. stratus_db_writes_total is the master's applied LSN: every
+    acknowledged write takes exactly one LSN, and LSNs only grow, failovers
+    included."""
+    workers = view["workers"]
     roles = {"master": 0, "slave": 0}
-    ready = 0
-    for w in view["workers"]:
+    for w in workers:
         roles[w["role"] if w["role"] in roles else "slave"] += 1
-        ready += 1 if w["ready"] else 0
-    lines = []
-
-    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]):
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            lines.append(f"{name}{labels} {value}")
-
-    metric("stratus_workers", "gauge", "Live workers by role.",
-           [(f'{{role="{r}"}}', n) for r, n in roles.items()])
-    metric("stratus_workers_ready", "gauge", "Workers that have caught up with the log.", [("", ready)])
-    metric("stratus_term", "gauge", "The current leader term.", [("", view["term"])])
-    metric("stratus_reads_in_window", "gauge", "Reads counted in the current scaling window.",
-           [("", view["reads_in_window"])])
-    metric("stratus_slave_target", "gauge", "The number of slaves the scaling rule asks for.",
-           [("", view["slave_target"])])
-    metric("stratus_elections_total", "counter", "Elections recorded in this cluster's history.",
-           [("", len(view["elections"]))])
-    metric("stratus_scaling_decisions_total", "counter", "Scaling windows ended.",
-           [("", view["decisions_total"])])
-    metric("stratus_crash_calls_total", "counter", "crash/master and crash/slave calls that killed a worker.",
-           [('{kind="master"}', c.counters["crash_master"]), ('{kind="slave"}', c.counters["crash_slave"])])
-    metric("stratus_switchovers_total", "counter", "Planned switchovers.", [("", c.counters["switchovers"])])
-    metric("stratus_workers_started_total", "counter", "Workers started by this orchestrator.",
-           [("", c.counters["workers_started"])])
-    metric("stratus_workers_drained_total", "counter", "Slaves drained by scaling down.",
-           [("", c.counters["workers_drained"])])
-    metric("stratus_orchestrator_leader", "gauge", "1 when this orchestrator leads.",
-           [("", 1 if view["orchestrator"]["leading"] else 0)])
-    return "\n".join(lines) + "\n"
+    master = next((w for w in workers if w["leader"]), None)
+    elections = view["elections"]
+    out = [
+        _gauge("stratus_workers", "Live workers by role.", [({"role": r}, n) for r, n in roles.items()]),
+        _gauge("stratus_workers_ready", "Workers that have caught up with the log.",
+               [({}, sum(1 for w in workers if w["ready"]))]),
+        _gauge("stratus_term", "The current leader term.", [({}, view["term"])]),
+        _gauge("stratus_reads_in_window", "Reads counted in the current scaling window.",
+               [({}, view["reads_in_window"])]),
+        _gauge("stratus_slave_target", "The number of slaves the scaling rule asks for.",
+               [({}, view["slave_target"])]),
+        _gauge("stratus_orchestrator_leader", "1 when this orchestrator leads.",
+               [({}, 1 if view["orchestrator"]["leading"] else 0)]),
+        _gauge("stratus_orchestrator_candidates", "Orchestrators in the leader election (this one included).",
+               [({}, view["orchestrator"]["candidates"])]),
+        _counter("stratus_elections", "Elections recorded in this cluster's history.", [({}, len(elections))]),
+        _gauge("stratus_db_last_election_timestamp_seconds", "When the latest election happened (Unix time).",
+               [({}, elections[-1]["at"])] if elections and isinstance(elections[-1].get("at"), (int, float)) else []),
+        _counter("stratus_scaling_decisions", "Scaling windows ended.", [({}, view["decisions_total"])]),
+        _counter("stratus_crash_calls", "crash/master and crash/slave calls that killed a worker.",
+                 [({"kind": "master"}, counters.get("crash_master", 0)),
+                  ({"kind": "slave"}, counters.get("crash_slave", 0))]),
+        _counter("stratus_switchovers", "Planned switchovers.", [({}, counters.get("switchovers", 0))]),
+        _counter("stratus_workers_started", "Workers started by this orchestrator.",
+                 [({}, counters.get("workers_started", 0))]),
+        _counter("stratus_workers_drained", "Slaves drained by scaling down.", [({}, counters.get("workers_drained", 0))]),
+        _gauge("stratus_db_master_lsn", "The master's applied LSN: the head of the replication log.",
+               [({}, master["applied_lsn"])] if master else []),
+        _counter("stratus_db_writes", "Writes acknowledged by the cluster (the master's applied LSN).",
+                 [({}, master["applied_lsn"])] if master else []),
+        _gauge("stratus_db_worker_info", "1 per live worker, with its role, state and host.",
+               [({"worker": w["id"], "role": w["role"], "state": w["state"], "host": w["host"] or ""}, 1)
+                for w in workers]),
+        _gauge("stratus_db_worker_applied_lsn", "The last LSN each worker has applied.",
+               [({"worker": w["id"]}, w["applied_lsn"]) for w in workers]),
+        _gauge("stratus_db_worker_lag", "Log entries each worker is behind the master (replication lag).",
+               [({"worker": w["id"]}, w["lag"]) for w in workers if w["lag"] is not None]),
+        _gauge("stratus_db_worker_ready", "1 when the worker has caught up with the log.",
+               [({"worker": w["id"]}, 1 if w["ready"] else 0) for w in workers]),
+        _counter("stratus_db_worker_reads", "Reads each worker has taken from readQ since its start.",
+                 [({"worker": w["id"]}, w["reads"]) for w in workers]),
+    ]
+    return out

@@ -37,6 +37,7 @@ from bus.cluster import Leader, Member, Role, State, elections, read_leader, rec
 from bus.names import Paths
 from bus.settings import Settings
 
+from . import discovery
 from .decisions import Decision, Promotion, check_promotion, live_members, plan_election, plan_slaves
 from .election import switchover_candidate
 from .runtimes import Runtime, make_runtime
@@ -216,7 +217,8 @@ class Controller:
             DataWatch(self.zk, self.paths.leader, lambda data, stat, event=None: self._watch_fired(gen))
             self.registration = registry.register(self.zk, self.settings, "orchestrator", self.port,
                                                   extra={"id": self.ident})
-            self._loop()
+            with discovery.running(self):   # Prometheus file service discovery while leading
+                self._loop()
         finally:
             self.leading = False
             reg, self.registration = self.registration, None

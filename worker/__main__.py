@@ -9,7 +9,11 @@ worker runs its snapshot service (worker/snapshot.py).
 When the worker exits with EXIT_REBUILD (77, diverged), its store is left as it
 is for inspection and marked `store.sqlite.rebuild`; the next start under this
 id moves it aside to `store.sqlite.diverged` (the one copy kept) and starts
-fresh, from a snapshot."""
+fresh, from a snapshot.
+
+The worker serves its Prometheus metrics on a port of its own
+(worker/metrics.py: STRATUS_WORKER_METRICS_PORT, 0 = any), announced in its
+membership record."""
 from __future__ import annotations
 
 import argparse
@@ -112,9 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         rebuild_mark(path).unlink()
     fetch_if_new(settings, args.id, path)
     from bus.cluster import Role, State
+    from . import metrics
     from .node import EXIT_REBUILD, Worker
     from .snapshot import SnapshotService
     worker = Worker(settings, args.id, db)
+    metrics_server = metrics.serve(worker, settings)
     service = None
     if path is not None:
         # A master serves snapshots only while no slave is ready: a slave's are cheaper to resume from.
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if service is not None:
             service.stop()
+        metrics.stop(metrics_server)
     if code == EXIT_REBUILD and path is not None:
         rebuild_mark(path).write_text(json.dumps({"at": time.time(), "reason": worker.reason}) + "\n")
         log.warning("diverged: the next start under this id rebuilds the store from a snapshot (%s)",

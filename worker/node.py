@@ -132,6 +132,12 @@ class Worker:
         self.zk = None
         self.log_requests = env_bool("STRATUS_LOG_REQUESTS", LOG_REQUESTS_DEFAULT)
         self.request_lines: list[tuple] = []  # a batch's per-write log lines, logged once it is committed
+        # Metrics (worker/metrics.py reads them when scraped).
+        self.metrics_addr: tuple[str, int] | None = None   # (host, port) of /metrics, in the membership
+        self.reads_served = 0
+        self.write_counts = {"applied": 0, "duplicate": 0, "refused": 0}
+        self.log_entries_applied = 0
+        self.write_batches = 0
 
     # --- ZooKeeper side ----------------------------------------------------
     def membership(self) -> dict:
@@ -139,7 +145,9 @@ class Worker:
                       term=self.current_term if self.role is Role.SLAVE else self.store.term,
                       applied_lsn=self.store.applied_lsn, ready=self.ready, reads=self.reads,
                       serves_reads=self.ready and (self.role is Role.SLAVE or self.master_serves_reads),
-                      started=self.started, reason=self.reason).to_dict()
+                      started=self.started, reason=self.reason,
+                      metrics_host=self.metrics_addr[0] if self.metrics_addr else None,
+                      metrics_port=self.metrics_addr[1] if self.metrics_addr else None).to_dict()
 
     def _zk_loop(self) -> None:
         last, last_at = None, 0.0
@@ -470,6 +478,7 @@ class Worker:
                     self.store.applied_lsn = e["lsn"]
                 if offset is not None:
                     self.store.stream_offset = offset
+            self.log_entries_applied += len(fresh)
         except Gap as exc:
             self._diverge(str(exc))
             return
@@ -587,6 +596,7 @@ class Worker:
         self._serve_read(req, props, ch, method.delivery_tag)
 
     def _serve_read(self, req: protocol.Request, props, ch, tag) -> None:
+        self.reads_served += 1
         try:
             result = self.store.read(req.body, self._tenant(props))
             out = protocol.Reply(result, self.store.applied_lsn, self.id).encode()
@@ -713,6 +723,7 @@ class Worker:
                     self._publish_log(protocol.encode_entries(self.store.term, self.id, entries))
                     self.last_append_wall = time.time()
                     self._confirm_term()
+                    self.write_batches += 1
         except Fatal:
             raise
         except Exception as exc:
@@ -745,6 +756,7 @@ class Worker:
         key = req.id if tenant == tenancy.PLATFORM else f"{tenant}:{req.id}"
         seen = self.store.seen(key)
         if seen is not None:  # a retry, or redelivered after a crash: answer, don't apply twice
+            self.write_counts["duplicate"] += 1
             if self.log_requests:
                 self.request_lines.append(("write %s tenant %s answered again (lsn %d)", req.id, tenant, seen[0]))
             return protocol.Reply(seen[1], seen[0], self.id).encode(), False
@@ -752,6 +764,7 @@ class Worker:
         try:
             results, resolved = self.store.apply_request(req.body.get("ops"), lsn, key, tenant)
         except DBError as exc:
+            self.write_counts["refused"] += 1
             if self.log_requests:
                 self.request_lines.append(("write %s tenant %s refused: %s", req.id, tenant, exc.code))
             return protocol.encode_error(exc, self.id), False
@@ -764,6 +777,7 @@ class Worker:
             return protocol.encode_error(BadRequest(f"the write could not be applied: {type(exc).__name__}",
                                                     code="rejected"), self.id), False
         self.store.applied_lsn = lsn
+        self.write_counts["applied"] += 1
         entries.append({"lsn": lsn, "id": key, "ops": resolved, "result": results})
         if self.log_requests:
             self.request_lines.append(("write %s tenant %s lsn %d", req.id, tenant, lsn))
