@@ -1,6 +1,7 @@
 # Stratus: `make up` runs the platform, `make test` runs every test.
-# Both install what is missing first (the venv, RabbitMQ, ZooKeeper) and
-# start RabbitMQ and ZooKeeper when they are not running. Idempotent.
+# Both install what is missing first (the venv, RabbitMQ, ZooKeeper,
+# Prometheus) and start RabbitMQ, ZooKeeper and Prometheus when they are not
+# running (scripts/services.sh). Idempotent.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
