@@ -20,7 +20,7 @@ import datetime as dt
 import itertools
 import logging
 
-from flask import Blueprint, Flask, g, jsonify, redirect, render_template, request, url_for
+from flask import Blueprint, Flask, g, jsonify, make_response, redirect, render_template, request, url_for
 from werkzeug.exceptions import HTTPException
 
 from bus.service import allow_large_bodies, base_app
@@ -99,8 +99,11 @@ def create_app(settings: Settings | None = None, *, platform: Platform | None = 
 
     def error_page(status: int, message: str):
         if sessions.wants_json() or not request.path.startswith("/dashboard"):
-            return jsonify({"error": message}), status
-        return render_template("error.html", status=status, message=message), status
+            resp = jsonify({"error": message})
+        else:
+            resp = make_response(render_template("error.html", status=status, message=message))
+        resp.status_code = status
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException):
@@ -110,7 +113,7 @@ def create_app(settings: Settings | None = None, *, platform: Platform | None = 
             messages.get(exc.code, exc.description or exc.name)
         resp = error_page(exc.code or 500, msg)
         if exc.code == 405 and getattr(exc, "valid_methods", None):
-            resp[0].headers["Allow"] = ", ".join(exc.valid_methods)
+            resp.headers["Allow"] = ", ".join(exc.valid_methods)
         return resp
 
     @app.errorhandler(ApiError)

@@ -1,0 +1,185 @@
+"""A real platform for the dashboard's tests (tests/integration/test_dashboard*.py,
+tests/e2e/test_dashboard_browser.py): a test cluster (tests/harness.py
+LocalCluster) with a real orchestrator (which starts the DB workers and the
+apps' instances), a real gateway and the dashboard process (`python -m
+dashboard`), registered as the service "dashboard" and reached through the
+gateway at /dashboard/. Two tenants (`acme-*`, `beta-*`) and a developer are
+created through the orchestrator's API, and the example app
+tests/data/apps/shop is deployed for the first tenant.
+
+Every component writes its output to <state>/logs/<key>.log, where the logs
+route reads the platform's components (orchestrator/logs.py), so the
+dashboard's logs view finds the gateway's and the instances' lines.
+
+`Session` is a browser without a browser: a requests.Session that signs in
+through the form and sends each form's CSRF token, for the HTTP-level tests."""
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import requests
+
+from harness import LocalCluster
+from kits.testkit import Client, free_port, real_orchestrator, start_gateway, wait_until
+from stratus import builtin
+
+SHOP = Path(__file__).resolve().parent.parent / "data" / "apps" / "shop"
+ADMIN_PASSWORD = "dash-admin-pw"
+_CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+def shop_package() -> tuple[dict, bytes]:
+    manifest = json.loads((SHOP / "manifest.json").read_text())
+    return manifest, builtin.tarball(builtin.members(SHOP, ["shop"]))
+
+
+def start_dashboard(cluster, gw_port: int, key: str = "dashboard", **env) -> int:
+    """`python -m dashboard` on a free port, calling the platform through the
+    gateway at gw_port; returns its port once the gateway routes
+    /dashboard/login to it."""
+    port = free_port()
+    env = {"STRATUS_GATEWAY_URL": f"http://127.0.0.1:{gw_port}", **env}
+    cluster.spawn(key, ["-m", "dashboard", "--port", str(port)], **env)
+    wait_until(lambda: Client(port, timeout=2).get("/health")[0] == 200, 30, what=f"{key} to listen")
+    wait_until(lambda: Client(gw_port, timeout=5).get("/dashboard/login")[0] == 200, 30,
+               what="the gateway to route /dashboard/ to the dashboard")
+    return port
+
+
+class Platform:
+    def __init__(self, cluster, orch: int):
+        self.cluster, self.orch = cluster, orch
+        self.gw = self.dash = 0
+        self.tenant = f"acme-{uuid.uuid4().hex[:6]}"
+        self.other = f"beta-{uuid.uuid4().hex[:6]}"
+        self.developer = f"dev-{uuid.uuid4().hex[:6]}"
+        self.passwords: dict[str, str] = {"admin": ADMIN_PASSWORD}
+
+    @property
+    def url(self) -> str:
+        """The dashboard through the gateway."""
+        return f"http://127.0.0.1:{self.gw}/dashboard/"
+
+    def api(self, method, path, body=None, headers=None, timeout=60):
+        """The orchestrator's own port (acts as the admin)."""
+        c = Client(self.orch, timeout=timeout)
+        try:
+            return c.request(method, path, body, headers)
+        finally:
+            c.close()
+
+    def gateway(self, method, path, body=None, headers=None):
+        c = Client(self.gw, timeout=30)
+        try:
+            return c.request(method, path, body, headers)
+        finally:
+            c.close()
+
+    def app(self, name="shop", tenant=None) -> dict:
+        status, body, _ = self.api("GET", f"/api/v1/tenants/{tenant or self.tenant}/apps/{name}")
+        assert status == 200, body
+        return body
+
+    def running(self, role, name="shop", tenant=None) -> int:
+        r = self.app(name, tenant)["roles"][role]
+        return sum(1 for i in r["instances"] if i["state"] == "running")
+
+    def wait_running(self, role, n, name="shop", timeout=60):
+        return wait_until(lambda: (self.running(role, name) == n and len(self.app(name)["roles"][role]["instances"]) == n)
+                          or None, timeout, 0.2, what=f"{n} running {role} instances of {name}")
+
+    def session(self, username: str | None = None) -> "Session":
+        s = Session(self)
+        if username is not None:
+            s.login(username, self.passwords[username])
+        return s
+
+
+class Session:
+    """Sign in through the form, keep the cookie, send the CSRF token."""
+
+    def __init__(self, p: Platform):
+        self.p = p
+        self.http = requests.Session()
+        self.csrf: str | None = None
+
+    def _url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.p.gw}{path}"
+
+    def _remember(self, r: requests.Response) -> requests.Response:
+        m = _CSRF.search(r.text) if "text/html" in r.headers.get("Content-Type", "") else None
+        if m:
+            self.csrf = m.group(1)
+        return r
+
+    def get(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return self._remember(self.http.get(self._url(path), **kw))
+
+    def post(self, path: str, data: dict | None = None, *, csrf: bool = True, **kw) -> requests.Response:
+        data = dict(data or {})
+        if csrf:
+            if self.csrf is None:
+                self.get("/dashboard/login")
+            data.setdefault("csrf_token", self.csrf)
+        kw.setdefault("timeout", 60)
+        return self._remember(self.http.post(self._url(path), data=data, **kw))
+
+    def login(self, username: str, password: str) -> requests.Response:
+        self.get("/dashboard/login")
+        r = self.post("/dashboard/login", {"username": username, "password": password})
+        assert r.status_code == 200 and "/dashboard/login" not in r.url, (username, r.status_code, r.text[:400])
+        return r
+
+
+@contextlib.contextmanager
+def dashboard_platform(tmp_path: Path, *, deploy_shop: bool = True, **dashboard_env):
+    """The platform described in the module doc; yields a Platform."""
+    cluster = LocalCluster(tmp_path, health_interval=0.5, admin_password=ADMIN_PASSWORD)
+    cluster.log_dir = cluster.settings.state_path / "logs"    # where the logs route reads the components
+    cluster.log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with real_orchestrator(cluster) as orch:
+            p = Platform(cluster, orch)
+
+            def created(path, body, key):
+                status, answer, _ = p.api("POST", path, body)
+                if status == 201:
+                    p.passwords[key] = answer["password"]
+                    return True
+                return None
+            for name in (p.tenant, p.other):
+                wait_until(lambda: created("/api/v1/tenants", {"name": name}, name), 90, 0.5,
+                           what=f"tenant {name} created")
+            wait_until(lambda: created("/api/v1/developers", {"username": p.developer}, p.developer), 30, 0.5,
+                       what="a developer account")
+            p.gw = start_gateway(cluster, "gateway")
+            p.dash = start_dashboard(cluster, p.gw, **dashboard_env)
+            if deploy_shop:
+                manifest, package = shop_package()
+                builtin.deploy(f"http://127.0.0.1:{orch}", p.tenant, "shop", manifest, package)
+                p.wait_running("web", 2)
+                p.wait_running("jobs", 1)
+                wait_until(lambda: p.gateway("GET", "/shop")[0] == 200 or None, 30, 0.1, what="the shop through the gateway")
+            yield p
+    finally:
+        cluster.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def timed(fn, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
