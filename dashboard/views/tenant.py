@@ -12,7 +12,10 @@ Pages (HTML, the live parts refreshed from the JSON below):
     POST /dashboard/tenants/<t>/apps/<a>/restart              -> POST .../restart
     GET  /dashboard/tenants/<t>/deploy              the deploy form
     POST /dashboard/tenants/<t>/deploy              app, package (.tar.gz), manifest (file or text)
-                                                    -> PUT .../package, then PUT .../apps/<a>
+                                                    -> PUT .../package, then PUT .../apps/<a>?digest=
+                                                    (no package: the manifest alone, on the
+                                                    package uploaded last; the platform says
+                                                    400 when there is none)
 JSON (each with "html", the rendered fragment the page shows):
     GET /dashboard/api/tenants/<t>/apps             {"apps": [app view...], "html"}
     GET /dashboard/api/tenants/<t>/apps/<a>         {"app": app view, "html"}
@@ -29,7 +32,7 @@ import yaml
 from flask import Blueprint, abort, flash, g, jsonify, redirect, render_template, request, url_for
 
 from ..app import api
-from ..platform import ApiError
+from ..platform import UPLOAD_TIMEOUT, ApiError
 from ..sessions import login_required
 
 bp = Blueprint("tenant", __name__, url_prefix="/dashboard")
@@ -146,9 +149,7 @@ def deploy(tenant: str):
     if manifest is None:
         problems.append("Give the manifest (a JSON or YAML file, or its text).")
     if package is None or not package.filename:
-        if manifest is None or not _all_images(manifest):
-            problems.append("Choose the package (.tar.gz).")
-        package = None
+        package = None     # the manifest alone: the platform deploys the package uploaded last
     if problems:
         return render_template("deploy.html", tenant=tenant, app_name=name, errors=problems,
                                manifest_text=manifest or ""), 400
@@ -168,7 +169,7 @@ def deploy(tenant: str):
             length = stream.tell()
             stream.seek(0)
             stored = api("PUT", f"/api/v1/tenants/{_p(tenant, 'apps', name)}/package", body=stream, length=length,
-                         content_type="application/gzip", timeout=120)
+                         content_type="application/gzip", timeout=UPLOAD_TIMEOUT)
             query = {"digest": stored.get("digest")} if isinstance(stored, dict) else None
         view = api("PUT", f"/api/v1/tenants/{_p(tenant, 'apps', name)}", json_body=parsed, query=query)
     except ApiError as exc:
@@ -178,15 +179,6 @@ def deploy(tenant: str):
         raise
     flash(f"Deployed {name}: generation {view.get('generation')}.", "ok")
     return redirect(url_for("tenant.app_page", tenant=tenant, app=name), 303)
-
-
-def _all_images(manifest: str) -> bool:
-    try:
-        m = yaml.safe_load(manifest)
-        roles = m.get("roles") if isinstance(m, dict) else None
-        return bool(roles) and all(isinstance(r, dict) and r.get("image") for r in roles.values())
-    except (yaml.YAMLError, AttributeError):
-        return False
 
 
 # --- JSON for the live parts -----------------------------------------------------------------

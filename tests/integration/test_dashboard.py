@@ -224,11 +224,17 @@ def test_deploy_a_package_and_manifest_from_the_form(p):
     assert view["digest"] == "sha256:" + hashlib.sha256(package).hexdigest()
     wait_until(lambda: p.gateway("GET", "/shop2")[0] == 404 and p.running("web", "shop2") == 1 or None, 60, 0.2,
                what="shop2's web instance")   # the shop answers 404 on a path it does not serve: it runs
-    # A YAML manifest typed into the form, for a new version of the same app: no package: the last one.
+    # A new version of the same app from a YAML manifest typed into the form and no
+    # package: the platform deploys it on the package uploaded last.
     r = s.post(f"/dashboard/tenants/{p.tenant}/deploy",
                {"app": "shop2", "manifest_text": "roles:\n  web: {kind: web, command: [python, -m, shop.web], "
                                                  "instances: 1, routes: [/shop2], env: {GREETING: yo}}\n"})
-    assert r.status_code == 400 and "Choose the package" in r.text      # the form asks for one
+    assert r.status_code == 200 and "Deployed shop2: generation 2" in r.text, _flash(r.text)
+    again = p.app("shop2")
+    assert again["generation"] == 2 and again["digest"] == view["digest"] and set(again["roles"]) == {"web"}
+    # A new app without a package: the platform's 400, said on the form.
+    r = s.post(f"/dashboard/tenants/{p.tenant}/deploy", {"app": "shop4", "manifest_text": json.dumps(manifest)})
+    assert r.status_code == 400 and "no package uploaded" in r.text
     # Refusals: a route another app owns (409), an invalid manifest (400): the reason, nothing deployed.
     bad = dict(manifest, roles={"web": dict(manifest["roles"]["web"], routes=["/shop"])})
     r = s.post(f"/dashboard/tenants/{p.tenant}/deploy", {"app": "shop3", "manifest_text": json.dumps(bad)},
