@@ -14,19 +14,23 @@ API calls are found in the logs by the page's request id.
 
 Errors: ApiError(status, message), with the platform's JSON error message;
 status None when the gateway could not be reached (or did not answer in
-time). Connections are kept alive, one per thread (gunicorn threads), and a
-call on a connection the gateway had closed while idle is sent once more on
-a new one (only before any answer came, so nothing is sent twice)."""
+time). Connections are kept alive, one per thread (gunicorn threads). One
+the gateway has closed while idle is replaced before a call goes on it; and
+should the gateway close it just as a call was sent, an idempotent call
+(GET, HEAD, PUT, PATCH, DELETE, with a body that can be sent again) goes
+once more on a new one. A POST is never sent twice."""
 from __future__ import annotations
 
 import http.client
 import json
+import select
 import threading
 import urllib.parse
 from typing import Any
 
 TIMEOUT = 15.0          # seconds for one call (a package upload gets UPLOAD_TIMEOUT)
 UPLOAD_TIMEOUT = 120.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "PATCH", "DELETE"})
 
 
 class ApiError(Exception):
@@ -53,6 +57,13 @@ class Platform:
         if conn is None:
             cls = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
             conn = self._local.conn = cls(self.host, self.port, timeout=timeout)
+        if conn.sock is not None:
+            try:   # an idle connection the gateway has closed reads as ready (EOF)
+                stale = bool(select.select([conn.sock], [], [], 0)[0])
+            except (OSError, ValueError):
+                stale = True
+            if stale:
+                conn.close()
         conn.timeout = timeout
         if conn.sock is not None:
             conn.sock.settimeout(timeout)
@@ -87,7 +98,7 @@ class Platform:
             clean = {k: v for k, v in query.items() if v is not None and v != ""}
             if clean:
                 target += "?" + urllib.parse.urlencode(clean)
-        rewindable = body is None or isinstance(body, (bytes, bytearray))
+        again = method in IDEMPOTENT and (body is None or isinstance(body, (bytes, bytearray)))
         for attempt in (1, 2):
             conn = self._conn(timeout or self.timeout)
             try:
@@ -101,7 +112,7 @@ class Platform:
                 # The gateway closed an idle keep-alive connection: once more on a new one,
                 # when the body can be sent again.
                 self._drop()
-                if attempt == 2 or not rewindable:
+                if attempt == 2 or not again:
                     raise ApiError(None, f"the platform did not answer: {exc}") from None
             except (OSError, http.client.HTTPException) as exc:
                 self._drop()
