@@ -47,7 +47,7 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -72,6 +72,7 @@ STOP_TIMEOUT = 10.0       # SIGTERM -> SIGKILL
 STABLE = 30.0             # an instance that ran this long resets its slot's backoff
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
+SWEEP_EVERY = 8           # ticks between full sweeps of the registry and the route entries
 
 STARTING, RUNNING, UNHEALTHY, EXITED = "starting", "running", "unhealthy", "exited"
 
@@ -177,6 +178,7 @@ class AppController:
         self._published: dict[str, str] = {}     # observed path -> json last written
         self._routes: dict[tuple[str, str], str] = {}   # (t, a) -> json of the routes last published
         self._thread: threading.Thread | None = None
+        self._ticks = 0
         self.runtime.on_exit(self._on_exit)
         from .health import HealthMonitor
         self.monitor = HealthMonitor(self)
@@ -241,6 +243,7 @@ class AppController:
                     if inst is not None:
                         self.insts[inst.id] = inst
             self.active = True
+            self._ticks = 0          # the first tick sweeps
             log.info("app controller leading: %d instances adopted", len(self.insts))
 
     def _step_down(self) -> None:
@@ -291,8 +294,13 @@ class AppController:
             decisions += self._remove_gone(apps)
             for app in apps.values():
                 decisions += self._reconcile(app)
-        self._sync_registry(apps)
-        self._publish(apps)
+        # The full sweeps (every registry entry and route entry in ZooKeeper,
+        # to remove what no instance or app backs) run every SWEEP_EVERY ticks
+        # and on taking the lead; between them only what changed is written.
+        self._ticks += 1
+        sweep = self._ticks % SWEEP_EVERY == 1
+        self._sync_registry(apps, sweep=sweep)
+        self._publish(apps, sweep=sweep)
         for d in decisions:
             log.info("apps: %s", d)
         return decisions
@@ -351,7 +359,6 @@ class AppController:
 
     # --- starting and stopping -------------------------------------------------------
     def _start(self, app: App, name: str, role: Role, slot: int, cfg: str, st: Slot) -> Inst | None:
-        from orchestrator.runtimes.base import Spec
         iid = f"i-{uuid.uuid4().hex[:8]}"
         restart = st.pending_restart
         try:
@@ -536,9 +543,9 @@ class AppController:
         for inst in insts:
             self._unregister(inst)
 
-    def _sync_registry(self, apps: dict) -> None:
+    def _sync_registry(self, apps: dict, *, sweep: bool = True) -> None:
         """The registry holds exactly the running web instances of each app
-        (a new leader also removes what a dead one left)."""
+        (a sweep also removes what a dead leader or a lost write left)."""
         with self.lock:
             want: dict[str, set[str]] = {}
             for i in self.insts.values():
@@ -546,6 +553,8 @@ class AppController:
                     want.setdefault(app_service(i.tenant, i.app, i.role), set()).add(i.id)
                     if not i.registered:
                         self._register(i)
+        if not sweep:
+            return
         try:
             services = [s for s in self.zk.get_children(self.paths.services) if s.startswith("app.")]
         except NoNodeError:
@@ -562,7 +571,7 @@ class AppController:
                     except NoNodeError:
                         pass
 
-    def _publish(self, apps: dict) -> None:
+    def _publish(self, apps: dict, *, sweep: bool = True) -> None:
         with self.lock:
             by_app: dict[tuple[str, str], dict] = {k: {} for k in apps}
             for i in sorted(self.insts.values(), key=lambda i: (i.slot, i.started)):
@@ -593,6 +602,8 @@ class AppController:
                 else:
                     routing.remove(self.zk, self.paths, t, a)
                 self._routes[(t, a)] = text
+        if not sweep:
+            return
         for key, entry in routing.read_all(self.zk, self.paths).items():
             if entry.get("by") == "orchestrator" and (entry.get("tenant"), entry.get("app")) not in apps:
                 routing.remove(self.zk, self.paths, entry["tenant"], entry["app"])

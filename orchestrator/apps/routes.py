@@ -25,7 +25,6 @@ needs none. The app view:
 leading orchestrator's controller last published (controller.py)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Callable
