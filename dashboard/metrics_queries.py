@@ -8,9 +8,13 @@ file service discovery and labels every target with its `cluster`):
 
     gateway   stratus_gateway_requests_total{route, method, status, tenant, app}   counter
               stratus_gateway_request_duration_seconds_bucket{route, tenant, app, le}  histogram
-    DB        stratus_worker_reads_total{worker}, stratus_worker_writes_total{worker}   counters
-              stratus_worker_replication_lag{worker}     entries the worker is behind the master
-              stratus_elections_total                    the orchestrator's count of elections
+    DB        stratus_worker_reads_total{worker}                  reads a worker answered (counter)
+              stratus_worker_writes_total{worker, outcome}        writes a master handled; outcome
+                                                                  applied, duplicate or refused
+              stratus_worker_replication_lag{worker}              entries the worker is behind the master
+              stratus_elections_total                             the orchestrator's count of elections
+    (`worker` is the label file service discovery gives a worker's target,
+    orchestrator/discovery.py; the others are the exporters' own.)
 
 Charts (CHARTS): requests/s, error rate (% of answers that are 5xx), p50 and
 p99 latency (ms), per route, of one tenant (or one app of it) or of every
@@ -80,7 +84,8 @@ CHARTS: dict[str, Chart] = {
     "p99": Chart("p99 latency", "ms",
                  "histogram_quantile(0.99, sum by ({route}, le) (rate({duration}{{{sel}}}[{w}])))", L_ROUTE, 1000.0),
     "db_reads": Chart("DB reads/s", "reads/s", "sum(rate({reads}{{{sel}}}[{w}]))", "", scope="cluster"),
-    "db_writes": Chart("DB writes/s", "writes/s", "sum(rate({writes}{{{sel}}}[{w}]))", "", scope="cluster"),
+    "db_writes": Chart("DB writes/s", "writes/s", 'sum(rate({writes}{{{sel},outcome="applied"}}[{w}]))', "",
+                       scope="cluster"),
     "db_lag": Chart("Replication lag", "entries", "max by ({worker}) ({lag}{{{sel}}})", L_WORKER, scope="cluster"),
     "db_elections": Chart("Elections", "elections", "max({elections}{{{sel}}})", "", scope="cluster"),
 }
