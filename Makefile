@@ -70,3 +70,4 @@ bench: venv services
 	$(PY) benchmarks/promotion_faults.py --record
 	$(PY) benchmarks/tenancy.py --record
 	$(PY) benchmarks/apps.py --record
+	$(PY) benchmarks/scrape_cost.py --record
