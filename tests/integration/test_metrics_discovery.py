@@ -10,6 +10,7 @@ scripts/services.sh starts on this machine, Prometheus itself scrapes the
 cluster's targets: all up within 30 s."""
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import urllib.error
@@ -205,3 +206,83 @@ def test_prometheus_scrapes_the_clusters_targets(cluster):
         assert result[0]["metric"]["job"] == "orchestrator" and float(result[0]["value"][1]) == 1
         print(f"every target up {took:.1f}s after the SD file listed them")
     assert not sd.exists()
+
+
+# --- tenants' app instances -------------------------------------------------------------------
+METERED_API = '''"""A web role built on the platform's bus/service.py: it serves /metrics."""
+from bus.service import base_app, serve
+
+
+def create():
+    app = base_app("metered")
+
+    @app.get("/metered")
+    def hello():
+        return {"ok": True}
+    return app
+
+
+if __name__ == "__main__":
+    serve(create, "metered", 0)
+'''
+SHOP = Path(__file__).resolve().parent.parent / "data" / "apps" / "shop"
+
+
+def test_app_instances_are_scraped_only_when_they_serve_metrics(cluster, tmp_path):
+    """A tenant's app with two web roles: `api` on bus/service.py (it serves
+    /metrics: listed as component app with its tenant, app and role), `plain`
+    the example shop (it answers /metrics 404: probed once, never listed)."""
+    import shutil
+    import uuid
+
+    from stratus import builtin
+    pkg = tmp_path / "pkg"
+    (pkg / "metered").mkdir(parents=True)
+    (pkg / "metered" / "__init__.py").write_text("")
+    (pkg / "metered" / "api.py").write_text(METERED_API)
+    shutil.copytree(SHOP / "shop", pkg / "shop")
+    package = builtin.tarball(builtin.members(pkg, ["metered", "shop"]))
+    manifest = {"roles": {
+        "api": {"kind": "web", "command": ["python", "-m", "metered.api"], "instances": 1,
+                "routes": ["/metered"], "health": "/health"},
+        "plain": {"kind": "web", "command": ["python", "-m", "shop.web"], "instances": 1,
+                  "routes": ["/shop"], "health": "/health"}}}
+    sd = cluster.state_dir / "prometheus" / "targets" / f"{cluster.name}.json"
+    tenant = f"m-{uuid.uuid4().hex[:6]}"
+    with real_orchestrator(cluster) as orch:
+        base = f"http://127.0.0.1:{orch}"
+
+        def created():
+            req = urllib.request.Request(f"{base}/api/v1/tenants", data=json.dumps({"name": tenant}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with _OPENER.open(req, timeout=30) as r:
+                    return r.status == 201
+            except (OSError, urllib.error.HTTPError):
+                return False
+        wait_until(created, 90, interval=0.5, what=f"tenant {tenant} created")
+        try:
+            builtin.deploy(base, tenant, "metered", manifest, package)
+            view = builtin.wait_running(base, tenant, "metered", timeout=90)
+            api = view["roles"]["api"]["instances"][0]
+            plain = view["roles"]["plain"]["instances"][0]
+
+            def listed():
+                groups = _by_component(_groups(sd)).get("app", [])
+                return [g for g in groups if g["labels"]["tenant"] == tenant] or None
+            apps = wait_until(listed, 30, interval=0.2, what="the app's api instance in the targets")
+            assert apps == [{"targets": [f"{api['host']}:{api['port']}"],
+                             "labels": {"cluster": cluster.name, "component": "app", "tenant": tenant,
+                                        "app": "metered", "role": "api"}}]
+            # The plain role's instance was asked once and answered no Prometheus text.
+            wait_until(lambda: any(plain["id"] in line and "serves no /metrics" in line
+                                   for line in cluster.log("orch").splitlines()),
+                       30, interval=0.3, what="the plain instance to be probed")
+            assert not any(g["labels"].get("role") == "plain" for g in _groups(sd))
+            m = bmetrics.parse(_get(f"http://{api['host']}:{api['port']}/metrics")[2])
+            assert bmetrics.value(m, "stratus_http_requests_total", service="metered", endpoint="/health",
+                                  status=200) >= 1   # the orchestrator's health probes
+        finally:
+            req = urllib.request.Request(f"{base}/api/v1/tenants/{tenant}", method="DELETE")
+            with contextlib.suppress(OSError):
+                _OPENER.open(req, timeout=60).close()
