@@ -158,7 +158,7 @@ def main() -> int:
         shown = prom_dir / sd_file.name if prom_dir is not None else None
         scraper = None
         try:
-            with real_orchestrator(cluster, STRATUS_PROMETHEUS_SD_DIR=str(private), STRATUS_LOG_LEVEL="WARNING") as orch:
+            with real_orchestrator(cluster, STRATUS_PROMETHEUS_SD_DIR=str(private), STRATUS_LOG_LEVEL="WARNING"):
                 users_port = free_port()
                 cluster.spawn("users", ["-m", "users"], STRATUS_USERS_PORT=users_port, STRATUS_LOG_LEVEL="WARNING")
                 gw = start_gateway(cluster, STRATUS_GATEWAY_ACCESS_LOG="0", STRATUS_LOG_LEVEL="WARNING")
