@@ -55,7 +55,7 @@ def test_put_get_list_delete(desired, cluster):
     assert got == app and got.manifest == manifest()
     # the znode holds the documented record
     rec = bzk.get_json(cluster.zk, cluster.paths.app("acme", "shop"))
-    assert set(rec) == {"manifest", "digest", "generation", "updated"} and rec["generation"] == 1
+    assert set(rec) == {"manifest", "digest", "generation", "updated", "restart"} and rec["generation"] == 1
     assert rec["manifest"] == manifest().to_dict()
 
     again, created = desired.put("acme", "shop", manifest(web=3), "sha256:" + "cd" * 32)
