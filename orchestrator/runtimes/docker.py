@@ -175,6 +175,10 @@ def worker_env(environ: Mapping[str, str], settings: Settings, worker_id: str) -
         "STRATUS_LOG_LEVEL": settings.log_level,
         "STRATUS_STATE_DIR": DATA_DIR,
         "STRATUS_WORKER_ID": worker_id,
+        # its metrics endpoint, on every interface of its container, found by
+        # the container's name on the stack's network (orchestrator/discovery.py)
+        "STRATUS_WORKER_METRICS_HOST": "0.0.0.0",
+        "STRATUS_ADVERTISE_HOST": container_name(settings.cluster, worker_id),
         "PYTHONUNBUFFERED": "1",
     })
     return env
