@@ -76,8 +76,10 @@ class Chart:
 # the other fields the names above (NAMES).
 CHARTS: dict[str, Chart] = {
     "requests": Chart("Requests/s", "req/s", "sum by ({route}) (rate({requests}{{{sel}}}[{w}]))", L_ROUTE),
+    # 5xx answers over all answers; a route with traffic and no 5xx series at all is 0, not "no data".
     "errors": Chart("Error rate", "% 5xx",
-                    'sum by ({route}) (rate({requests}{{{sel},{status}=~"5.."}}[{w}]))'
+                    '(sum by ({route}) (rate({requests}{{{sel},{status}=~"5.."}}[{w}]))'
+                    " or 0 * sum by ({route}) (rate({requests}{{{sel}}}[{w}])))"
                     " / sum by ({route}) (rate({requests}{{{sel}}}[{w}]))", L_ROUTE, 100.0),
     "p50": Chart("p50 latency", "ms",
                  "histogram_quantile(0.5, sum by ({route}, le) (rate({duration}{{{sel}}}[{w}])))", L_ROUTE, 1000.0),

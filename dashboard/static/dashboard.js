@@ -86,7 +86,14 @@
       return;
     }
     note(fig, "");
-    var aligned = [data.x].concat(data.series.map(function (s) { return s.values; }));
+    // From a little before the first point on: a platform that started ten
+    // minutes ago gets ten minutes of chart, not a sliver at the hour's end.
+    var first = data.x.length;
+    data.series.forEach(function (s) {
+      for (var i = 0; i < s.values.length && i < first; i++) { if (s.values[i] !== null) { first = i; } }
+    });
+    var from = Math.max(0, Math.min(first - 2, data.x.length - 20));
+    var aligned = [data.x.slice(from)].concat(data.series.map(function (s) { return s.values.slice(from); }));
     var key = data.series.map(function (s) { return s.label; }).join("\u0000");
     if (fig._plot && fig._key === key) {
       fig._plot.setData(aligned);

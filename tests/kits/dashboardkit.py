@@ -138,13 +138,16 @@ class Session:
 
 
 @contextlib.contextmanager
-def dashboard_platform(tmp_path: Path, *, deploy_shop: bool = True, **dashboard_env):
-    """The platform described in the module doc; yields a Platform."""
+def dashboard_platform(tmp_path: Path, *, deploy_shop: bool = True, orchestrator_env: dict | None = None,
+                       **dashboard_env):
+    """The platform described in the module doc; yields a Platform.
+    `orchestrator_env` goes to the orchestrator (e.g. STRATUS_PROMETHEUS_SD_DIR),
+    `dashboard_env` to the dashboard (e.g. STRATUS_PROMETHEUS_URL)."""
     cluster = LocalCluster(tmp_path, health_interval=0.5, admin_password=ADMIN_PASSWORD)
     cluster.log_dir = cluster.settings.state_path / "logs"    # where the logs route reads the components
     cluster.log_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with real_orchestrator(cluster) as orch:
+        with real_orchestrator(cluster, **(orchestrator_env or {})) as orch:
             p = Platform(cluster, orch)
 
             def created(path, body, key):
@@ -169,6 +172,71 @@ def dashboard_platform(tmp_path: Path, *, deploy_shop: bool = True, **dashboard_
             yield p
     finally:
         cluster.close()
+
+
+def prometheus_url() -> str | None:
+    """The Prometheus of STRATUS_PROMETHEUS_URL when it answers, else None."""
+    import urllib.request
+    from bus.settings import load
+    url = load().prometheus_url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as r:
+            return url if r.status == 200 else None
+    except OSError:
+        return None
+
+
+def prometheus_sd_dir(url: str) -> Path | None:
+    """The directory the running Prometheus's file_sd_configs read (its
+    running config), where a test cluster's orchestrator must write its
+    targets for that Prometheus to scrape them; None when it has none."""
+    import urllib.request
+    import yaml
+    with urllib.request.urlopen(f"{url}/api/v1/status/config", timeout=5) as r:
+        cfg = yaml.safe_load(json.loads(r.read())["data"]["yaml"])
+    for job in cfg.get("scrape_configs", []):
+        for sd in job.get("file_sd_configs", []):
+            for pattern in sd.get("files", []):
+                return Path(pattern).parent
+    return None
+
+
+class Traffic:
+    """Requests to the gateway from a background thread at about `rate` per
+    second, for at most `limit` seconds (bounded), until stopped."""
+
+    def __init__(self, gw: int, paths: list[str], rate: float = 10.0, limit: float = 300.0):
+        import threading
+        self.gw, self.paths, self.rate, self.limit = gw, paths, rate, limit
+        self.sent = 0
+        self.statuses: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.limit
+        c = Client(self.gw, timeout=10)
+        i = 0
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                status = c.get(self.paths[i % len(self.paths)])[0]
+            except OSError:
+                c.close()
+                c = Client(self.gw, timeout=10)
+                status = 0
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+            self.sent += 1
+            i += 1
+            self._stop.wait(1.0 / self.rate)
+        c.close()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(15)
 
 
 def percentile(values: list[float], q: float) -> float:
