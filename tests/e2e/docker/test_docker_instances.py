@@ -21,7 +21,7 @@ from dockerkit import image_env, run, wait_for
 from bus.ports import free_port
 from bus.settings import load
 from orchestrator.runtimes import Spec, instance_log
-from orchestrator.runtimes.docker import DockerRuntime, app_image_tag
+from orchestrator.runtimes.docker import DockerRuntime, app_base_image, app_image_tag
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
@@ -90,9 +90,10 @@ def test_an_instance_is_built_from_its_package_runs_adopted_and_stopped(tmp_path
     (pkg / "server.py").write_text(SERVER)
     (pkg / "server.py").chmod(0o600)     # the image normalises modes: its user can read it
     digest = "sha256:" + hashlib.sha256(cid.encode()).hexdigest()
-    tag = app_image_tag("acme", "shop", digest)
     settings = dataclasses.replace(load(), cluster=cid, state_dir=str(tmp_path / "state"))
     environ = {**image_env(), **SECRETS, "STRATUS_DOCKER_NETWORK": net}
+    base_id = json.loads(run(["docker", "image", "inspect", app_base_image(environ)]).stdout)[0]["Id"]
+    tag = app_image_tag("acme", "shop", digest, base_id)    # named after the package and the base it is built on
     run(["docker", "network", "create", "--label", f"stratus.cluster={cid}", net])
     runtimes = []
 
