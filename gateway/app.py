@@ -91,7 +91,7 @@ class Gateway:
         self.tokens = TokenService(cfg)  # first: generates the secrets, or stops the start cleanly
         self.limiter = RateLimiter(cfg.tenant_rate, cfg.tenant_burst, cfg.builtin_rate)
         self.upstreams = Upstreams(cfg, zk, fallbacks={
-            PLATFORM: parse_base_url(cfg.base.orchestrator_base_url())})
+            PLATFORM: parse_base_url(cfg.base.orchestrator_base_url())}, keep=(router.DASHBOARD_SERVICE,))
         self.upstreams.pool(PLATFORM)
         self.routes = routes
         if self.routes is None and zk is not None:

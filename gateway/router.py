@@ -187,3 +187,10 @@ def is_package_upload(path: str) -> bool:
     parts = path.split("/")
     return (len(parts) == 8 and parts[:4] == ["", "api", "v1", "tenants"] and parts[5] == "apps"
             and parts[7] == "package" and all(parts[4:7]))
+
+
+def is_dashboard_deploy(path: str) -> bool:
+    """POST /dashboard/tenants/{t}/deploy: the dashboard's deploy form, which
+    carries a package as large as the package route takes."""
+    parts = path.split("/")
+    return len(parts) == 5 and parts[:3] == ["", "dashboard", "tenants"] and parts[4] == "deploy" and bool(parts[3])

@@ -317,8 +317,11 @@ class Server:
     def _body_limit(self, req) -> int:
         """The body limit of one request: an app package upload may be up to
         max_package_bytes (paas.md); everything else max_body_bytes."""
-        if req.method == "PUT" and router.is_package_upload(req.target.split("?", 1)[0]):
+        path = req.target.split("?", 1)[0]
+        if req.method == "PUT" and router.is_package_upload(path):
             return self.cfg.max_package_bytes
+        if req.method == "POST" and router.is_dashboard_deploy(path):
+            return self.cfg.max_package_bytes + 256 * 1024   # the package and its manifest, as a form
         return self.cfg.max_body_bytes
 
     def _refuse(self, c: Conn, exc: HttpError, *, in_selector: bool) -> None:

@@ -11,6 +11,7 @@ COMPONENTS = {
     "worker": "run one DB worker",
     "orchestrator": "run the orchestrator (control plane and API on :8081)",
     "gateway": "run the gateway (public front on :8080)",
+    "dashboard": "run the dashboard (on :8086, reached through the gateway at /dashboard/)",
 }
 # The tenants' apps, the built-in ones (apps/) included, are run by the
 # orchestrator: `stratus deploy` hands it one.

@@ -20,8 +20,8 @@ from harness import ROOT, LocalCluster, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 STRATUS = [sys.executable, "-m", "stratus.cli"]
-COMPONENTS = ["orchestrator", "users", "rides", "catalog", "order", "gateway"]   # each has a port
-PLATFORM = ["orchestrator", "gateway"]   # what `stratus up` starts itself; the apps run under the orchestrator
+COMPONENTS = ["orchestrator", "users", "rides", "catalog", "order", "dashboard", "gateway"]   # each has a port
+PLATFORM = ["orchestrator", "dashboard", "gateway"]   # what `stratus up` starts itself; the apps run under the orchestrator
 
 
 def instance_pids(c) -> list[int]:

@@ -145,8 +145,9 @@ def test_longest_prefix_wins_and_paths_no_app_owns_are_404(cluster):
         status, body, _ = c.get(path)
         assert status == 200 and body["instance"] == f"{SITE}@{site}", (path, body)
     assert c.get("/shop/api/x")[1]["instance"] == f"{API}@{api}"
-    for path in ("/api/v1/auth/other", "/api/v1/worker/other", "/dashboard/x", "/health/x", "/metrics/x"):
+    for path in ("/api/v1/auth/other", "/api/v1/worker/other", "/health/x", "/metrics/x"):
         assert _is_json_404(c, path), path
+    assert c.get("/dashboard/x")[0] != 200        # the dashboard's, never the app's (503: none runs here)
     assert c.get("/health")[1]["service"] == "gateway"
     assert c.get("/api/v1/cluster")[0] == 401        # the platform's own route, not the app's
     assert Client(site).get("/_stats")[1]["requests"] == 5   # only the five above reached it

@@ -316,7 +316,7 @@ BUILTINS = Table({
     ("/api/v1/usersX", "app.acme.shop.web", P, "acme"), ("/productsX", "app.acme.shop.web", P, "acme"),
     ("/", "app.acme.shop.web", P, "acme"), ("/api/v1/tenantsX", "app.acme.shop.web", P, "acme"),
     # ...except the platform's reserved paths, which no app serves.
-    ("/api/v1/auth/other", None, P, None), ("/api/v1/worker/other", None, P, None), ("/dashboard/", None, P, None),
+    ("/api/v1/auth/other", None, P, None), ("/api/v1/worker/other", None, P, None), ("/dashboard/", "dashboard", P, None),
     ("/health/x", None, P, None), ("/api/v1/openapi.json/x", None, P, None),
 ])
 def test_routes(path, service, access, owner):
