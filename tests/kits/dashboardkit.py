@@ -240,8 +240,9 @@ class Traffic:
 
 
 def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+    """The q-quantile (0..1) of `values`: stratus.measure.percentile, the one copy."""
+    from stratus.measure import percentile as nearest_rank
+    return nearest_rank(sorted(values), q * 100)
 
 
 def timed(fn, n: int) -> list[float]:

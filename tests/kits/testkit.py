@@ -9,26 +9,18 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
+from stratus.measure import wait_for
 from bus.ports import free_port  # noqa: F401  (tests and the benchmark import it from here)
 
 TRIVIAL_UPSTREAM = Path(__file__).resolve().with_name("trivial_upstream.py")
 
 
 def wait_until(pred, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            last = exc
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+    """stratus.measure.wait_for, where a server not answering yet (a refused
+    connection, a cut answer, a body that is not JSON yet) counts as not yet."""
+    return wait_for(pred, timeout, interval, what, errors=(OSError, http.client.HTTPException, ValueError))
 
 
 class Client:
