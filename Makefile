@@ -70,4 +70,5 @@ bench: venv services
 	$(PY) benchmarks/promotion_faults.py --record
 	$(PY) benchmarks/tenancy.py --record
 	$(PY) benchmarks/apps.py --record
+	$(PY) benchmarks/dashboard.py --record
 	$(PY) benchmarks/scrape_cost.py --record
