@@ -16,8 +16,11 @@
 #          stratus/python:3.11-slim     python3 + venv from Debian (stands in for python:3.11-slim)
 #          stratus/rabbitmq:3.10        rabbitmq-server from Debian (for rabbitmq:3.13-management)
 #          stratus/zookeeper:3.8        zookeeper + JRE from Debian (for zookeeper:3.9)
-#          stratus/app:latest           the venv with the project (docker/Dockerfile.base)
-#          stratus/<component>:latest   orchestrator worker gateway (the whole stack, compose/)
+#          stratus/prometheus:2.42      prometheus from Debian (for prom/prometheus:v2.55.1)
+#          stratus/app:latest           the venv with the project (docker/Dockerfile.base):
+#                                       every package of the repository (a directory with an
+#                                       __init__.py, as pyproject.toml finds them) and its data
+#          stratus/<component>:latest   orchestrator worker gateway dashboard (the whole stack, compose/)
 #                                       and users rides catalog order (their own directories'
 #                                       files run them directly; in compose/ they are apps
 #                                       that the orchestrator builds from their packages)
@@ -38,8 +41,15 @@ PREFIX=${STRATUS_IMAGE_PREFIX:-stratus}
 BASE_KIND=${STRATUS_DOCKER_BASE:-local}
 PRINT_ENV=0
 [ "${1:-}" = "--env" ] && PRINT_ENV=1
-COMPONENTS=(orchestrator worker gateway users rides catalog order)
-PACKAGES=(bus worker orchestrator gateway users rides catalog order stratus)
+COMPONENTS=(orchestrator worker gateway dashboard users rides catalog order)
+# The project's packages, found as pyproject.toml's packages.find finds them:
+# every top-level directory with an __init__.py, but the tests and benchmarks.
+PACKAGES=()
+for d in */; do
+  d=${d%/}
+  case "$d" in tests|benchmarks) continue ;; esac
+  [ -f "$d/__init__.py" ] && PACKAGES+=("$d")
+done
 mkdir -p "$CACHE"
 
 log() { echo "docker-images: $*" >&2; }
@@ -140,7 +150,7 @@ build_local_bases() {
   build_debian
   local deb; deb=$(image_id "$PREFIX/debian:bookworm")
   local f
-  for spec in python:3.11-slim rabbitmq:3.10 zookeeper:3.8; do
+  for spec in python:3.11-slim rabbitmq:3.10 zookeeper:3.8 prometheus:2.42; do
     local name=${spec%%:*}
     local files=(docker/local/$name.Dockerfile)
     for f in docker/local/$name*; do [ "$f" != "docker/local/$name.Dockerfile" ] && files+=("$f"); done
@@ -150,8 +160,9 @@ build_local_bases() {
 }
 
 # --- 3. wheelhouse and 4. the Stratus images ------------------------------------------
-source_files() {
-  find "${PACKAGES[@]}" -type f \( -name '*.py' -o -name '*.csv' -o -name '*.yaml' -o -name '*.json' \) \
+source_files() { # what the wheel holds: the modules and pyproject.toml's package data
+  find "${PACKAGES[@]}" -type f \( -name '*.py' -o -name '*.csv' -o -name '*.yaml' -o -name '*.json' \
+    -o -path '*/templates/*.html' -o -path '*/static/*' \) \
     ! -path '*/__pycache__/*' 2>/dev/null | LC_ALL=C sort
 }
 
@@ -238,6 +249,7 @@ STRATUS_DOCKER_GID=$gid"
     body="STRATUS_IMAGE_PREFIX=$PREFIX
 STRATUS_RABBITMQ_IMAGE=$PREFIX/rabbitmq:3.10
 STRATUS_ZOOKEEPER_IMAGE=$PREFIX/zookeeper:3.8
+STRATUS_PROMETHEUS_IMAGE=$PREFIX/prometheus:2.42
 STRATUS_DOCKER_GID=$gid"
   fi
   printf '%s\n' "$body" > "$CACHE/images.env"

@@ -57,6 +57,15 @@ finally:
     c.close()
 """
 
+# Run inside a container of the stack: Prometheus's active targets, as JSON.
+_TARGETS = """
+import json, urllib.request
+with urllib.request.urlopen("http://prometheus:9090/api/v1/targets?state=active", timeout=10) as r:
+    data = json.load(r)["data"]["activeTargets"]
+print(json.dumps([{"job": t["labels"].get("job"), "instance": t["labels"].get("instance"), "health": t["health"],
+                   "labels": t["labels"], "error": t.get("lastError", "")} for t in data]))
+"""
+
 
 def wait_for(pred, timeout: float, interval: float = 0.5, what: str = "condition"):
     """stratus.measure.wait_for, where any exception is a service not answering yet."""
@@ -297,6 +306,19 @@ class Stack:
                    "--filter", f"label=com.docker.compose.service={service}"]).stdout.split()
         assert len(ids) == 1, f"{service} of {self.project(directory)}: {ids}"
         return ids[0]
+
+    def python_in(self, directory: str, service: str, code: str, *args: str, timeout: float = 60) -> str:
+        """Run `python -c code args...` in `service`'s container (an image
+        built on stratus/app) and return its stdout: a look from inside the
+        stack's network, at what is not published on the host."""
+        return run(["docker", "exec", self.container_of(directory, service), "python", "-c", code, *args],
+                   timeout=timeout).stdout
+
+    def prometheus_targets(self, directory: str = "compose", via: str = "orchestrator") -> list[dict]:
+        """Prometheus's active targets (GET http://prometheus:9090/api/v1/targets,
+        from `via`'s container): [{job, instance, health, labels, error}]."""
+        out = self.python_in(directory, via, _TARGETS, timeout=30)
+        return json.loads(out)
 
     def publish_builtin_routes(self, directory: str = "orchestrator") -> None:
         """Route the built-in paths to the directly run services (see the

@@ -2,17 +2,23 @@
 one-shot `deploy` service creates the tenants rideshare and toystore and
 deploys their apps through the orchestrator's API, and the orchestrator runs
 their instances as containers. Then, against it: the RideShare grader
-sequence, the toy store, crash/slave, the failover demo, an orchestrator
-killed and adopted, the autoscaling demo, and a tenant's own app (the example
-of tests/data/apps/shop) deployed, scaled, killed and deleted as containers.
+sequence, the toy store, the dashboard signed in to through the gateway (its
+status pages and its charts drawn from the stack's Prometheus), Prometheus
+scraping the gateway, the dashboard, the orchestrator, every DB worker, the
+apps' instances and RabbitMQ by file service discovery, crash/slave, the
+failover demo, an orchestrator killed and adopted, the autoscaling demo, and
+a tenant's own app (the example of tests/data/apps/shop) deployed, scaled,
+killed and deleted as containers.
 A short scaling window (8 s) and at most 3 slaves keep the autoscaling demo
 quick and the container count small."""
 import json
+import re
 import threading
 import time
 
 import pytest
-from dockerkit import ROOT, Http, Stack, grader_sequence, run, toystore_smoke, wait_for
+import requests
+from dockerkit import ADMIN_PASSWORD, ROOT, Http, Stack, grader_sequence, run, toystore_smoke, wait_for
 
 from stratus import builtin
 
@@ -51,7 +57,8 @@ def ready_slaves(stack) -> list[dict]:
 
 def test_grader_sequence_through_the_gateway(stack):
     grader_sequence(stack.gateway, "all")
-    # Only the gateway and the orchestrator are published, on loopback.
+    # Only the gateway and the orchestrator are published, on loopback (not
+    # the dashboard, reached through the gateway, nor Prometheus).
     ports = run(["docker", "ps", "--filter", f"label=com.docker.compose.project={stack.project('compose')}",
                  "--format", "{{.Names}} {{.Ports}}"]).stdout
     published = [line for line in ports.splitlines() if "->" in line]
@@ -78,7 +85,8 @@ def test_the_built_in_apps_were_deployed_through_the_api(stack):
     # instance container, built from its package, and the app views say so.
     services = run(["docker", "ps", "--filter", f"label=com.docker.compose.project={stack.project('compose')}",
                     "--format", "{{.Label \"com.docker.compose.service\"}}"]).stdout.split()
-    assert sorted(services) == ["gateway", "orchestrator", "rabbitmq", "zookeeper"], services
+    assert sorted(services) == ["dashboard", "gateway", "orchestrator", "prometheus", "rabbitmq", "zookeeper"], \
+        services
     for tenant, roles in (("rideshare", {"users", "rides"}),
                           ("toystore", {"catalog", "order", "restocker", "receipts"})):
         status, view = stack.orchestrator.get(f"/api/v1/tenants/{tenant}/apps/{tenant}")
@@ -108,6 +116,117 @@ def test_the_built_in_apps_were_deployed_through_the_api(stack):
 def test_toystore_through_the_gateway(stack):
     wait_for(lambda: stack.gateway.get("/products/Tux")[0] == 200, 60, what="the catalog behind the gateway")
     toystore_smoke(stack.gateway)
+
+
+_CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
+
+
+class Browser:
+    """A browser without a browser, through the gateway's published port: the
+    dashboard's cookie kept, each form's CSRF token sent back."""
+
+    def __init__(self, base: str):
+        self.base = base.rstrip("/")
+        self.http = requests.Session()
+        self.http.trust_env = False      # the stack is on loopback: never through a proxy
+        self.csrf = None
+
+    def get(self, path: str, **kw) -> requests.Response:
+        r = self.http.get(self.base + path, timeout=30, **kw)
+        m = _CSRF.search(r.text) if "text/html" in r.headers.get("Content-Type", "") else None
+        if m:
+            self.csrf = m.group(1)
+        return r
+
+    def post(self, path: str, data: dict, **kw) -> requests.Response:
+        return self.http.post(self.base + path, data={**data, "csrf_token": self.csrf}, timeout=30, **kw)
+
+
+def chart_points(b: Browser, key: str, **params) -> int:
+    """How many points of chart `key` hold a number (the dashboard asks
+    Prometheus); 0 while there is no data yet."""
+    r = b.get(f"/dashboard/api/charts/{key}", params=params)
+    assert r.status_code == 200, (key, r.status_code, r.text[:300])
+    return sum(1 for line in r.json()["series"] for v in line["values"] if v is not None)
+
+
+def test_the_dashboard_signed_in_through_the_gateway_and_prometheus_scrapes_the_stack(stack):
+    dash = stack.container_of("compose", "dashboard")
+    # It registered under its container's hostname (its short id), which the
+    # gateway resolves on the stack's network: /dashboard/ is routed to it.
+    wait_for(lambda: stack.gateway.get("/dashboard/login")[0] == 200, 120, what="the gateway to route /dashboard/")
+    b = Browser(stack.gateway.base)
+    r = b.get("/dashboard/", allow_redirects=False)
+    assert r.status_code == 302 and r.headers["Location"].startswith("/dashboard/login"), r.status_code
+    r = b.get("/dashboard/login")
+    assert r.status_code == 200 and b.csrf, r.text[:300]
+    assert b.post("/dashboard/login", {"username": "admin", "password": "wrong"}).status_code == 401
+    r = b.post("/dashboard/login", {"username": "admin", "password": ADMIN_PASSWORD}, allow_redirects=False)
+    assert r.status_code == 303, (r.status_code, r.text[:300])
+    cookie = r.headers.get("Set-Cookie", "")
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie, cookie
+    r = b.get(r.headers["Location"])
+    assert r.status_code == 200 and r.url.endswith("/dashboard/tenants"), (r.status_code, r.url)
+    assert "rideshare" in r.text and "toystore" in r.text, r.text[:500]
+
+    # The status page: every component as the platform reports it.
+    cluster = stack.cluster()
+    r = b.get("/dashboard/components")
+    assert r.status_code == 200, r.status_code
+    page = r.text
+    for part in ("gateway", "orchestrator", "dashboard", "app.rideshare.rideshare.users", "app.toystore.toystore.order"):
+        assert f'data-component="{part}"' in page, part
+    assert "leading" in page
+    live = b.get("/dashboard/api/components").json()
+    assert live["cluster"]["leader"] == cluster["leader"], live["cluster"]
+    dashboard_svc = next(sv for sv in live["services"] if sv["name"] == "dashboard")
+    assert dashboard_svc["healthy"] == dashboard_svc["instances"] == 1, dashboard_svc
+    r = b.get("/dashboard/cluster")
+    assert r.status_code == 200 and cluster["leader"] in r.text, r.status_code
+
+    # Prometheus, from inside the stack: every component's target, up.
+    def scraped():
+        targets = stack.prometheus_targets()
+        up = {}
+        for t in targets:
+            if t["health"] == "up" and t["labels"].get("cluster", stack.id) == stack.id:
+                up.setdefault(t["job"], set()).add(t["instance"])
+        workers = {c["name"] for c in stack.running_workers()}
+        worker_hosts = {i.rsplit(":", 1)[0] for i in up.get("worker", set())}
+        roles = {t["labels"].get("role") for t in targets if t["job"] == "app" and t["health"] == "up"}
+        ok = (up.get("gateway") == {"gateway:8080"} and up.get("orchestrator") == {"orchestrator:8081"}
+              and up.get("dashboard") == {f"{dash[:12]}:8086"} and up.get("rabbitmq") == {"rabbitmq:15692"}
+              and workers and worker_hosts == workers and {"users", "rides", "catalog", "order"} <= roles)
+        return (targets, up) if ok else None
+    targets, up = wait_for(scraped, 90, interval=2, what="Prometheus to scrape every component of the stack up")
+    print("Prometheus targets up:", {job: sorted(v) for job, v in sorted(up.items())})
+    assert all(t["labels"]["cluster"] == stack.id for t in targets if t["job"] != "rabbitmq"), targets
+
+    # The charts: the dashboard reads that Prometheus (STRATUS_PROMETHEUS_URL)
+    # and draws points from the traffic sent now.
+    stop = threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            try:
+                stack.gateway.get("/api/v1/rides?source=5&destination=6")
+            except Exception:
+                pass
+            time.sleep(0.1)
+    t = threading.Thread(target=traffic, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: chart_points(b, "requests", tenant="rideshare") > 0, 120, interval=3,
+                 what="the requests chart of rideshare to have points")
+        wait_for(lambda: chart_points(b, "db_reads") > 0, 60, interval=3, what="the DB reads chart to have points")
+    finally:
+        stop.set()
+        t.join(10)
+    r = b.get("/dashboard/api/charts/requests", params={"tenant": "rideshare"})
+    assert any(line["label"] == "rides" for line in r.json()["series"]), r.json()["series"]
+    # Signed out, the same JSON is refused.
+    assert b.post("/dashboard/logout", {}).status_code == 200
+    assert b.get("/dashboard/api/charts/requests", params={"tenant": "rideshare"}).status_code == 401
 
 
 SHOP = ROOT / "tests" / "data" / "apps" / "shop"

@@ -1,0 +1,108 @@
+"""The whole stack's files, read without an engine (so these run in the process
+suites too): compose/docker-compose.yml's dashboard and Prometheus wiring,
+and compose/prometheus/prometheus.yml being etc/prometheus.yml (the config
+scripts/services.sh renders for local processes) with the stack's values.
+The Docker stage (test_docker_stack.py) runs the same files for real."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[3]
+COMPOSE = ROOT / "compose"
+TARGETS = "/srv/stratus/prometheus-targets"
+
+
+def compose() -> dict:
+    return yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """{target path: source} of a service's short-syntax volumes."""
+    out = {}
+    for v in service.get("volumes", []):
+        src, dst = v.split(":")[:2]
+        out[dst] = src
+    return out
+
+
+def test_the_prometheus_config_is_the_local_one_with_the_stacks_addresses():
+    template = (ROOT / "etc" / "prometheus.yml").read_text()
+    rendered = template.replace("@TARGETS_DIR@", TARGETS).replace("@RABBITMQ_METRICS@", "rabbitmq:15692")
+    assert "@" not in yaml.safe_dump(yaml.safe_load(rendered))
+    ours = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text())
+    assert ours == yaml.safe_load(rendered)
+    assert ours["global"]["scrape_interval"] == "5s"
+    sd = ours["scrape_configs"][0]["file_sd_configs"][0]["files"]
+    assert sd == [f"{TARGETS}/*.json"]
+
+
+def test_prometheus_reads_the_volume_the_orchestrator_writes_and_is_not_published():
+    c = compose()
+    svc = c["services"]
+    orch, prom = svc["orchestrator"], svc["prometheus"]
+    assert orch["environment"]["STRATUS_PROMETHEUS_SD_DIR"] == TARGETS
+    assert mounts(orch)[TARGETS] == "prometheus-targets"
+    assert mounts(prom)[TARGETS] == "prometheus-targets"
+    assert any(v == f"prometheus-targets:{TARGETS}:ro" for v in prom["volumes"]), prom["volumes"]
+    # The orchestrator runs as the image's user (uid 10001): the shared tmpfs is its own.
+    opts = c["volumes"]["prometheus-targets"]["driver_opts"]
+    assert opts["type"] == "tmpfs" and "uid=10001" in opts["o"] and "gid=10001" in opts["o"], opts
+    assert mounts(prom)["/etc/prometheus/prometheus.yml"] == "./prometheus/prometheus.yml"
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    assert "ports" not in prom
+    # The official image, pinned; the local one through STRATUS_PROMETHEUS_IMAGE.
+    image = prom["image"]
+    assert image.startswith("${STRATUS_PROMETHEUS_IMAGE:-prom/prometheus:v2."), image
+    assert "latest" not in image
+    # Published: the gateway and the orchestrator, on loopback; nothing else.
+    published = {name: s["ports"] for name, s in svc.items() if s.get("ports")}
+    assert set(published) == {"gateway", "orchestrator"}, published
+    assert all(p.startswith("127.0.0.1:") for ports in published.values() for p in ports), published
+
+
+def test_the_dashboard_service_and_registry_addresses():
+    svc = compose()["services"]
+    d = svc["dashboard"]
+    assert d["image"] == "${STRATUS_IMAGE_PREFIX:-stratus}/dashboard:latest"
+    env = d["environment"]
+    assert env["STRATUS_GATEWAY_URL"] == "http://gateway:8080"
+    assert env["STRATUS_PROMETHEUS_URL"] == "http://prometheus:9090"
+    assert env["STRATUS_ZK_HOSTS"] == "zookeeper:2181" and env["STRATUS_BIND_HOST"] == "0.0.0.0"
+    assert mounts(d)["/var/lib/stratus"] == "dashboard-state"
+    assert d["depends_on"]["orchestrator"]["condition"] == "service_healthy"
+    # No fixed hostname (scaled replicas register distinct addresses); the
+    # gateway's and Prometheus's names are fixed, so the targets read well.
+    assert "hostname" not in d
+    assert svc["gateway"]["hostname"] == "gateway"
+    assert svc["orchestrator"]["hostname"] == "orchestrator"
+    assert svc["prometheus"]["hostname"] == "prometheus"
+
+
+def test_rabbitmq_serves_its_prometheus_endpoint_whichever_the_image():
+    rmq = compose()["services"]["rabbitmq"]
+    assert mounts(rmq)["/etc/rabbitmq/enabled_plugins"] == "./rabbitmq/enabled_plugins"
+    plugins = (COMPOSE / "rabbitmq" / "enabled_plugins").read_text().strip()
+    assert plugins.startswith("[") and plugins.endswith("].")
+    assert {p.strip() for p in plugins[1:-2].split(",")} == {"rabbitmq_management", "rabbitmq_prometheus"}
+    local = (ROOT / "docker" / "local" / "rabbitmq.Dockerfile").read_text()
+    assert "rabbitmq_prometheus" in local
+
+
+def test_the_image_script_builds_the_dashboard_and_the_local_prometheus():
+    script = (ROOT / "scripts" / "docker-images.sh").read_text()
+    components = next(line for line in script.splitlines() if line.startswith("COMPONENTS=("))
+    assert "dashboard" in components.split("(")[1].rstrip(")").split()
+    assert "prometheus:2.42" in script and "STRATUS_PROMETHEUS_IMAGE=$PREFIX/prometheus:2.42" in script
+    assert (ROOT / "docker" / "local" / "prometheus.Dockerfile").is_file()
+    assert (ROOT / "dashboard" / "Dockerfile").is_file()
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_promtool_accepts_the_stacks_config():
+    p = subprocess.run(["promtool", "check", "config", str(COMPOSE / "prometheus" / "prometheus.yml")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "SUCCESS" in p.stdout + p.stderr
