@@ -43,6 +43,7 @@ down: venv
 test: venv services browser
 	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS) tests
 	@scripts/docker-stage.sh
+	@$(MAKE) --no-print-directory chaos-stage
 
 test-fast: venv services browser
 	$(PY) -m pytest -q -m "not docker and not slow" $(PYTEST_ARGS) tests
@@ -72,3 +73,22 @@ bench: venv services
 	$(PY) benchmarks/apps.py --record
 	$(PY) benchmarks/dashboard.py --record
 	$(PY) benchmarks/scrape_cost.py --record
+
+# The fault-injection suite (docs/reliability.md): a seeded schedule of faults
+# (kill -9 of the master, a slave, the leading orchestrator, a broker node, a
+# ZooKeeper server; partitions through TCP proxies; SIGSTOP of the master)
+# while set and register workloads run through the gateway, on the run's own
+# RabbitMQ node(s) and ZooKeeper server(s) (STRATUS_BROKER_NODES,
+# STRATUS_ZK_NODES). `make chaos` plays STRATUS_CHAOS_SECONDS (600) of it and
+# prints the table; CHAOS_ARGS=--record appends it to docs/reliability.md.
+# `make test` ends with the chaos stage: every fault once (about 3 minutes,
+# killed past 8); STRATUS_SKIP_CHAOS=1 skips it.
+.PHONY: chaos chaos-stage
+CHAOS_ARGS ?=
+chaos: venv services
+	$(PY) -m stratus.chaos --seconds $${STRATUS_CHAOS_SECONDS:-600} $(CHAOS_ARGS)
+
+chaos-stage: venv services
+	@if [ -n "$${STRATUS_SKIP_CHAOS:-}" ]; then echo "chaos stage: skipped (STRATUS_SKIP_CHAOS is set)"; else \
+	  echo "chaos stage: every fault once"; \
+	  STRATUS_CHAOS_STAGE=1 timeout 480 $(PY) -m pytest -q -p no:cacheprovider tests/chaos/test_chaos_run.py; fi

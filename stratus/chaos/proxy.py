@@ -398,9 +398,17 @@ class ProxyHub:
             p.heal()
 
     def close(self) -> None:
+        async def drain():
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         try:
             for p in self.proxies.values():
                 self.run(p._stop())
+            self.run(drain())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(5)
+            if not self._thread.is_alive():
+                self.loop.close()
