@@ -435,23 +435,28 @@ class SharedServices(Services):
         _wait(node.alive, timeout, f"{node} to serve again")
 
     def stream_leader(self, queue: str) -> Node | None:
+        """The node leading `queue`, by the management API (the "leader" of a
+        stream or quorum queue); scripts/services.sh names node i rabbit<i>,
+        the i-th URL of STRATUS_AMQP_URL."""
         if len(self.brokers) == 1:
             return self.brokers[0]
-        if shutil.which("rabbitmqctl") is None:
-            return None
-        r = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name", "leader", "--formatter", "json"],
-                           capture_output=True, text=True, timeout=30)
+        import base64
+        import urllib.request
+        from bus.settings import load
+        url = f"{load().amqp_management_url.rstrip('/')}/api/queues/{urllib.parse.quote(self.vhost, safe='')}/" \
+              f"{urllib.parse.quote(queue, safe='')}"
+        auth = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
+        req = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
         try:
-            rows = json.loads(r.stdout or "[]")
-        except ValueError:
+            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            with opener.open(req, timeout=10) as resp:
+                leader = json.loads(resp.read()).get("leader") or ""
+        except (OSError, ValueError):
             return None
-        for row in rows:
-            if row.get("name") == queue and row.get("leader"):
-                # Node names hold no port: match by the order services.sh names them.
-                leader = row["leader"]
-                for i, b in enumerate(self.brokers):
-                    if leader.split("@")[0].endswith(str(i + 1)) or (i == 0 and leader.startswith("rabbit@")):
-                        return b
+        name = leader.split("@")[0]
+        for i, b in enumerate(self.brokers):
+            if name == f"rabbit{i + 1}":
+                return b
         return None
 
 
