@@ -1,6 +1,7 @@
 """The per-directory bring-up: orchestrator/ first (it creates the network),
-then users/, rides/, catalog/, order/ and gateway/, each with its own
-`docker-compose up -d`. Run this way, each service registers itself under its
+then users/, rides/, catalog/, order/, gateway/ and dashboard/, each with
+its own `docker-compose up -d` (the dashboard, in its own project, is routed
+to by the gateway at /dashboard/ through the registry). Run this way, each service registers itself under its
 own name and no app is deployed: the test publishes the route entries that
 send the built-in paths to those names (dockerkit.publish_builtin_routes,
 by "test"); ZooKeeper's volume keeps them across `down` and `up`.
@@ -12,7 +13,12 @@ from dockerkit import Http, grader_sequence, toystore_smoke, wait_for
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
 
-DIRS = ["orchestrator", "users", "rides", "catalog", "order", "gateway"]
+DIRS = ["orchestrator", "users", "rides", "catalog", "order", "gateway", "dashboard"]
+
+
+def dashboard_served(s) -> bool:
+    status, body = s.gateway.get("/dashboard/login")
+    return status == 200 and isinstance(body, str) and 'name="csrf_token"' in body
 
 
 def test_per_directory_bring_up_down_and_up_again(make_stack):
@@ -33,6 +39,7 @@ def test_per_directory_bring_up_down_and_up_again(make_stack):
     assert s.gateway.get("/api/v1/cluster")[0] == 401
     assert s.gateway.put("/api/v1/users", {"username": "keeper", "password": "b" * 40}) == (201, {})
     assert len(s.running_workers()) >= 2
+    wait_for(lambda: dashboard_served(s), 90, what="the dashboard's sign-in form through the gateway")
 
     for d in reversed(DIRS):
         s.compose(d, "down", "-t", "45")
@@ -46,3 +53,4 @@ def test_per_directory_bring_up_down_and_up_again(make_stack):
     wait_for(lambda: (lambda r: r[0] == 200 and "keeper" in r[1])(s.gateway.get("/api/v1/users")), 60,
              what="the user written before `down` to be there after `up`")
     grader_sequence(s.gateway, "dirs2")
+    wait_for(lambda: dashboard_served(s), 90, what="the dashboard's sign-in form through the gateway after `up`")
