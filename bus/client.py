@@ -5,6 +5,14 @@ not thread-safe). Callers hand their publishes to that thread and wait on a
 future for the reply, which arrives on the client's own responseQ. The
 connection stays open and reconnects on its own; no request opens one.
 
+Broker nodes: STRATUS_AMQP_URL may list several nodes of one RabbitMQ
+cluster, comma-separated (bus/brokers.py). connection_params turns them into
+the list pika tries in turn, so a client whose node dies reconnects to
+another: the DB client, the workers, the snapshot transfers, the tasks and the
+gateway's cache feed all connect through it. The reply queue lives on the node
+the client is connected to; when that node dies, requests in flight get
+Timeout at once (below) and re-sending a write with its id is safe.
+
 Identity: every request carries the AMQP `user_id` of the tenant it acts for
 (bus/tenancy.py), and the broker validates it against the connection's
 account. A client made with a tenant's own credentials (an app instance: its
@@ -21,8 +29,10 @@ as it reconnects): a write may still happen, and re-sending it with the same
 request id is safe (workers deduplicate by id)."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import random
 import threading
 import time
 import uuid
@@ -34,6 +44,7 @@ import pika
 
 from . import ops as _ops
 from . import tenancy
+from .brokers import amqp_urls
 from .errors import DBError, Timeout, Unavailable
 from .names import Names
 from .protocol import Reply, Request, decode_reply, new_id
@@ -43,13 +54,57 @@ from .topology import READ, WRITE, declare_all, declare_response_queue
 log = logging.getLogger("stratus.client")
 
 
-def connection_params(url: str, *, heartbeat: int = 30) -> pika.URLParameters:
-    params = pika.URLParameters(url)
-    params.heartbeat = heartbeat
-    params.blocked_connection_timeout = 30
-    params.connection_attempts = 1
-    params.socket_timeout = 3
-    return params
+class NodeParameters(list):
+    """The connection parameters of every broker node, in the order to try
+    them: pika.BlockingConnection(NodeParameters) connects to the first that
+    answers. Setting an attribute sets it on every node's parameters (e.g.
+    `params.client_properties = {...}`); reading one reads the first's."""
+
+    def __setattr__(self, name, value) -> None:
+        for p in self:
+            setattr(p, name, value)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self[0], name)
+
+
+_rotation = itertools.count(random.randrange(1 << 16))
+
+
+def connection_params(url: str, *, heartbeat: int = 30) -> NodeParameters:
+    """What pika needs to connect to the broker named by `url`: one AMQP URL,
+    or several separated by commas, one per node of a RabbitMQ cluster
+    (bus/brokers.py). pika.BlockingConnection tries them in turn, once each,
+    and raises AMQPConnectionError when none answers; callers reconnect in
+    their own loops, so every user of this function fails over.
+
+    With several nodes, each call starts one node further along the list, so
+    that a client reconnecting after its node died does not begin with that
+    node every time, and connections spread over the cluster. A node that
+    accepts TCP but does not answer AMQP costs at most NODE_STACK_TIMEOUT
+    before the next one is tried."""
+    urls = amqp_urls(url)
+    if len(urls) > 1:
+        start = next(_rotation) % len(urls)
+        urls = urls[start:] + urls[:start]
+    out = NodeParameters()
+    for u in urls:
+        params = pika.URLParameters(u)
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = 30
+        params.connection_attempts = 1
+        params.socket_timeout = 3
+        if len(urls) > 1:
+            params.stack_timeout = NODE_STACK_TIMEOUT
+        out.append(params)
+    return out
+
+
+# With several nodes: the longest one node may take to complete the AMQP
+# handshake before the next node is tried (pika's default is 15 s).
+NODE_STACK_TIMEOUT = 5.0
 
 
 class DBClient:

@@ -47,6 +47,12 @@ class Settings:
     amqp_management_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_MANAGEMENT_URL",
                                                                       "http://127.0.0.1:15672"))
     zk_hosts: str = field(default_factory=lambda: env_str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
+    # How many RabbitMQ nodes and ZooKeeper servers run (scripts/services.sh,
+    # docs/cluster.md). With more than one broker node, STRATUS_AMQP_URL lists
+    # every node's URL (comma-separated), the replication stream is replicated
+    # on broker_nodes of them and the request queues are quorum queues.
+    broker_nodes: int = field(default_factory=lambda: env_int("STRATUS_BROKER_NODES", 1))
+    zk_nodes: int = field(default_factory=lambda: env_int("STRATUS_ZK_NODES", 1))
     cluster: str = field(default_factory=lambda: env_str("STRATUS_CLUSTER", "default"))
     # The tenant an app instance acts for (its credentials are in STRATUS_AMQP_URL);
     # empty for the platform's own components.
