@@ -178,6 +178,8 @@ def run(a) -> tuple[checker.Report, dict]:
                                zk_hosts=services.direct_zk_hosts(), max_slaves=2, reads_per_slave=1,
                                scale_window=10)
         stack.callback(cluster.close)
+        if len(services.brokers) > 1:
+            _check_node_list(cluster.settings)
         password = secrets.token_urlsafe(16)
         cluster.env.update({"STRATUS_AMQP_URL": amqp, "STRATUS_ZK_HOSTS": zk_hosts,
                             "STRATUS_ADMIN_PASSWORD": password})
@@ -238,6 +240,24 @@ def run(a) -> tuple[checker.Report, dict]:
         stack.close()
         if not a.keep and not a.dir:
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _check_node_list(settings, timeout: float = 20.0) -> None:
+    """Several broker nodes need a bus client that takes STRATUS_AMQP_URL as
+    a comma-separated list of nodes: fail early, and say so, when it does not.
+    (The probe declares the test cluster's own objects, which its close removes.)"""
+    from bus.client import DBClient
+    try:
+        c = DBClient(settings, name="chaos-probe", connect_timeout=timeout)
+    except Exception as exc:   # the URL itself refused
+        raise ServiceError(f"the bus client does not take a list of broker nodes ({exc!r}); "
+                           "several nodes need the multi-node client (STRATUS_BROKER_NODES)") from exc
+    try:
+        if not c.connected:
+            raise ServiceError("the bus client did not connect to a comma-separated list of broker nodes "
+                               f"within {timeout:g}s: several nodes need the multi-node client (STRATUS_BROKER_NODES)")
+    finally:
+        c.close()
 
 
 def _ready(t: Target) -> bool:
