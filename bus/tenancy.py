@@ -72,6 +72,13 @@ def tenant_of(user_id: str | None, *, cluster: str, platform: str) -> str | None
     return None
 
 
+# The built-in tenant whose end users log in with the platform's token
+# service (platform.md, rideshare.md): their accounts are the rows of its
+# table `users` (username, password = SHA-1 hex). The one place the platform
+# names a tenant's table.
+USER_DIRECTORY = ("rideshare", "users")
+
+
 def permissions(names, tenant: str) -> dict[str, str]:
     """The broker permissions of a tenant account (regular expressions over
     object names, RabbitMQ's configure/write/read): its own reply queues, and

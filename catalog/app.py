@@ -20,7 +20,7 @@ from bus.client import DBClient, shared
 from bus.errors import DBError, PreconditionFailed
 from bus.service import base_app
 from bus.settings import Settings, load
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 
 from .restock import Restocker
 

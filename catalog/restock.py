@@ -30,7 +30,7 @@ from bus.client import DBClient
 from bus.errors import DBError
 from bus.names import Names, Paths
 from bus.settings import Settings
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 
 log = logging.getLogger("stratus.catalog.restock")
 
@@ -152,7 +152,7 @@ class Restocker(threading.Thread):
 
 def main() -> None:
     """`python -m catalog.restock`: the restocker alone, as the toy store's
-    worker role (apps/toystore/manifest.json). It keeps a heartbeat
+    worker role (toystore/manifest.json). It keeps a heartbeat
     (bus.instance) and stops on SIGTERM, giving the role up at once."""
     import signal
 

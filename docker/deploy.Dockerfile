@@ -3,8 +3,9 @@
 # and deploys their apps through the orchestrator's API, as `stratus up` does
 # (python -m stratus.deploy_builtin).
 # The installed stratus package has no repository above it, so the built-in
-# apps' manifests (apps/) and the directories their packages hold (listed in
-# apps/*/package.txt) are copied to /opt/stratus-src, read-only for its user.
+# apps' directories (rideshare/ and toystore/, with their manifests) and the
+# directories their packages hold (listed in <tenant>/package.txt) are copied
+# to /opt/stratus-src, read-only for its user.
 # Build context: a directory holding src/ (scripts/docker-images.sh stages
 # it in .docker-cache/deploy-context from the checkout, without caches):
 #   docker build --build-arg APP_IMAGE=stratus/app:latest -f docker/deploy.Dockerfile \

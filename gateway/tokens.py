@@ -29,6 +29,7 @@ import time
 import jwt
 
 from bus import accounts, tenancy
+from bus.tenancy import USER_DIRECTORY
 from bus.errors import DBError, Timeout, Unavailable
 
 from .config import GatewayConfig
@@ -38,7 +39,7 @@ log = logging.getLogger("stratus.gateway.tokens")
 
 ROLES = ("admin", "developer", "tenant", "user")
 TENANT_ROLES = ("tenant", "user")      # the roles whose tokens name a tenant
-RIDESHARE = "rideshare"                # the tenant whose users log in here (rideshare.md)
+RIDESHARE, USERS = USER_DIRECTORY     # the tenant whose users log in here, and their table (bus.tenancy)
 ALGORITHM = "HS256"
 REQUIRED = ["sub", "role", "exp", "iat"]
 MAX_TOKEN = 4096
@@ -147,7 +148,7 @@ class TokenService:
             raise ServiceUnavailable(str(exc)) from None
 
     def _check_user(self, username: str, password: str, min_lsn: int) -> bool:
-        query = {"op": "select", "table": "users", "where": [["username", "=", username]]}
+        query = {"op": "select", "table": USERS, "where": [["username", "=", username]]}
         try:
             rows = self.db().read(query, min_lsn=min_lsn or None, timeout=5.0, tenant=RIDESHARE).result
         except (Unavailable, Timeout) as exc:

@@ -34,7 +34,6 @@ from bus import zk as bzk
 from bus.broker_admin import BrokerAdmin, BrokerAdminError
 from bus.errors import DBError
 from bus.names import Names, Paths
-from bus.tenants import rideshare_schema as rs
 
 log = logging.getLogger("stratus.orchestrator.tenants")
 
@@ -128,8 +127,9 @@ class Tenants:
         """A RideShare user of that name exists (the built-in tenant's users
         log in with the same token service)."""
         try:
-            rows = self.db.read(ops.select(rs.USERS, [ops.eq("username", name)], columns=["username"]),
-                                tenant=rs.TENANT).result
+            tenant, table = tenancy.USER_DIRECTORY
+            rows = self.db.read(ops.select(table, [ops.eq("username", name)], columns=["username"]),
+                                tenant=tenant).result
         except DBError as exc:
             if exc.code == "unknown_table":
                 return False

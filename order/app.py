@@ -29,7 +29,7 @@ from bus.errors import DBError, PreconditionFailed
 from bus.service import base_app, json_error
 from bus.settings import Settings, load
 from bus.names import Names
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 
 log = logging.getLogger("stratus.order")
 

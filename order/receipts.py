@@ -22,7 +22,7 @@ import time
 from bus import ops
 from bus.errors import DBError
 from bus.settings import Settings, load
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 
 log = logging.getLogger("stratus.order.receipts")
 

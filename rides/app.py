@@ -20,7 +20,7 @@ from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
 from bus.service import json_error
-from bus.tenants import rideshare_schema as rs
+from rideshare import schema as rs
 
 from bus import web
 from bus.web import InputError

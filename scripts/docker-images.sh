@@ -211,9 +211,10 @@ build_stratus() {
   done
 }
 
-# The directories the built-in apps' packages hold (apps/*/package.txt), and apps/ itself.
+# The directories the built-in apps' packages hold (rideshare/ and toystore/ list them,
+# themselves included, in their package.txt).
 deploy_dirs() {
-  { echo apps; cat apps/*/package.txt; } | sed 's/^[[:space:]]*//; s/[[:space:]]*$//' | grep -v -e '^#' -e '^$' \
+  cat rideshare/package.txt toystore/package.txt | sed 's/^[[:space:]]*//; s/[[:space:]]*$//' | grep -v -e '^#' -e '^$' \
     | LC_ALL=C sort -u
 }
 

@@ -1,9 +1,9 @@
-"""The built-in apps (apps/README.md): `stratus up` deploys them through the
-platform API exactly as a tenant deploys its own app, from the manifests in
-the repository:
+"""The built-in apps (rideshare/, toystore/; docs/apps.md): `stratus up`
+deploys them through the platform API exactly as a tenant deploys its own
+app, from the manifests in the repository:
 
-    apps/<tenant>/manifest.json    the app's manifest (the app is named after its tenant)
-    apps/<tenant>/package.txt      the repository directories its package holds
+    <tenant>/manifest.json    the app's manifest (the app is named after its tenant)
+    <tenant>/package.txt      the repository directories its package holds
 
 The package is a reproducible .tar.gz (sorted members, no times, no owners,
 no __pycache__), so deploying an unchanged checkout again stores the same
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Iterable
 
 ROOT = Path(__file__).resolve().parent.parent
-APPS = ROOT / "apps"
 BUILT_IN = ("rideshare", "toystore")
 SKIP_DIRS = {"__pycache__", ".git", ".pytest_cache", ".mypy_cache"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
@@ -98,7 +97,7 @@ def tarball(files: Iterable[tuple[str, Path]]) -> bytes:
 def builtin_package(tenant: str, root: Path = ROOT) -> tuple[dict, bytes]:
     """(manifest, package bytes) of a built-in app, from `root` (the
     repository, or a copy of its sources: stratus/deploy_builtin.py)."""
-    d = root / "apps" / tenant
+    d = root / tenant
     try:
         manifest = json.loads((d / "manifest.json").read_text())
     except (OSError, ValueError) as exc:

@@ -6,9 +6,9 @@ runs it; it works the same from a checkout.
 
 Contract:
   sources   STRATUS_SOURCE_DIR (or --source), default the repository root
-            (stratus.builtin.ROOT). It holds apps/<tenant>/manifest.json,
-            apps/<tenant>/package.txt and the directories package.txt names
-            (users/, rides/, catalog/, order/). The stratus/deploy image
+            (stratus.builtin.ROOT). It holds <tenant>/manifest.json,
+            <tenant>/package.txt and the directories package.txt names
+            (rideshare/, users/, rides/, toystore/, catalog/, order/). The stratus/deploy image
             (docker/deploy.Dockerfile) carries them in /opt/stratus-src, since
             an installed stratus package has no repository above it.
   API       settings.orchestrator_base_url() (STRATUS_ORCHESTRATOR_URL, in
@@ -42,7 +42,7 @@ SOURCE_ENV = "STRATUS_SOURCE_DIR"
 
 
 def source_root(explicit: str | None = None) -> Path:
-    """Where apps/ and the packaged directories are: --source, else
+    """Where the built-in apps' directories are: --source, else
     $STRATUS_SOURCE_DIR, else the repository above the stratus package."""
     return Path(explicit or os.environ.get(SOURCE_ENV) or builtin.ROOT)
 
@@ -64,16 +64,16 @@ def deploy_app(base: str, root: Path, tenant: str, *, timeout: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m stratus.deploy_builtin",
                                  description="Create the built-in tenants and deploy their apps through the API.")
-    ap.add_argument("--source", help=f"the directory holding apps/ (default ${SOURCE_ENV} or the repository)")
+    ap.add_argument("--source", help=f"the directory holding rideshare/ and toystore/ (default ${SOURCE_ENV} or the repository)")
     ap.add_argument("--timeout", type=float, default=300.0,
                     help="seconds allowed for the tenants, and for each app to run (default 300)")
     opts = ap.parse_args(argv)
     if opts.timeout <= 0:
         ap.error("--timeout must be positive")
     root = source_root(opts.source)
-    missing = [t for t in builtin.BUILT_IN if not (root / "apps" / t / "manifest.json").is_file()]
+    missing = [t for t in builtin.BUILT_IN if not (root / t / "manifest.json").is_file()]
     if missing:
-        print(f"deploy: no apps/{missing[0]}/manifest.json under {root} (set {SOURCE_ENV})", file=sys.stderr)
+        print(f"deploy: no {missing[0]}/manifest.json under {root} (set {SOURCE_ENV})", file=sys.stderr)
         return 2
     settings = load()
     base = settings.orchestrator_base_url()

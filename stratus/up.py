@@ -5,7 +5,7 @@ starts the DB workers and every app's instances), the dashboard and the
 gateway. Once they answer, it creates the built-in tenants rideshare and toystore through the
 orchestrator's API (one that exists is kept as it is; a new tenant's owner
 password goes to $STRATUS_STATE_DIR/tenants/<name>-password, readable by its
-owner alone) and deploys their apps from apps/<tenant>/ (stratus/builtin.py),
+owner alone) and deploys their apps from rideshare/ and toystore/ (stratus/builtin.py),
 as any tenant deploys. Prints where each listens. In the foreground, Ctrl-C stops everything it started
 and nothing else; with --detach it returns and `stratus down` stops it.
 Each component is a `python -m <component>` child; this module imports none."""

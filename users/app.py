@@ -15,7 +15,7 @@ from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
 from bus.service import json_error, service_zk
-from bus.tenants import rideshare_schema as rs
+from rideshare import schema as rs
 
 from bus import tenancy, web
 from bus.names import Paths

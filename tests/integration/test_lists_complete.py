@@ -12,7 +12,7 @@ import time
 import pytest
 
 from bus import ops, web
-from bus.tenants import rideshare_schema as rs_schema
+from rideshare import schema as rs_schema
 from test_rideshare_support import RideShare, pw
 
 pytestmark = pytest.mark.timeout(300)

@@ -9,7 +9,7 @@ import signal
 import urllib.request
 
 from bus import ops
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 from harness import LocalCluster, wait_for
 from test_toystore_support import start_catalog, start_order
 

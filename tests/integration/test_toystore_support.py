@@ -95,7 +95,7 @@ def _pk(table: str) -> str:
 
 def _last_lsn(db) -> int:
     """The LSN of a fresh, harmless write: any read with this min_lsn sees everything before."""
-    from bus.tenants import toystore_schema as schema
+    from toystore import schema
     return schema.create_tables(db).lsn
 
 

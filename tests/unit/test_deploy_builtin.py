@@ -19,13 +19,14 @@ def test_the_sources_come_from_the_option_then_the_setting_then_the_checkout(mon
 
 
 def test_a_copy_of_the_sources_gives_the_same_package_as_the_checkout(tmp_path):
-    # What docker-images.sh stages into the deploy image: apps/ and the listed directories.
+    # What docker-images.sh stages into the deploy image: the directories package.txt lists.
     for tenant in builtin.BUILT_IN:
         manifest, package = builtin.builtin_package(tenant)
-        dirs = [ln.strip() for ln in (builtin.APPS / tenant / "package.txt").read_text().splitlines()
+        dirs = [ln.strip() for ln in (builtin.ROOT / tenant / "package.txt").read_text().splitlines()
                 if ln.strip() and not ln.startswith("#")]
         assert dirs
-        for d in ["apps", *dirs]:
+        assert tenant in dirs        # the app's own directory: its manifest and schema
+        for d in dirs:
             if not (tmp_path / d).exists():
                 shutil.copytree(builtin.ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         m2, p2 = deploy_builtin.package(tmp_path, tenant)
@@ -34,11 +35,11 @@ def test_a_copy_of_the_sources_gives_the_same_package_as_the_checkout(tmp_path):
 
 def test_missing_sources_are_a_usage_error(tmp_path, capsys):
     assert deploy_builtin.main(["--source", str(tmp_path)]) == 2
-    assert "apps/rideshare/manifest.json" in capsys.readouterr().err
+    assert "rideshare/manifest.json" in capsys.readouterr().err
 
 
 def test_a_broken_manifest_is_a_deploy_error(tmp_path):
-    d = tmp_path / "apps" / "rideshare"
+    d = tmp_path / "rideshare"
     d.mkdir(parents=True)
     (d / "manifest.json").write_text("{not json")
     (d / "package.txt").write_text("users\n")

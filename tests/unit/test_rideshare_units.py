@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from bus.tenants import rideshare_schema as rs
+from rideshare import schema as rs
 from harness import free_port
 from rides import app as rides_app
 from bus import web

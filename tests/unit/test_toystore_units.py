@@ -7,7 +7,7 @@ import pytest
 
 from bus import ops
 from bus.errors import PreconditionFailed
-from bus.tenants import toystore_schema as schema
+from toystore import schema
 from catalog.app import load_catalog
 from order.app import Invalid, order_ops, parse_order
 from stratus import load_toystore as lt

@@ -1,2 +1,0 @@
-"""Table definitions that two components of one tenant share (components never
-import each other; bus is the shared library)."""
