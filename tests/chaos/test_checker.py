@@ -109,7 +109,8 @@ def test_plan_plays_each_fault_once_then_random_draws_reproducibly():
     assert sorted(f.name for f in once) == sorted(schedule.FAULT_NAMES)
     long = schedule.plan(faults, seed=3, seconds=600, per_fault=15)
     assert len(long) == 40 and [f.name for f in long[:len(faults)]] == [f.name for f in once]
-    assert [f.name for f in schedule.plan(faults, seed=3, seconds=600)] == [f.name for f in long]
+    assert [f.name for f in schedule.plan(faults, seed=3, seconds=600, per_fault=15)] == [f.name for f in long]
+    assert len(schedule.plan(faults, seed=3, seconds=600)) == 120   # 5 s each by default: the deadline ends a run
     assert [f.name for f in schedule.plan(faults, seed=4, seconds=0)] != [f.name for f in once]
 
 
