@@ -176,7 +176,7 @@ def run(a) -> tuple[checker.Report, dict]:
 
         cluster = LocalCluster(base / "cluster", amqp_url=services.direct_amqp_url(),
                                zk_hosts=services.direct_zk_hosts(), max_slaves=2, reads_per_slave=1,
-                               scale_window=10)
+                               scale_window=10, broker_nodes=len(services.brokers), zk_nodes=len(services.zks))
         stack.callback(cluster.close)
         if len(services.brokers) > 1:
             _check_node_list(cluster.settings)
