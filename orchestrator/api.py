@@ -247,6 +247,11 @@ def create_app(holder: Holder | None = None) -> Flask:
             return json_error(400, "min_lsn must be a non-negative integer")
         if "op" not in query:
             return json_error(400, "a read needs an 'op' (select or count)")
+        # Read-your-writes through the gateway: it names the client's last
+        # write's LSN in X-Stratus-Min-LSN (gateway/lsn.py); the read waits for it.
+        seen = request.headers.get("X-Stratus-Min-LSN", "")
+        if seen.isascii() and seen.isdigit() and len(seen) < 20:
+            min_lsn = max(min_lsn or 0, int(seen)) or None
         reply = holder.db.read(query, min_lsn=min_lsn, tenant=tenant)
         resp = jsonify(reply.result)
         resp.headers["X-Stratus-LSN"] = str(reply.lsn)
