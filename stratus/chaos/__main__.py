@@ -202,6 +202,8 @@ def run(a) -> tuple[checker.Report, dict]:
             return time.monotonic() - t0
         set_wl = SetWorkload(gw, clock, interval=a.set_interval).start()
         reg_wl = RegisterWorkload(gw, clock, clients=a.register_clients, lsn_via=a.lsn_via, seed=a.seed).start()
+        stack.callback(reg_wl.stop.set)   # whatever happens, no client goes on knocking
+        stack.callback(set_wl.stop.set)
         target = Target(cluster, services, broker_proxies, zk_proxies, service_proxies, set_wl, clock)
         stack.callback(_resume, target)
         time.sleep(BASELINE)
@@ -271,6 +273,10 @@ def _ready(t: Target) -> bool:
 
 def _resume(t: Target) -> None:
     """SIGCONT to every worker of the cluster (a paused master must not outlive the run)."""
+    for pid in list(t.paused):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGCONT)
+        t.paused.discard(pid)
     for m in workers(t.cluster.zk, t.cluster.paths).values() if t.cluster.zk.connected else ():
         with contextlib.suppress(ProcessLookupError, PermissionError):
             if m.pid:

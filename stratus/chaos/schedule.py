@@ -173,8 +173,13 @@ def partition_service_broker(t, rng):
 
 def pause_master(t, rng):
     wid, pid = t.master()
+    t.paused.add(pid)   # continued at the heal, or by the run's teardown whatever happens
     _kill(pid, signal.SIGSTOP)
-    return f"{wid} pid {pid}", lambda: _kill(pid, signal.SIGCONT)
+
+    def heal():
+        _kill(pid, signal.SIGCONT)
+        t.paused.discard(pid)
+    return f"{wid} pid {pid}", heal
 
 
 def slow_network(t, rng):
