@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(900)]
 def test_short_schedule_every_fault_once(tmp_path):
     out = tmp_path / "report.json"
     seed = os.environ.get("STRATUS_CHAOS_SEED") or "17"
-    rc = main(["--seconds", "0", "--seed", seed, "--lsn-via", "body", "--json", str(out), "--quiet", "2"])
+    rc = main(["--seconds", "0", "--seed", seed, "--lsn-via", "header", "--json", str(out), "--quiet", "2"])
     assert rc == 0, "the chaos run could not be carried out (see its output)"
     data = json.loads(out.read_text())
     played = [e["name"] for e in data["events"]]
