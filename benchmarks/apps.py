@@ -4,9 +4,10 @@
             the first 200 through the gateway, and to every instance running,
             for an app of 1 and of 10 web instances (the example app,
             tests/data/apps/shop; each run deploys a fresh app and deletes it)
-  heal      from kill -9 of a web instance to its replacement answering
-            through the gateway (the other instance is scaled away first, so
-            the replacement is the only one that can answer)
+  heal      from kill -9 of a web instance (the only one of a fresh app, so
+            the replacement is the only one that can answer, and it is the
+            slot's first failure: a 1 s backoff) to its replacement answering
+            through the gateway
 
     .venv/bin/python benchmarks/apps.py [--runs 5] [--record]
 
@@ -25,7 +26,7 @@ import time
 import uuid
 from pathlib import Path
 
-from _common import ROOT, pct, record
+from _common import ROOT, record
 
 from harness import LocalCluster
 from kits.testkit import real_orchestrator, start_gateway, wait_until
@@ -94,12 +95,16 @@ def main() -> int:
                     print(f"{n:>2} instances run {run}: first 200 {first:.2f}s, all running {every:.2f}s", flush=True)
                     api(orch, "DELETE", f"/api/v1/tenants/{tenant}/apps/{app}")
                     wait_until(lambda: get(gw, "/shop") == 404, 10, 0.01, what="the route gone")
-            heal_app = "heal"
+            # Each heal run kills the first failure of a fresh app: a slot that
+            # keeps failing backs off 1, 2, 4 ... s (paas.md), which is not what
+            # is measured here.
             manifest = {"roles": {"web": {"kind": "web", "command": ["python", "-m", "shop.web"],
                                           "instances": 1, "routes": ["/shop"]}}}
-            builtin.deploy(base, tenant, heal_app, manifest, package)
-            builtin.wait_running(base, tenant, heal_app, 60)
             for run in range(opts.runs):
+                heal_app = f"heal-{run}"
+                builtin.deploy(base, tenant, heal_app, manifest, package)
+                builtin.wait_running(base, tenant, heal_app, 60)
+                wait_until(lambda: get(gw, "/shop") == 200, 10, 0.01, what="the app through the gateway")
                 st, view = api(orch, "GET", f"/api/v1/tenants/{tenant}/apps/{heal_app}")
                 assert st == 200, (st, view)
                 victim = [i for i in view["roles"]["web"]["instances"] if i["state"] == "running"][0]
@@ -110,8 +115,8 @@ def main() -> int:
                 took = time.monotonic() - t0
                 results.setdefault("kill -9 -> replacement serving", []).append(took)
                 print(f"heal run {run}: {took:.2f}s", flush=True)
-                time.sleep(1.0)
-            api(orch, "DELETE", f"/api/v1/tenants/{tenant}/apps/{heal_app}")
+                api(orch, "DELETE", f"/api/v1/tenants/{tenant}/apps/{heal_app}")
+                wait_until(lambda: get(gw, "/shop") == 404, 10, 0.01, what="the route gone")
             api(orch, "DELETE", f"/api/v1/tenants/{tenant}")
     finally:
         cluster.close()
