@@ -10,7 +10,7 @@ one after another: the admin's DB cluster page, the tenant's app page, and
 the JSON the live parts poll. For each page the script reports the median,
 p95 and max.
 
-    .venv/bin/python benchmarks/dashboard.py [--rate 500] [--seconds 30] [--threads 16] [--procs 2] [--record]
+    .venv/bin/python benchmarks/dashboard.py [--rate 500] [--seconds 30] [--threads 24] [--procs 2] [--record]
 
 Target: p95 < 200 ms for every page at 500 req/s. The load rate actually
 served is reported too. If the machine cannot serve the rate, it says so,
@@ -78,7 +78,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=500.0)
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=24)
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--record", action="store_true")
     o = ap.parse_args()
