@@ -12,6 +12,16 @@ another: the DB client, the workers, the snapshot transfers, the tasks and the
 gateway's cache feed all connect through it. The reply queue lives on the node
 the client is connected to; when that node dies, requests in flight get
 Timeout at once (below) and re-sending a write with its id is safe.
+With several nodes the request queues are quorum queues (bus/topology.py),
+and a publish made while a queue elects its leader can vanish: the channel
+sends it to the dead leader and, unconfirmed, never learns it (nor do the
+channel's later publishes to that queue get in). So with several nodes the
+client publishes requests on a channel of their own in confirm mode: a
+request not confirmed within CONFIRM_TIMEOUT, or refused (nack), is published
+again on a fresh channel (the same request id and correlation id: a worker
+answers a write it has seen once more without applying it again, and the
+second answer to one correlation id is dropped). After a reconnect with the
+reply queue intact, the unconfirmed requests are published again likewise.
 
 Identity: every request carries the AMQP `user_id` of the tenant it acts for
 (bus/tenancy.py), and the broker validates it against the connection's
@@ -29,6 +39,7 @@ as it reconnects): a write may still happen, and re-sending it with the same
 request id is safe (workers deduplicate by id)."""
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -106,6 +117,11 @@ def connection_params(url: str, *, heartbeat: int = 30) -> NodeParameters:
 # handshake before the next node is tried (pika's default is 15 s).
 NODE_STACK_TIMEOUT = 5.0
 
+# With several nodes: a request the broker has not confirmed after this long
+# is published again on a fresh channel (see the module's docstring).
+CONFIRM_TIMEOUT = 1.5
+RECYCLE_INTERVAL = 0.2   # s between two fresh publishing channels
+
 
 class DBClient:
     def __init__(self, settings: Settings | None = None, *, name: str = "client", connect_timeout: float = 5.0,
@@ -125,7 +141,15 @@ class DBClient:
         self._pending_lock = threading.Lock()
         self._outbox: deque = deque()
         self._conn: pika.BlockingConnection | None = None
-        self._ch = None
+        self._ch = None    # the publishing channel (with several nodes, one of its own in confirm mode)
+        # Several broker nodes: requests are confirmed, and published again when not.
+        self._confirming = len(amqp_urls(self.settings.amqp_url)) > 1
+        self._unconfirmed: dict[int, tuple] = {}   # delivery tag -> (outbox item, monotonic publish time)
+        self._tag = 0
+        self._generation = 0
+        self._refused: list = []      # refused (nacked) on the current channel, to publish on the next
+        self._recycled_at = 0.0
+        self.republished = 0   # requests published again (unconfirmed in time, refused, or cut by a reconnect)
         self._connected = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"bus-io-{name}", daemon=True)
@@ -237,10 +261,66 @@ class DBClient:
             except Exception:
                 self._outbox.appendleft(item)
                 raise
+            if self._confirming:
+                self._tag += 1
+                self._unconfirmed[self._tag] = (item, now)
             if props.correlation_id:
                 with self._pending_lock:
                     if props.correlation_id in self._pending:
                         self._sent.add(props.correlation_id)
+
+    # --- confirms (several broker nodes) ------------------------------------
+    def _publishing_channel(self, conn):
+        """A channel in confirm mode whose Basic.Ack/Nack come to _on_confirm
+        (asynchronously: pika's blocking confirm mode would wait for each)."""
+        ch = conn.channel()
+        self._generation += 1
+        ch._impl.confirm_delivery(functools.partial(self._on_confirm, self._generation))
+        self._tag = 0
+        return ch
+
+    def _on_confirm(self, generation: int, frame) -> None:
+        if generation != self._generation:
+            return   # a channel given up already: its tags are not this one's
+        m = frame.method
+        tags = [t for t in self._unconfirmed if t <= m.delivery_tag] if m.multiple else [m.delivery_tag]
+        refused = []
+        for t in tags:
+            entry = self._unconfirmed.pop(t, None)
+            if entry is not None and isinstance(m, pika.spec.Basic.Nack):
+                refused.append(entry[0])
+        if refused:   # a channel whose queue client is stuck nacks everything: use another
+            if not self._refused:
+                log.warning("the broker refused %d request(s): publishing them again on a new channel",
+                            len(refused))
+            self._refused.extend(refused)
+
+    def _republish(self, items: list) -> None:
+        self.republished += len(items)
+        self._outbox.extendleft(reversed(items))   # first, in their order
+
+    def _check_confirms(self, conn) -> None:
+        """Requests refused, or unconfirmed past CONFIRM_TIMEOUT: publish them
+        again on a fresh channel (the old one may be sending to a queue leader
+        that died), at most once per RECYCLE_INTERVAL."""
+        now = time.monotonic()
+        late = bool(self._unconfirmed) and now - min(t for _, t in self._unconfirmed.values()) >= CONFIRM_TIMEOUT
+        if not (late or self._refused) or now - self._recycled_at < RECYCLE_INTERVAL:
+            return
+        items = self._refused + [self._unconfirmed[t][0] for t in sorted(self._unconfirmed)]
+        self._refused = []
+        self._unconfirmed.clear()
+        if late:
+            log.warning("request(s) unconfirmed for %.1fs: publishing %d again on a new channel",
+                        CONFIRM_TIMEOUT, len(items))
+        old, self._ch = self._ch, self._publishing_channel(conn)
+        self._recycled_at = now
+        try:
+            old.close()
+        except Exception:
+            pass
+        self._republish(items)
+        self._flush()
 
     def _on_reply(self, ch, method, props, body) -> None:
         with self._pending_lock:
@@ -285,15 +365,23 @@ class DBClient:
                 # probe's 404 is a pika WARNING, which every start would log.
                 lost = in_flight and not self._queue_exists(conn, self.names.response_queue(self.client_id))
                 q = declare_response_queue(ch, self.names, self.client_id)
+                cut = self._refused + [self._unconfirmed[t][0] for t in sorted(self._unconfirmed)]
+                self._unconfirmed.clear()
+                self._refused = []
                 if lost:
                     self._fail_sent()
+                elif cut:   # they may not have reached the broker; their replies would still come here
+                    self._republish(cut)
                 ch.basic_consume(q, self._on_reply, auto_ack=True)
-                self._conn, self._ch = conn, ch
+                pub = self._publishing_channel(conn) if self._confirming else ch
+                self._conn, self._ch = conn, pub
                 self._connected.set()
                 backoff = 0.1
                 self._flush()
                 while not self._stop.is_set():
-                    conn.process_data_events(time_limit=0.5)
+                    conn.process_data_events(time_limit=0.1 if self._refused else 0.25 if self._unconfirmed else 0.5)
+                    if self._confirming:
+                        self._check_confirms(conn)
                     if self._outbox:
                         self._flush()
             except Exception as exc:  # broker gone or channel closed: reconnect

@@ -9,7 +9,18 @@ existed, or with other limits, keeps its own arguments: RabbitMQ answers a
 redeclaration with other arguments with 406 and closes the channel, so the
 stream is declared on a short-lived channel of its own and, on 406, only
 checked (passive) with a warning. Retention then applies to new clusters, or
-is set on the old stream with a policy (docs/operations.md)."""
+is set on the old stream with a policy (docs/operations.md).
+
+Several broker nodes (STRATUS_BROKER_NODES > 1, docs/cluster.md): the stream
+is declared with x-initial-cluster-size = STRATUS_BROKER_NODES, so a replica
+of the log lives on every node and a publisher confirm means a majority of
+them hold the record; the request queues (read, write, master read, dead
+letters, snapshots) are quorum queues replicated on every node, so that the
+loss of any one node, the stream's leader among them, loses no request and
+stops nothing for longer than an election. With one node nothing changes:
+the stream has no x-initial-cluster-size and the request queues stay classic.
+A queue that already exists with other arguments (made before the cluster had
+several nodes) is used as it is, with a warning, as for the stream."""
 from __future__ import annotations
 
 import logging
@@ -34,13 +45,47 @@ _warned: set[str] = set()                   # streams already warned about, in t
 READ, WRITE = "read", "write"   # routing keys on the request exchange
 
 
-def declare_work_queues(ch, names: Names) -> None:
+def replicated_queue_arguments(settings: Settings) -> dict:
+    """The arguments that make a request queue replicated on every broker
+    node (a quorum queue), or none with one node."""
+    if settings.broker_nodes <= 1:
+        return {}
+    return {"x-queue-type": "quorum", "x-quorum-initial-group-size": settings.broker_nodes}
+
+
+def _declare_keeping(ch, queue: str, arguments: dict) -> None:
+    """Declare a durable queue with `arguments`; one that exists with other
+    arguments (406, which closes the channel it came on: a probe channel of
+    its own) is checked and used as it is, with one warning per process."""
+    if not arguments:
+        ch.queue_declare(queue, durable=True)
+        return
+    probe = ch.connection.channel()
+    try:
+        probe.queue_declare(queue, durable=True, arguments=arguments)
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code != 406:
+            raise
+        ch.queue_declare(queue, durable=True, passive=True)
+        if queue not in _warned:
+            _warned.add(queue)
+            log.warning("the queue %s exists with other arguments (%s): it keeps them (not replicated on "
+                        "every broker node; docs/cluster.md)", queue, exc.reply_text)
+    else:
+        probe.close()
+
+
+def declare_work_queues(ch, names: Names, settings: Settings | None = None) -> None:
+    replicated = replicated_queue_arguments(settings or load())
     ch.exchange_declare(names.dead_exchange, exchange_type="fanout", durable=True)
-    ch.queue_declare(names.dead_queue, durable=True)
+    _declare_keeping(ch, names.dead_queue, replicated)
     ch.queue_bind(names.dead_queue, names.dead_exchange)
     dlx = {"x-dead-letter-exchange": names.dead_exchange}
     for q in (names.read_queue, names.write_queue, names.master_read_queue):
-        ch.queue_declare(q, durable=True, arguments=dlx)
+        if replicated:
+            _declare_keeping(ch, q, {**dlx, **replicated})
+        else:
+            ch.queue_declare(q, durable=True, arguments=dlx)
     # Clients publish requests here, never to the default exchange (through
     # which a routing key reaches any queue): a tenant's account may write to
     # this exchange and to nothing else of the cluster (bus/tenancy.py).
@@ -50,7 +95,9 @@ def declare_work_queues(ch, names: Names) -> None:
 
 
 def log_arguments(settings: Settings) -> dict:
-    """The replication stream's arguments: its type and its retention."""
+    """The replication stream's arguments: its type, its retention, and with
+    several broker nodes its replication (x-initial-cluster-size: a replica
+    on every node)."""
     if not _AGE_RE.match(settings.log_max_age):
         raise ValueError(f"STRATUS_LOG_MAX_AGE {settings.log_max_age!r}: a number and one unit of Y M D h m s "
                          "(7D, 12h, 30m, 90s)")
@@ -58,8 +105,13 @@ def log_arguments(settings: Settings) -> dict:
                         ("STRATUS_LOG_SEGMENT_BYTES", settings.log_segment_bytes)):
         if value <= 0:
             raise ValueError(f"{name} must be a positive number of bytes, got {value}")
-    return {"x-queue-type": "stream", "x-max-length-bytes": settings.log_max_bytes,
+    if settings.broker_nodes < 1:
+        raise ValueError(f"STRATUS_BROKER_NODES must be at least 1, got {settings.broker_nodes}")
+    args = {"x-queue-type": "stream", "x-max-length-bytes": settings.log_max_bytes,
             "x-max-age": settings.log_max_age, "x-stream-max-segment-size-bytes": settings.log_segment_bytes}
+    if settings.broker_nodes > 1:
+        args["x-initial-cluster-size"] = settings.broker_nodes
+    return args
 
 
 def declare_log(ch, names: Names, settings: Settings | None = None) -> None:
@@ -84,10 +136,13 @@ def declare_log(ch, names: Names, settings: Settings | None = None) -> None:
     ch.queue_bind(names.log_stream, names.sync_exchange)
 
 
-def declare_snapshot_queue(ch, names: Names):
+def declare_snapshot_queue(ch, names: Names, settings: Settings | None = None):
     """Snapshot requests; only ready members consume it (worker/snapshot.py).
     Returns the declare-ok frame (its consumer_count: members serving now)."""
-    return ch.queue_declare(names.snapshot_queue, durable=True)
+    replicated = replicated_queue_arguments(settings or load())
+    if replicated:
+        _declare_keeping(ch, names.snapshot_queue, replicated)
+    return ch.queue_declare(names.snapshot_queue, durable=True, passive=bool(replicated))
 
 
 INVALIDATING_TENANTS = ("toystore",)   # tenants whose app publishes cache invalidations
@@ -102,9 +157,10 @@ def declare_invalidation(ch, names: Names) -> None:
 def declare_all(ch, names: Names, settings: Settings | None = None) -> None:
     """Every object of a cluster; `settings` gives the log's retention
     (default: read from the environment now)."""
-    declare_work_queues(ch, names)
+    settings = settings or load()
+    declare_work_queues(ch, names, settings)
     declare_log(ch, names, settings)
-    declare_snapshot_queue(ch, names)
+    declare_snapshot_queue(ch, names, settings)
     declare_invalidation(ch, names)
 
 
