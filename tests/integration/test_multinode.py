@@ -26,7 +26,6 @@ import time
 
 import pytest
 
-from bus import ops
 from harness import EV_TABLE, LocalCluster, Writers, check_no_loss, wait_for
 from kits.multinode import MultiNode, Unavailable
 from test_orchestrator import Orch, cleanup

@@ -15,6 +15,7 @@ ZooKeeper server i serves clients on zk_port + i - 1 (services.sh's layout).
 Every wait is bounded; stop() stops only what this state directory started."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shlex
@@ -22,6 +23,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -105,6 +107,8 @@ class MultiNode:
         if missing:
             raise Unavailable(f"RabbitMQ and ZooKeeper from the OS packages are needed (missing: {', '.join(missing)}); "
                               "scripts/services.sh install installs them")
+        if brokers < 2 and zks < 2:
+            raise ValueError("MultiNode runs several RabbitMQ nodes or ZooKeeper servers (brokers or zks >= 2)")
         self.state_dir = Path(state_dir)
         self.brokers, self.zks = brokers, zks
         self.start_timeout = start_timeout
@@ -214,11 +218,8 @@ class MultiNode:
 
     def mgmt(self, path: str, timeout: float = 10):
         """GET on the management API of the first live node."""
-        user, password = "guest", "guest"
-        import base64
-        import urllib.parse
         u = urllib.parse.urlparse(self.env["STRATUS_AMQP_URL"].split(",")[0])
-        user, password = urllib.parse.unquote(u.username or user), urllib.parse.unquote(u.password or password)
+        user, password = urllib.parse.unquote(u.username or "guest"), urllib.parse.unquote(u.password or "guest")
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         last = None
