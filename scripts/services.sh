@@ -208,6 +208,10 @@ done
 if [ "$BROKER_NODES" -lt 1 ] || [ "$BROKER_NODES" -gt 9 ] || [ "$ZK_NODES" -lt 1 ] || [ "$ZK_NODES" -gt 9 ]; then
   echo "services: STRATUS_BROKER_NODES and STRATUS_ZK_NODES take 1 to 9 (3 or 5 for a cluster)" >&2; exit 2
 fi
+# Prometheus scrapes RabbitMQ's metrics on the first node of a cluster.
+if [ "$BROKER_NODES" -gt 1 ] && [ -z "${STRATUS_RABBITMQ_METRICS:-}" ]; then
+  RABBITMQ_METRICS="127.0.0.1:$((BROKER_PORT + 10020))"
+fi
 RMQ_CLUSTER_DIR="$STATE_DIR/rabbitmq-cluster"
 ZK_ENS_DIR="$STATE_DIR/zookeeper-ensemble"
 RMQ_LIB=/usr/lib/rabbitmq/bin
