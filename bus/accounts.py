@@ -17,7 +17,6 @@ Paths.tenants, so that any component can tell a tenant's name from a free one
 from __future__ import annotations
 
 import time
-import urllib.parse
 
 from . import ops
 from . import tenancy
@@ -108,9 +107,7 @@ _DUMMY = tenancy.hash_password("no such account")
 
 def tenant_amqp_url(platform_url: str, cluster: str, tenant: str, broker_password: str) -> str:
     """STRATUS_AMQP_URL for a tenant's instances: the platform's broker
-    address with the tenant's own account."""
-    u = urllib.parse.urlparse(platform_url)
-    host = u.hostname or "127.0.0.1"
-    netloc = (f"{urllib.parse.quote(tenancy.broker_user(cluster, tenant), safe='')}:"
-              f"{urllib.parse.quote(broker_password, safe='')}@{host}" + (f":{u.port}" if u.port else ""))
-    return urllib.parse.urlunparse(u._replace(netloc=netloc))
+    address (every node's, with several) with the tenant's own account."""
+    from . import brokers
+    # Every node of the list gets the tenant's account (never the platform's).
+    return brokers.with_account(platform_url, tenancy.broker_user(cluster, tenant), broker_password)

@@ -17,6 +17,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from . import brokers
 from .settings import Settings
 
 
@@ -26,11 +27,8 @@ class BrokerAdminError(Exception):
 
 class BrokerAdmin:
     def __init__(self, settings: Settings, *, timeout: float = 10.0):
-        u = urllib.parse.urlparse(settings.amqp_url)
-        user = urllib.parse.unquote(u.username or "guest")
-        password = urllib.parse.unquote(u.password or "guest")
+        user, password, self.vhost = brokers.account_of(settings.amqp_url)
         self.base = settings.amqp_management_url.rstrip("/")
-        self.vhost = urllib.parse.unquote(u.path[1:]) if u.path not in ("", "/") else "/"
         self.auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
         self.timeout = timeout
 

@@ -23,7 +23,6 @@ import hashlib
 import hmac
 import re
 import secrets
-import urllib.parse
 
 PLATFORM = "platform"
 RESERVED = frozenset({"admin", "platform", "stratus"})
@@ -56,7 +55,9 @@ def broker_user(cluster: str, tenant: str) -> str:
 
 
 def platform_user(amqp_url: str) -> str:
-    return urllib.parse.unquote(urllib.parse.urlparse(amqp_url).username or "guest")
+    """The account of STRATUS_AMQP_URL (its first node's, with several: one account for all)."""
+    from . import brokers
+    return brokers.account_of(amqp_url)[0]
 
 
 def tenant_of(user_id: str | None, *, cluster: str, platform: str) -> str | None:

@@ -60,3 +60,15 @@ def test_a_refused_url_does_not_show_its_password():
     with pytest.raises(ValueError) as e:
         amqp_urls("amqp://u:secret@127.0.0.1:x/")
     assert "secret" not in str(e.value)
+
+
+def test_a_tenants_url_carries_its_own_account_on_every_node():
+    from bus import accounts, tenancy
+    from bus.broker_admin import BrokerAdmin
+    from bus.settings import Settings
+    platform = "amqp://guest:guest@127.0.0.1:5672/%2F,amqp://guest:guest@127.0.0.1:5673/%2F"
+    url = accounts.tenant_amqp_url(platform, "c1", "acme", "s3cret")
+    assert "guest" not in url and url.count("stratus.c1.acme:s3cret@") == 2, url
+    assert tenancy.platform_user(platform) == "guest"
+    admin = BrokerAdmin(Settings(amqp_url="amqp://adm:pw@h1:5672/v1,amqp://adm:pw@h2:5673/v1"))
+    assert admin.vhost == "v1"
