@@ -32,8 +32,12 @@ browser:
 	    $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } \
 	  || echo "chromium could not be installed: the dashboard's browser tests will be skipped"; }
 
+# With several broker nodes or ZooKeeper servers, services.sh writes their
+# addresses to $STATE_DIR/services.env (docs/cluster.md): the platform takes them.
 up: venv services
-	@$(VENV)/bin/stratus up $(if $(DETACH),--detach,)
+	@set -a; if [ "$${STRATUS_BROKER_NODES:-1}" != 1 ] || [ "$${STRATUS_ZK_NODES:-1}" != 1 ]; then \
+	  . "$${STRATUS_STATE_DIR:-var}/services.env"; fi; set +a; \
+	  $(VENV)/bin/stratus up $(if $(DETACH),--detach,)
 
 down: venv
 	@$(VENV)/bin/stratus down
@@ -73,6 +77,7 @@ bench: venv services
 	$(PY) benchmarks/apps.py --record
 	$(PY) benchmarks/dashboard.py --record
 	$(PY) benchmarks/scrape_cost.py --record
+	$(PY) benchmarks/broker_nodes.py --record
 
 # The fault-injection suite (docs/reliability.md): a seeded schedule of faults
 # (kill -9 of the master, a slave, the leading orchestrator, a broker node, a
