@@ -271,8 +271,7 @@ class MultiNode:
     def zk_pid(self, i: int) -> int | None:
         try:
             pid = int((self.state_dir / "zookeeper-ensemble" / str(i) / "zookeeper.pid").read_text().strip())
-            os.kill(pid, 0)
-            return pid
+            return pid if _alive(pid) else None   # a killed server not reaped yet is a zombie, not alive
         except (OSError, ValueError):
             return None
 
