@@ -63,10 +63,11 @@ class Platform:
         return [i for i in self.app(name)["roles"][role]["instances"] if i["state"] == "running"]
 
     def wait_running(self, role, n, name="shop", timeout=30):
-        return wait_until(lambda: (len(self.running(role, name)) == n
-                                   and self.app(name)["roles"][role]["running"] == n
-                                   and len(self.app(name)["roles"][role]["instances"]) == n) or None,
-                          timeout, 0.1, what=f"{n} running {role} instances")
+        def settled():
+            r = self.app(name)["roles"][role]      # one read per look
+            return (r["running"] == n and len(r["instances"]) == n
+                    and sum(i["state"] == "running" for i in r["instances"]) == n) or None
+        return wait_until(settled, timeout, 0.1, what=f"{n} running {role} instances")
 
     def events(self, since=0, tenant=None):
         status, body, _ = self.api("GET", f"/api/v1/tenants/{tenant or self.tenant}/events?since={since}")
@@ -200,9 +201,11 @@ def test_rolling_restart_fails_no_request(platform):
         time.sleep(0.5)
         status, body, _ = p.api("POST", f"/api/v1/tenants/{p.tenant}/apps/shop/restart")
         assert status == 202, body
-        wait_until(lambda: ({i["id"] for i in p.running("web")}.isdisjoint(before)
-                            and len(p.running("web")) == 2 and len(p.app()["roles"]["web"]["instances"]) == 2),
-                   60, 0.2, what="every web instance replaced")
+        def replaced():
+            insts = p.app()["roles"]["web"]["instances"]     # one read per look
+            ids = {i["id"] for i in insts if i["state"] == "running"}
+            return ids.isdisjoint(before) and len(ids) == 2 and len(insts) == 2
+        wait_until(replaced, 60, 0.2, what="every web instance replaced")
         time.sleep(1.0)
     finally:
         done.set()
@@ -218,8 +221,8 @@ def test_kill_9_of_an_instance_is_replaced_and_told(platform):
     since = p.events()[-1]["seq"]
     t0 = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
-    wait_until(lambda: len(p.running("web")) == 2 and victim["id"] not in {i["id"] for i in p.running("web")},
-               15, 0.05, what="a replacement")
+    wait_until(lambda: (ids := {i["id"] for i in p.running("web")}) and len(ids) == 2 and victim["id"] not in ids,
+               15, 0.05, what="a replacement")   # one read per look: two could straddle the exit
     print(f"kill -9 -> replacement running: {time.monotonic() - t0:.2f}s")
     events = p.events(since)
     exited = [e for e in events if e["type"] == "exited" and e.get("instance") == victim["id"]]
@@ -238,7 +241,7 @@ def test_an_unhealthy_instance_leaves_the_pool_and_is_replaced(platform):
     # 3 probes at 0.5 s: out of the registry (the gateway's pool) well within 3 s.
     wait_until(lambda: all(p.gateway("GET", "/shop")[1].get("instance") != sick["id"] for _ in range(10)), 5,
                0.1, what="the sick instance out of the pool")
-    wait_until(lambda: len(p.running("web")) == 2 and sick["id"] not in {i["id"] for i in p.running("web")},
+    wait_until(lambda: (ids := {i["id"] for i in p.running("web")}) and len(ids) == 2 and sick["id"] not in ids,
                20, 0.1, what="a replacement")
     print(f"health failing -> replaced: {time.monotonic() - t0:.2f}s")
     types = [(e["type"], e.get("instance")) for e in p.events(since)]
