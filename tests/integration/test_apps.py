@@ -9,7 +9,6 @@ control and delete, in that order (each test leaves the app as the next
 expects: 2 web instances and 1 jobs instance)."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -20,65 +19,18 @@ from pathlib import Path
 import pytest
 
 from harness import LocalCluster
+from kits.appskit import SHOP, AppsClient, shop_package
 from kits.testkit import Client, real_orchestrator, start_gateway, wait_until
 from stratus import builtin
 
 pytestmark = pytest.mark.timeout(600)
 
-SHOP = Path(__file__).resolve().parent.parent / "data" / "apps" / "shop"
-
-
-def shop_package() -> tuple[dict, bytes]:
-    manifest = json.loads((SHOP / "manifest.json").read_text())
-    return manifest, builtin.tarball(builtin.members(SHOP, ["shop"]))
-
-
-class Platform:
+class Platform(AppsClient):
     def __init__(self, cluster, orch: int, gw: int):
         self.cluster, self.orch, self.gw = cluster, orch, gw
         self.tenant = f"acme-{uuid.uuid4().hex[:6]}"
         self.other = f"beta-{uuid.uuid4().hex[:6]}"
         self.passwords: dict[str, str] = {}
-
-    def api(self, method, path, body=None, headers=None):
-        c = Client(self.orch, timeout=60)
-        try:
-            return c.request(method, path, body, headers)
-        finally:
-            c.close()
-
-    def gateway(self, method, path, body=None, headers=None):
-        c = Client(self.gw, timeout=30)
-        try:
-            return c.request(method, path, body, headers)
-        finally:
-            c.close()
-
-    def app(self, name="shop", tenant=None):
-        status, body, _ = self.api("GET", f"/api/v1/tenants/{tenant or self.tenant}/apps/{name}")
-        assert status == 200, body
-        return body
-
-    def running(self, role, name="shop"):
-        return [i for i in self.app(name)["roles"][role]["instances"] if i["state"] == "running"]
-
-    def wait_running(self, role, n, name="shop", timeout=30):
-        def settled():
-            r = self.app(name)["roles"][role]      # one read per look
-            return (r["running"] == n and len(r["instances"]) == n
-                    and sum(i["state"] == "running" for i in r["instances"]) == n) or None
-        return wait_until(settled, timeout, 0.1, what=f"{n} running {role} instances")
-
-    def events(self, since=0, tenant=None):
-        status, body, _ = self.api("GET", f"/api/v1/tenants/{tenant or self.tenant}/events?since={since}")
-        assert status == 200, body
-        return body["events"]
-
-    def token(self, tenant):
-        status, body, _ = self.gateway("POST", "/api/v1/auth/token",
-                                       {"username": tenant, "password": self.passwords[tenant]})
-        assert status == 200, body
-        return body["token"]
 
 
 @pytest.fixture(scope="module")

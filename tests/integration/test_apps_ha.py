@@ -12,7 +12,7 @@ from pathlib import Path
 from harness import wait_for
 from kits.testkit import Client, start_gateway
 from stratus import builtin
-from test_apps import shop_package
+from kits.appskit import shop_package
 from test_orchestrator import Orch, cleanup
 
 

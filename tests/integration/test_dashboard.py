@@ -202,7 +202,7 @@ def test_restart_from_the_form(p):
 
     def replaced():
         ids = {i["id"] for i in p.app()["roles"]["web"]["instances"]}
-        return not (ids & before) and p.running("web") == 2
+        return not (ids & before) and len(p.running("web")) == 2
     wait_until(replaced, 90, 0.3, what="every web instance replaced by the rolling restart")
     p.wait_running("jobs", 1)
     events = s.get(f"/dashboard/api/tenants/{p.tenant}/events?app=shop").json()["events"]
@@ -222,7 +222,7 @@ def test_deploy_a_package_and_manifest_from_the_form(p):
     assert "Deployed shop2" in r.text
     view = p.app("shop2")
     assert view["digest"] == "sha256:" + hashlib.sha256(package).hexdigest()
-    wait_until(lambda: p.gateway("GET", "/shop2")[0] == 404 and p.running("web", "shop2") == 1 or None, 60, 0.2,
+    wait_until(lambda: p.gateway("GET", "/shop2")[0] == 404 and len(p.running("web", "shop2")) == 1 or None, 60, 0.2,
                what="shop2's web instance")   # the shop answers 404 on a path it does not serve: it runs
     # A new version of the same app from a YAML manifest typed into the form and no
     # package: the platform deploys it on the package uploaded last.

@@ -25,17 +25,12 @@ from pathlib import Path
 import requests
 
 from harness import LocalCluster
+from kits.appskit import AppsClient, shop_package  # noqa: F401  (the dashboard's tests import it from here)
 from kits.testkit import Client, free_port, real_orchestrator, start_gateway, wait_until
 from stratus import builtin
 
-SHOP = Path(__file__).resolve().parent.parent / "data" / "apps" / "shop"
 ADMIN_PASSWORD = "dash-admin-pw"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
-
-
-def shop_package() -> tuple[dict, bytes]:
-    manifest = json.loads((SHOP / "manifest.json").read_text())
-    return manifest, builtin.tarball(builtin.members(SHOP, ["shop"]))
 
 
 def start_dashboard(cluster, gw_port: int, key: str = "dashboard", **env) -> int:
@@ -51,7 +46,9 @@ def start_dashboard(cluster, gw_port: int, key: str = "dashboard", **env) -> int
     return port
 
 
-class Platform:
+class Platform(AppsClient):
+    wait_timeout = 60.0
+
     def __init__(self, cluster, orch: int):
         self.cluster, self.orch = cluster, orch
         self.gw = self.dash = 0
@@ -64,34 +61,6 @@ class Platform:
     def url(self) -> str:
         """The dashboard through the gateway."""
         return f"http://127.0.0.1:{self.gw}/dashboard/"
-
-    def api(self, method, path, body=None, headers=None, timeout=60):
-        """The orchestrator's own port (acts as the admin)."""
-        c = Client(self.orch, timeout=timeout)
-        try:
-            return c.request(method, path, body, headers)
-        finally:
-            c.close()
-
-    def gateway(self, method, path, body=None, headers=None):
-        c = Client(self.gw, timeout=30)
-        try:
-            return c.request(method, path, body, headers)
-        finally:
-            c.close()
-
-    def app(self, name="shop", tenant=None) -> dict:
-        status, body, _ = self.api("GET", f"/api/v1/tenants/{tenant or self.tenant}/apps/{name}")
-        assert status == 200, body
-        return body
-
-    def running(self, role, name="shop", tenant=None) -> int:
-        r = self.app(name, tenant)["roles"][role]
-        return sum(1 for i in r["instances"] if i["state"] == "running")
-
-    def wait_running(self, role, n, name="shop", timeout=60):
-        return wait_until(lambda: (self.running(role, name) == n and len(self.app(name)["roles"][role]["instances"]) == n)
-                          or None, timeout, 0.2, what=f"{n} running {role} instances of {name}")
 
     def session(self, username: str | None = None) -> "Session":
         s = Session(self)

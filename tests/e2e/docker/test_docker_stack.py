@@ -18,8 +18,9 @@ import time
 
 import pytest
 import requests
-from dockerkit import ADMIN_PASSWORD, ROOT, Http, Stack, grader_sequence, run, toystore_smoke, wait_for
+from dockerkit import ADMIN_PASSWORD, Http, Stack, grader_sequence, run, toystore_smoke, wait_for
 
+from kits.appskit import shop_package
 from stratus import builtin
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -227,14 +228,6 @@ def test_the_dashboard_signed_in_through_the_gateway_and_prometheus_scrapes_the_
     # Signed out, the same JSON is refused.
     assert b.post("/dashboard/logout", {}).status_code == 200
     assert b.get("/dashboard/api/charts/requests", params={"tenant": "rideshare"}).status_code == 401
-
-
-SHOP = ROOT / "tests" / "data" / "apps" / "shop"
-
-
-def shop_package() -> tuple[dict, bytes]:
-    manifest = json.loads((SHOP / "manifest.json").read_text())
-    return manifest, builtin.tarball(builtin.members(SHOP, ["shop"]))
 
 
 def test_a_tenant_app_runs_as_containers_scaled_killed_and_deleted(stack):
