@@ -148,7 +148,29 @@ class Node:
 
 
 # --- private servers ------------------------------------------------------------------
-class PrivateZK(Node):
+class _Started(Node):
+    """A server this run started itself (`proc`, in a session of its own)."""
+    proc: subprocess.Popen | None = None
+
+    def pid(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            return self.proc.pid
+        return None
+
+    def kill(self) -> int | None:
+        """SIGKILL to its process group, then reap it."""
+        pid = self.pid()
+        if pid is None:
+            return None
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+        return pid
+
+
+class PrivateZK(_Started):
     kind = "zookeeper"
 
     def __init__(self, index: int, base: Path, port: int, peer: int, election: int):
@@ -170,11 +192,6 @@ class PrivateZK(Node):
             (self.dir / "data" / "myid").write_text(f"{self.index}\n")
         (self.dir / "zoo.cfg").write_text("\n".join(lines) + "\n")
 
-    def pid(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc.pid
-        return None
-
     def alive(self) -> bool:
         return zk_mode(self.host, self.port) is not None
 
@@ -194,22 +211,11 @@ class PrivateZK(Node):
     def wait_serving(self, timeout: float = 60.0) -> None:
         _wait(self.alive, timeout, f"{self} to serve")
 
-    def kill(self) -> int | None:
-        pid = self.pid()
-        if pid is None:
-            return None
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        return pid
-
     def mode(self) -> str | None:
         return zk_mode(self.host, self.port)
 
 
-class PrivateRabbit(Node):
+class PrivateRabbit(_Started):
     kind = "rabbitmq"
 
     def __init__(self, index: int, base: Path, tag: str, port: int, dist: int):
@@ -246,11 +252,6 @@ class PrivateRabbit(Node):
             raise ServiceError(f"rabbitmqctl {' '.join(args)} on {self.name}: {r.stderr.strip() or r.stdout.strip()}")
         return r.stdout
 
-    def pid(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            return self.proc.pid
-        return None
-
     def start(self, timeout: float = 90.0, wait: bool = True) -> None:
         if self.pid() is not None:
             return
@@ -266,17 +267,6 @@ class PrivateRabbit(Node):
         if self.pid() is None:
             raise ServiceError(f"{self} exited at start; see {self.dir / 'server.log'}")
         self.ctl("await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
-
-    def kill(self) -> int | None:
-        pid = self.pid()
-        if pid is None:
-            return None
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-        return pid
 
     def stop(self) -> None:
         if self.pid() is None:
