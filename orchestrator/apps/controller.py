@@ -56,6 +56,7 @@ from kazoo.exceptions import KazooException, NoNodeError
 from bus import routing
 from bus import zk as bzk
 from bus.names import Paths, app_service
+from bus.ports import free_port
 from bus.settings import Settings, env_float
 
 from . import AppError
@@ -96,12 +97,6 @@ def role_config(app: App, role: Role) -> str:
 def backoff_delay(failures: int) -> float:
     """1, 2, 4 ... 60 s for the 1st, 2nd, 3rd ... failure in a row."""
     return min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** max(0, failures - 1))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
@@ -622,7 +617,3 @@ class AppController:
         with self.lock:
             return any((i.tenant, i.app) == (tenant, app) for i in self.insts.values())
 
-    def observed(self, tenant: str, app: str) -> dict[str, list[dict]]:
-        """Each role's instances as last published (any orchestrator can answer)."""
-        rec = bzk.get_json(self.zk, self.paths.app_instances(tenant, app)) or {}
-        return rec.get("roles") or {}
