@@ -121,6 +121,7 @@ NODE_STACK_TIMEOUT = 5.0
 # is published again on a fresh channel (see the module's docstring).
 CONFIRM_TIMEOUT = 1.5
 RECYCLE_INTERVAL = 0.2   # s between two fresh publishing channels
+RECONNECT_MAX = 0.5      # s at most between two connection attempts
 
 
 class DBClient:
@@ -396,8 +397,11 @@ class DBClient:
                     except Exception:
                         pass
             if not self._stop.is_set():
+                # Retried at least every RECONNECT_MAX: after a broker's return every
+                # client is back within it (an orchestrator's client still away 1 s
+                # after a standby's is back hands the lead over: orchestrator/decisions.py).
                 self._stop.wait(backoff)
-                backoff = min(backoff * 2, 2.0)
+                backoff = min(backoff * 2, RECONNECT_MAX)
 
 
 _shared: DBClient | None = None

@@ -16,10 +16,24 @@ or a test harness), kept in ZooKeeper:
       metrics_host, metrics_port: where the worker serves its Prometheus
              /metrics (worker/metrics.py); absent when it serves none. The
              orchestrator's discovery (orchestrator/discovery.py) reads them.
+      broker_up: whether the worker has a working broker connection now
+             (true once a connection is open and its objects declared, false
+             from the moment it is lost); absent (unknown) in records of
+             older workers, which the orchestrator never treats as either.
+      broker_down_since: wall time the worker lost its broker connection
+             (absent while connected); for people: the orchestrator times
+             a loss on its own clock (orchestrator/decisions.py
+             check_master_broker deposes a master cut off from the broker
+             while another replica reaches it).
   /stratus/{cluster}/leader         {id, term}: the worker named here becomes
       master for that term. Terms only grow; set_leader bumps it with a
       compare-and-set so two steerers can never hand out the same term.
   /stratus/{cluster}/elections/e-   sequential history of elections.
+  /stratus/{cluster}/orchestrator/members/{ident}   ephemeral, written by each
+      orchestrator (leading or standby): {id, broker_up, broker_down_since}:
+      whether its bus client (the one behind the db routes) is connected. A
+      leader cut off from the broker while a standby reaches it resigns the
+      lead (orchestrator/decisions.py check_service_broker).
 
 Member.from_dict is the one place that parses a membership record (tolerant:
 unknown keys are ignored, missing or malformed fields take their defaults, a
@@ -105,6 +119,8 @@ class Member:
     reason: str = ""
     metrics_host: str | None = None   # where the worker's /metrics listens (None: not served)
     metrics_port: int | None = None
+    broker_up: bool | None = None     # has a working broker connection (None: not said, an older worker)
+    broker_down_since: float | None = None   # wall time the connection was lost (None while up)
     # What the orchestrator adds to its own view; never written to ZooKeeper.
     booting: bool = False             # started by the runtime, not registered yet
     own_pid: int | None = None        # the pid the worker reports, when the runtime's differs (containers)
@@ -125,7 +141,9 @@ class Member:
                    serves_reads=bool(d.get("serves_reads")), started=_float(d.get("started")),
                    reason=str(d.get("reason") or ""),
                    metrics_host=d.get("metrics_host") if isinstance(d.get("metrics_host"), str) else None,
-                   metrics_port=mport if 0 < mport < 65536 else None, booting=bool(d.get("booting")),
+                   metrics_port=mport if 0 < mport < 65536 else None,
+                   broker_up=d["broker_up"] if isinstance(d.get("broker_up"), bool) else None,
+                   broker_down_since=_float(d.get("broker_down_since")), booting=bool(d.get("booting")),
                    own_pid=None if own is None else _int(own))
 
     def to_dict(self) -> dict:
@@ -137,6 +155,10 @@ class Member:
         if self.metrics_port is not None:
             d["metrics_host"] = self.metrics_host
             d["metrics_port"] = self.metrics_port
+        if self.broker_up is not None:
+            d["broker_up"] = self.broker_up
+        if self.broker_down_since is not None:
+            d["broker_down_since"] = self.broker_down_since
         if self.booting:
             d["booting"] = True
         if self.own_pid is not None:

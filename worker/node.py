@@ -37,6 +37,14 @@ Request ids: with STRATUS_LOG_REQUESTS on, a master logs one INFO line per
         request can be followed from the gateway to the worker.
 Reconnect of a master: before it appends again, it reads the log's tail and
         checks that the last LSN there is its own last LSN.
+Broker status: the membership says whether the worker has a working broker
+        connection (broker_up, and since when it lost it). The orchestrator
+        deposes a master cut off from the broker while another replica
+        reaches it (orchestrator/decisions.py check_master_broker); a master
+        that sees, while reconnecting, that the leader record names another
+        worker for a newer term stops there (exit 70). A worker retries its
+        connection every RECONNECT_MAX seconds at most, and gives up after
+        GIVE_UP_AFTER seconds without one (exit 70).
 
 The main thread owns the AMQP connection (pika is not thread-safe); a ZooKeeper
 thread keeps the membership znode current and reports leader changes."""
@@ -82,6 +90,9 @@ EXIT_SESSION_LOST = 75      # a master (or a worker promoting) lost its ZooKeepe
 EXIT_REBUILD = 77           # diverged: replace this worker with a fresh one (snapshot + log tail)
 DIVERGED_LINGER = 1.0       # how long a diverged worker keeps its membership up, so its reason is seen
 TAIL_MARGIN = 5.0           # a reconnecting master reads the log from this long before its last append
+RECONNECT_MAX = 0.5         # at most this long between two connection attempts: back soon after a broker's
+                            # return (the orchestrator deposes a master still away 1 s after a replica is back)
+GIVE_UP_AFTER = 120.0       # without a broker connection this long, the worker exits 70
 # One log line per write (STRATUS_LOG_REQUESTS, on by default). Its cost, measured:
 # about 27 us of logging per write against about 1.3-1.5 ms of the master's
 # CPU per write (8 writer threads, 3 alternating runs of 4,000 writes: within
@@ -126,6 +137,9 @@ class Worker:
         self.last_append_wall: float | None = None  # wall time of this master's last log append
         self.stopping = False
         self.started = time.time()
+        self.broker_up = False                # a working broker connection (published in the membership)
+        self.broker_down_since: float | None = None   # wall time it was lost (None while up, and before the first)
+        self.membership_changed = threading.Event()   # wakes the membership loop at once
         self.conn = None
         self.ch_work = self.ch_log = self.ch_pub = None
         self.tags: dict[str, str] = {}        # consumer name -> tag
@@ -147,7 +161,15 @@ class Worker:
                       serves_reads=self.ready and (self.role is Role.SLAVE or self.master_serves_reads),
                       started=self.started, reason=self.reason,
                       metrics_host=self.metrics_addr[0] if self.metrics_addr else None,
-                      metrics_port=self.metrics_addr[1] if self.metrics_addr else None).to_dict()
+                      metrics_port=self.metrics_addr[1] if self.metrics_addr else None,
+                      broker_up=self.broker_up, broker_down_since=self.broker_down_since).to_dict()
+
+    def _set_broker(self, up: bool) -> None:
+        if up == self.broker_up:
+            return
+        self.broker_up = up
+        self.broker_down_since = None if up else time.time()
+        self.membership_changed.set()
 
     def _zk_loop(self) -> None:
         last, last_at = None, 0.0
@@ -164,7 +186,8 @@ class Worker:
                         self._wake()
             except Exception as exc:
                 log.debug("membership refresh failed: %s", exc)
-            time.sleep(0.25)
+            self.membership_changed.wait(0.25)
+            self.membership_changed.clear()
 
     def _claim_membership(self) -> None:
         """A worker restarted under the same id may find its predecessor's
@@ -216,9 +239,11 @@ class Worker:
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
         try:
             attempt = 0
+            unreachable_since = None
             while True:
                 try:
                     self._connect()
+                    self._set_broker(True)
                     if self.promoting_term and self.role is not Role.MASTER:
                         # The connection dropped mid-promotion: our barrier may or may
                         # not be in the log. Start the promotion again with a new one.
@@ -234,7 +259,7 @@ class Worker:
                     elif self.leader.id != self.id:
                         self.ready, self.state = False, State.CATCHING_UP
                         self._probe()
-                    attempt = 0
+                    attempt, unreachable_since = 0, None
                     code = self._loop()
                     if code is not None:
                         return code
@@ -243,12 +268,20 @@ class Worker:
                 except pika.exceptions.AMQPError as exc:
                     # Broker restart or a stream still being created: reconnect.
                     # Unacked deliveries are redelivered; our state is what we committed.
+                    self._set_broker(False)
                     attempt += 1
-                    if attempt > 60:
+                    unreachable_since = unreachable_since or time.monotonic()
+                    if time.monotonic() - unreachable_since > GIVE_UP_AFTER:
                         raise Fatal(f"the broker stays unreachable: {exc!r}") from None
                     log.warning("bus connection lost (%r); reconnecting", exc)
                     self._drop_connection()
-                    time.sleep(min(0.2 * attempt, 2.0))
+                    time.sleep(min(0.2 * attempt, RECONNECT_MAX))
+                    leader = self.leader
+                    if self.role is Role.MASTER and leader.id != self.id and leader.term > self.store.term:
+                        # Deposed while cut off (decisions.check_master_broker): our
+                        # term is fenced, nothing more to do here.
+                        raise Fatal(f"deposed while cut off from the broker: {leader.id} is master "
+                                    f"for term {leader.term}") from None
         except Fatal as exc:
             log.error("fatal: %s", exc)
             return 70
