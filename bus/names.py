@@ -86,6 +86,7 @@ class Paths:
         self.elections = self.root + "/elections"      # history: one sequential node per election
         self.orchestrators = self.root + "/orchestrator/election"  # kazoo Election
         self.orchestrator_state = self.root + "/orchestrator/state"  # scaling state, shown in /cluster
+        self.orchestrator_members = self.root + "/orchestrator/members"  # ephemeral: each one's broker status
         self.services = self.root + "/services"        # tenant service registry
         self.locks = self.root + "/locks"
         self.tenants = self.root + "/tenants"          # tenant directory: one node per tenant, no secrets
@@ -96,6 +97,9 @@ class Paths:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.workers}/{worker_id}"
+
+    def orchestrator_member(self, ident: str) -> str:
+        return f"{self.orchestrator_members}/{ident}"
 
     def service(self, name: str) -> str:
         return f"{self.services}/{name}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 from bus.service import setup_logging
 from bus.settings import load
@@ -32,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
         sock = worker.sockets[0]
         port = sock.sock.getsockname()[1] if hasattr(sock, "sock") else sock.getsockname()[1]
         state["pid"] = os.getpid()
-        holder.controller = Controller(settings, port=port, credentials=holder.credentials).start()
+        # The db routes' bus client, made now (not on the first request) on
+        # every orchestrator, standbys included: each one publishes whether it
+        # is connected, and a leader cut off from the broker hands the lead to
+        # a standby that is (orchestrator/decisions.py check_service_broker).
+        threading.Thread(target=lambda: holder.db, name="db-client", daemon=True).start()
+        holder.controller = Controller(settings, port=port, credentials=holder.credentials,
+                                       bus_connected=holder.bus_connected).start()
         log.info("orchestrator listening on %s:%d (cluster %s, runtime %s)", settings.bind_host, port,
                  settings.cluster, settings.runtime)
         print(f"orchestrator listening on http://{settings.bind_host}:{port}", flush=True)

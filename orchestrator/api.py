@@ -102,6 +102,12 @@ class Holder:
                 self._db = DBClient(self.settings, name="orchestrator")
             return self._db
 
+    def bus_connected(self) -> bool:
+        """Is the db routes' bus client connected now? Never blocks: False
+        while it is still being made (Controller publishes this)."""
+        db = self._db
+        return db is not None and db.connected
+
     @property
     def tenants(self) -> Tenants:
         """The accounts logic, on the controller's ZooKeeper session."""

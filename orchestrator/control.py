@@ -11,8 +11,13 @@ A tick is a sequence of decisions (orchestrator/decisions.py holds the pure
 rules): observe -> remove lost workers -> check the leader (elect if it is
 gone) -> check a promotion in progress (a named master that has not taken
 over within settings.promotion_timeout, on this orchestrator's own clock, is
-killed and another elected) -> size the slaves; then the loop saves the
-scaling state. Each step returns what it decided; a tick's decisions are
+killed and another elected) -> check the master's broker (a master cut off
+from the broker while another replica reaches it is deposed) -> check the
+service's broker (this orchestrator's bus client, behind the db routes, cut
+off while a standby's is connected: it resigns the lead) -> size the slaves;
+then the loop saves the scaling state.
+Every orchestrator, leading or not, publishes whether its bus client is
+connected in /stratus/<cluster>/orchestrator/members/<ident> (bus/cluster.py). Each step returns what it decided; a tick's decisions are
 logged when they change.
 Elections go through bus.cluster.set_leader with the version read, so two
 steerers can never both hand out a term (fencing); each is recorded in the
@@ -26,6 +31,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from kazoo.client import KazooState
 from kazoo.exceptions import BadVersionError, NoNodeError
@@ -38,7 +44,8 @@ from bus.names import Paths
 from bus.settings import Settings
 
 from . import discovery
-from .decisions import Decision, Promotion, check_promotion, live_members, plan_election, plan_slaves
+from .decisions import (Decision, Promotion, Stranded, check_master_broker, check_promotion, check_service_broker,
+                        live_members, on_broker, plan_election, plan_slaves)
 from .election import switchover_candidate
 from .runtimes import Runtime, make_runtime
 from .scaling import Scaler, ScalingState
@@ -47,6 +54,8 @@ log = logging.getLogger("stratus.orchestrator")
 
 RECONCILE_EVERY = 2.0     # safety-net reconcile period (seconds)
 SAMPLE_EVERY = 0.5        # how often read counters are summed
+WATCH_EVERY = 0.1         # the loop's period while a broker loss is on the clock (decisions.BROKER_LOSS_BOUND)
+BUS_STATUS_EVERY = 0.1    # how often this orchestrator's bus client is looked at (and published when changed)
 DEAD_MEMORY = 60.0        # how long a dead worker id is remembered
 EARLY_EXIT = 10.0         # a worker exiting this soon after its start counts toward start backoff
 SWITCHOVER_MAX_LAG = 50   # log entries a switchover candidate may lag when it is named
@@ -75,7 +84,8 @@ class TickView:
 
 class Controller:
     def __init__(self, settings: Settings, runtime: Runtime | None = None, *, port: int | None = None,
-                 credentials=None, instance_runtime: Runtime | None = None):
+                 credentials=None, instance_runtime: Runtime | None = None,
+                 bus_connected: Callable[[], bool] | None = None):
         self.settings = settings
         self.paths = Paths(settings.cluster)
         self.port = port if port is not None else settings.orchestrator_port
@@ -109,6 +119,11 @@ class Controller:
         self._registered: dict[str, float] = {}   # worker id -> last time its znode was seen
         self._switch_lock = threading.Lock()
         self._promotion: Promotion | None = None  # the naming being watched (decisions.check_promotion)
+        self._stranded: Stranded | None = None    # a master without its broker (decisions.check_master_broker)
+        # This orchestrator's bus client (the db routes'): is it connected? None: not known (no client).
+        self._bus_connected = bus_connected
+        self._service_lost_at: float | None = None  # decisions.check_service_broker's clock
+        self._resigning = False                   # leave the lead at the end of this tick
         self._last_decisions: tuple[str, ...] = ()
         # Tenants' app instances: a controller of their own, leading with this one.
         self.apps = None
@@ -122,6 +137,8 @@ class Controller:
     def start(self) -> "Controller":
         self._thread = threading.Thread(target=self._campaign, name="orchestrator-election", daemon=True)
         self._thread.start()
+        if self._bus_connected is not None:
+            threading.Thread(target=self._publish_bus_status, name="orchestrator-bus-status", daemon=True).start()
         if self.apps is not None:
             self.apps.start()
         return self
@@ -165,6 +182,32 @@ class Controller:
                     log.warning("orchestrator election interrupted: %r", exc)
             self.stopping.wait(0.5)
 
+    def bus_up(self) -> bool | None:
+        """Is this orchestrator's bus client connected? None: it has none."""
+        if self._bus_connected is None:
+            return None
+        try:
+            return bool(self._bus_connected())
+        except Exception:
+            return False
+
+    def _publish_bus_status(self) -> None:
+        """Keep /orchestrator/members/<ident> saying whether our bus client is
+        connected (bus/cluster.py); a leader reads its standbys' records to
+        know whether resigning would help (decisions.check_service_broker)."""
+        path = self.paths.orchestrator_member(self.ident)
+        last, last_at, down_since = None, 0.0, None
+        while not self.stopping.wait(BUS_STATUS_EVERY):
+            up = self.bus_up()
+            down_since = None if up else (down_since or time.time())
+            rec = {"id": self.ident, "broker_up": bool(up), "broker_down_since": down_since}
+            if rec != last or time.time() - last_at > 1.0:   # refreshed: re-created after a new session
+                try:
+                    bzk.put_json(self.zk, path, rec, ephemeral=True)
+                    last, last_at = rec, time.time()
+                except Exception as exc:
+                    log.debug("bus status not published: %r", exc)
+
     def _on_zk_state(self, state) -> None:
         if state == KazooState.LOST:
             self.lost.set()
@@ -198,6 +241,9 @@ class Controller:
     def _lead(self) -> None:
         self.lost.clear()
         self._promotion = None    # a new leader starts its own promotion clock
+        self._stranded = None     # ... and its own broker clocks
+        self._service_lost_at = None
+        self._resigning = False
         self.generation += 1
         gen = self.generation
         log.info("orchestrator %s is the leader", self.ident)
@@ -251,8 +297,9 @@ class Controller:
     def _loop(self) -> None:
         last_reconcile = 0.0
         last_save = 0.0
-        while not self.stopping.is_set() and not self.lost.is_set():
-            woken = self.wake.wait(SAMPLE_EVERY)
+        while not self.stopping.is_set() and not self.lost.is_set() and not self._resigning:
+            clock = self._stranded is not None or self._service_lost_at is not None
+            woken = self.wake.wait(WATCH_EVERY if clock else SAMPLE_EVERY)
             self.wake.clear()
             if self.stopping.is_set() or self.lost.is_set():
                 break
@@ -261,7 +308,11 @@ class Controller:
                 changed = self._sample(snapshot)
                 decided = changed == "decision"
                 now = time.monotonic()
-                watching = self._promotion is not None   # a promotion's deadline is checked every turn
+                # A promotion's deadline, and a broker loss (the master's or our
+                # own), are checked every turn: a membership record's change
+                # fires no watch.
+                watching = (self._promotion is not None or clock or self.bus_up() is False
+                            or any(m.role is Role.MASTER and m.broker_up is False for m in snapshot.values()))
                 if woken or decided or watching or now - last_reconcile >= RECONCILE_EVERY:
                     self.reconcile(snapshot if not woken else None)
                     last_reconcile = time.monotonic()
@@ -312,7 +363,9 @@ class Controller:
     def reconcile(self, snapshot: dict[str, Member] | None = None) -> list[Decision]:
         """One control tick, as a sequence of decisions (decisions.py):
         observe, remove lost workers, check the leader (elect if it is gone),
-        check a promotion in progress (a timeout fails it), size the slaves."""
+        check a promotion in progress (a timeout fails it), check the master's
+        broker (deposed when cut off), check our own (resign when cut off),
+        size the slaves."""
         with self.lock:
             if not self.leading:
                 return []
@@ -321,6 +374,9 @@ class Controller:
             if view.leader.id in view.members:
                 decisions.append(self._check_promotion(view))
             if view.leader.id in view.members:
+                decisions.append(self._check_master_broker(view))
+            decisions.append(self._check_service_broker())
+            if view.leader.id in view.members and not self._resigning:
                 decisions.append(self._size_slaves(view))
         self._log_decisions(decisions)
         return decisions
@@ -381,6 +437,43 @@ class Controller:
             log.warning("killing %s failed: %r", wid, exc)
         return self._elect(view, plan_election(wid, view.members, exclude=self.draining | self.retiring,
                                                cause=d.text))
+
+    def _check_master_broker(self, view: TickView) -> Decision:
+        """A master cut off from the broker while another replica reaches it
+        is deposed: killed (its term is fenced anyway), and the most advanced
+        replica that reaches the broker elected with a new term."""
+        leaving = self.draining | self.retiring
+        self._stranded, d = check_master_broker(self._stranded, view.leader, view.members,
+                                                now=time.monotonic(), exclude=leaving)
+        if d.action != "depose":
+            return d
+        wid = view.leader.id
+        log.warning("%s: deposing it", d.text)
+        self._stranded = None
+        self._promotion = None
+        self.dead[wid] = time.time()
+        view.members.pop(wid, None)
+        try:
+            self.runtime.kill_worker(wid)
+        except KeyError:
+            log.warning("%s is not managed by this orchestrator: its term is fenced, it exits on its own", wid)
+        except Exception as exc:
+            log.warning("killing %s failed: %r", wid, exc)
+        return self._elect(view, plan_election(wid, on_broker(view.members), exclude=leaving, cause=d.text))
+
+    def _check_service_broker(self) -> Decision:
+        """Our bus client (the db routes') cut off while a standby's is
+        connected: resign the lead, so that the standby leads and serves."""
+        connected = self.bus_up()
+        standbys = {} if connected is not False else {
+            k: v for k, v in bzk.children_json(self.zk, self.paths.orchestrator_members).items() if k != self.ident}
+        self._service_lost_at, d = check_service_broker(self._service_lost_at, connected=connected,
+                                                        standbys=standbys, now=time.monotonic())
+        if d.action == "resign":
+            log.warning("%s", d.text)
+            self._resigning = True
+            self.wake.set()
+        return d
 
     def _elect(self, view: TickView, plan: Decision) -> Decision:
         """Name the planned master (an existing worker, or a new one), with a

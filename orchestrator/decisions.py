@@ -11,8 +11,21 @@ A tick (Controller.reconcile), in order:
   3. promotion  has the named master taken over? (check_promotion) A named
                 worker that is not master for the leader's term within the
                 promotion timeout has failed: it is killed and another elected.
-  4. slaves     start or drain slaves towards the scaling target (plan_slaves).
-Then the loop saves the scaling state."""
+  4. broker     is the master in office cut off from the broker while another
+                replica reaches it? (check_master_broker) Past
+                BROKER_LOSS_BOUND on the orchestrator's own clock it is
+                deposed: killed, and the most advanced replica that reaches
+                the broker elected (a new term: the usual fencing and barrier).
+  5. service    is this orchestrator's own bus client (the db routes) cut off
+                while a standby's is connected? (check_service_broker) Past
+                the same bound it resigns the lead, and the standby serves.
+  6. slaves     start or drain slaves towards the scaling target (plan_slaves).
+Then the loop saves the scaling state.
+
+Steps 4 and 5 never act while nobody reaches the broker (a broker outage:
+every connection is down, and an election or a hand-over would only churn),
+and their clock runs only while the condition holds, so it starts again when
+the broker comes back and the replicas reconnect one after the other."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -24,12 +37,17 @@ from .election import failover_candidate
 
 BOOT_GRACE = 60.0         # a started worker must register within this
 REREGISTER_GRACE = 10.0   # a slave whose session expired may re-register within this
+BROKER_LOSS_BOUND = 1.0   # a master (or the leading orchestrator) cut off from the broker this long, while
+                          # another replica (a standby) reaches it, is deposed (resigns). Workers and bus
+                          # clients retry their connection at least every 0.5 s, so after a broker restart
+                          # each is back well within this, and nobody is deposed for having been slower.
 
 
 @dataclass(frozen=True)
 class Decision:
     """What one step of a tick decided."""
-    action: str                  # none | wait | kill | elect | bootstrap | start_master | failed | start | drain
+    action: str                  # none | wait | kill | elect | bootstrap | start_master | failed | depose |
+                                 # resign | start | drain
     text: str                    # the decision in words (logged when a tick's decisions change)
     ids: tuple[str, ...] = ()    # the workers it concerns (elect: the candidate)
     count: int = 0               # start: how many slaves
@@ -138,7 +156,76 @@ def check_promotion(watch: Promotion | None, leader: Leader, member: Member | No
     return watch, Decision("failed", text, ids=(member.id,))
 
 
-# --- 4. slaves -------------------------------------------------------------------------
+# --- 4. broker: the master ------------------------------------------------------------
+@dataclass(frozen=True)
+class Stranded:
+    """A master in office seen without its broker while another replica has
+    one, since `since` (the orchestrator's own monotonic clock)."""
+    id: str
+    term: int
+    since: float
+
+
+def on_broker(members: dict[str, Member]) -> dict[str, Member]:
+    """The members that say they have a working broker connection now (an
+    older worker that does not say is not counted)."""
+    return {wid: m for wid, m in members.items() if m.broker_up is True}
+
+
+def check_master_broker(watch: Stranded | None, leader: Leader, members: dict[str, Member], *, now: float,
+                        bound: float = BROKER_LOSS_BOUND,
+                        exclude: set[str] = frozenset()) -> tuple[Stranded | None, Decision]:
+    """Is the master in office cut off from the broker while a replica it
+    could hand over to reaches it? Returns the watch to keep and the decision:
+    `depose` (ids: the master) once that has lasted `bound` seconds.
+
+    Only a master that has taken over for the leader's term is judged (one
+    still promoting is on the promotion clock). Nothing is decided while no
+    other replica (a slave not in `exclude`, not draining or diverged) reaches
+    the broker: that is a broker outage, which an election cannot cure."""
+    master = members.get(leader.id) if leader.id is not None else None
+    if master is None or master.role is not Role.MASTER or master.term < leader.term:
+        return None, Decision("none", "no master in office to judge")
+    if master.broker_up is not False:
+        return None, Decision("none", f"no action: {master.id} reaches the broker")
+    others = {wid: m for wid, m in on_broker(members).items() if wid != master.id}
+    cand = failover_candidate(others, exclude=exclude)
+    if cand is None:
+        return None, Decision("wait", f"{master.id} has lost the broker, and no replica reaches it: "
+                                      "a broker outage, no election")
+    if watch is None or (watch.id, watch.term) != (master.id, leader.term):
+        watch = Stranded(master.id, leader.term, now)
+    if now - watch.since < bound:
+        return watch, Decision("wait", f"{master.id} has lost the broker and {cand.id} reaches it: "
+                                       f"deposing it after {bound:g}s")
+    return watch, Decision("depose", f"master {master.id} has been cut off from the broker for "
+                                     f"{now - watch.since:.1f}s while {cand.id} reaches it", ids=(master.id,))
+
+
+# --- 5. broker: the service behind the db routes ---------------------------------------
+def check_service_broker(since: float | None, *, connected: bool | None, standbys: dict[str, dict], now: float,
+                         bound: float = BROKER_LOSS_BOUND) -> tuple[float | None, Decision]:
+    """Should the leading orchestrator resign because its bus client (the
+    db routes') is cut off from the broker while a standby's is connected?
+    `connected` is the leader's own client (None: it has none); `standbys`
+    the other orchestrators' records {ident: {"broker_up": ...}}. Returns
+    when the condition was first seen (the orchestrator's own monotonic
+    clock; None when it does not hold) and the decision: `resign` once it has
+    held `bound` seconds."""
+    if connected is not False:
+        return None, Decision("none", "no action: the db routes reach the broker")
+    up = sorted(ident for ident, rec in standbys.items() if isinstance(rec, dict) and rec.get("broker_up") is True)
+    if not up:
+        return None, Decision("wait", "the db routes have lost the broker, and no standby reaches it: staying")
+    since = now if since is None else since
+    if now - since < bound:
+        return since, Decision("wait", f"the db routes have lost the broker and standby {up[0]} reaches it: "
+                                       f"resigning after {bound:g}s")
+    return since, Decision("resign", f"the db routes have been cut off from the broker for {now - since:.1f}s "
+                                     f"while standby {up[0]} reaches it: resigning the lead", ids=tuple(up))
+
+
+# --- 6. slaves -------------------------------------------------------------------------
 def plan_slaves(master_id: str, members: dict[str, Member], *, leaving: set[str], target: int) -> Decision:
     """Start slaves up to `target`, or drain the newest ones down to it.
     Workers in `leaving` (draining, retiring) do not count."""
