@@ -291,6 +291,44 @@ def die_event(event: Mapping[str, Any], cluster: str, kind: str = "worker") -> t
     return actor.get("ID") or event.get("id") or "", uid, code
 
 
+def build_app_image(client, spec: Spec, base_image: str, cluster: str,
+                    lock_for: Callable[[str], threading.Lock]) -> str:
+    """The tag of an instance's (or a Swarm role's) image, built from
+    spec.context on `base_image` unless that tag exists already (see the
+    module docstring); `lock_for(tag)` serialises builds of one tag."""
+    if not spec.context:
+        raise StartError(f"instance {spec.id}: no image and no build context")
+    try:
+        base_id = client.images.get(base_image).id
+    except Exception as exc:
+        raise StartError(f"instance {spec.id}: the base image {base_image} is not here: {exc}") from None
+    try:
+        tag = app_image_tag(spec.labels.get("tenant", ""), spec.labels.get("app", ""),
+                            spec.labels.get("digest", ""), base_id)
+    except ValueError as exc:
+        raise StartError(f"instance {spec.id}: cannot name its image: {exc}") from None
+    with lock_for(tag):   # instances of one app starting together build it once
+        try:
+            client.images.get(tag)
+            return tag
+        except Exception as exc:
+            if not _not_found(exc):
+                raise StartError(f"instance {spec.id}: inspecting {tag}: {exc}") from exc
+        t0 = time.monotonic()
+        with tempfile.TemporaryFile() as ctx:
+            build_context(spec.context, base_image, ctx)
+            ctx.seek(0)
+            try:
+                client.images.build(fileobj=ctx, custom_context=True, dockerfile=DOCKERFILE, tag=tag,
+                                    labels={LABEL_CLUSTER: cluster}, rm=True, forcerm=True,
+                                    pull=False, network_mode="none")
+            except Exception as exc:
+                raise StartError(f"instance {spec.id}: building {tag} on {base_image} failed: "
+                                 f"{_build_error(exc)}") from exc
+        log.info("built %s on %s in %.1fs", tag, base_image, time.monotonic() - t0)
+        return tag
+
+
 # --- the runtime ------------------------------------------------------------------
 class DockerRuntime(Runtime):
     name = "docker"
@@ -522,39 +560,11 @@ class DockerRuntime(Runtime):
     def build_image(self, spec: Spec) -> str:
         """The tag of the instance's image, built from spec.context unless that
         tag exists already (see the module docstring)."""
-        if not spec.context:
-            raise StartError(f"instance {spec.id}: no image and no build context")
-        try:
-            base_id = self.client.images.get(self.base_image).id
-        except Exception as exc:
-            raise StartError(f"instance {spec.id}: the base image {self.base_image} is not here: {exc}") from None
-        try:
-            tag = app_image_tag(spec.labels.get("tenant", ""), spec.labels.get("app", ""),
-                                spec.labels.get("digest", ""), base_id)
-        except ValueError as exc:
-            raise StartError(f"instance {spec.id}: cannot name its image: {exc}") from None
+        return build_app_image(self.client, spec, self.base_image, self.cluster, self._build_lock)
+
+    def _build_lock(self, tag: str) -> threading.Lock:
         with self._lock:
-            lock = self._build_locks.setdefault(tag, threading.Lock())
-        with lock:   # instances of one app starting together build it once
-            try:
-                self.client.images.get(tag)
-                return tag
-            except Exception as exc:
-                if not _not_found(exc):
-                    raise StartError(f"instance {spec.id}: inspecting {tag}: {exc}") from exc
-            t0 = time.monotonic()
-            with tempfile.TemporaryFile() as ctx:
-                build_context(spec.context, self.base_image, ctx)
-                ctx.seek(0)
-                try:
-                    self.client.images.build(fileobj=ctx, custom_context=True, dockerfile=DOCKERFILE, tag=tag,
-                                             labels={LABEL_CLUSTER: self.cluster}, rm=True, forcerm=True,
-                                             pull=False, network_mode="none")
-                except Exception as exc:
-                    raise StartError(f"instance {spec.id}: building {tag} on {self.base_image} failed: "
-                                     f"{_build_error(exc)}") from exc
-            log.info("built %s on %s in %.1fs", tag, self.base_image, time.monotonic() - t0)
-            return tag
+            return self._build_locks.setdefault(tag, threading.Lock())
 
     # --- logs --------------------------------------------------------------------------
     def _log_file(self, rel: str | None) -> str | None:
