@@ -36,7 +36,12 @@ Protocol, per leading orchestrator:
   - Every change is an event (events.py).
 When the app's desired record goes, its routes go first, then its instances.
 A controller that stops leading forgets its in-memory state and leaves the
-instances running for the next leader."""
+instances running for the next leader.
+
+With a runtime that runs each role as one replicated service (Swarm: its
+`replicated` attribute), the slots above are the runtime's: the controller
+declares each role and observes its tasks instead (replicated.py); health,
+the registry, the published records and the events are the same."""
 from __future__ import annotations
 
 import hashlib
@@ -175,6 +180,9 @@ class AppController:
         self._thread: threading.Thread | None = None
         self._ticks = 0
         self.runtime.on_exit(self._on_exit)
+        self.replicated = bool(getattr(runtime, "replicated", False))
+        from .replicated import ReplicatedRoles
+        self.roles = ReplicatedRoles(self)
         from .health import HealthMonitor
         self.monitor = HealthMonitor(self)
 
@@ -227,6 +235,7 @@ class AppController:
             self.slots.clear()
             self._published.clear()
             self._routes.clear()
+            self.roles.reset()
             observed = self._observed_records()
             for h in self.runtime.adopt():
                 inst = self._from_handle(h, observed.get(h.id))
@@ -286,9 +295,12 @@ class AppController:
         apps = {(a.tenant, a.name): a for a in self.desired.all()}
         decisions: list[str] = []
         with self.lock:
-            decisions += self._remove_gone(apps)
-            for app in apps.values():
-                decisions += self._reconcile(app)
+            if self.replicated:
+                decisions += self.roles.reconcile(apps)
+            else:
+                decisions += self._remove_gone(apps)
+                for app in apps.values():
+                    decisions += self._reconcile(app)
         # The full sweeps (every registry entry and route entry in ZooKeeper,
         # to remove what no instance or app backs) run every SWEEP_EVERY ticks
         # and on taking the lead; between them only what changed is written.
@@ -427,6 +439,9 @@ class AppController:
 
     def _port(self, tenant: str, role: str, slot: int) -> int:
         setting = BUILTIN_PORTS.get((tenant, role))
+        if self.replicated:   # every task of the role on one port, each at its own address
+            from .replicated import ROLE_PORT
+            return (getattr(self.settings, setting, 0) if setting else 0) or ROLE_PORT
         if setting and slot == 0:
             fixed = getattr(self.settings, setting, 0)
             if fixed and port_free(fixed):
@@ -448,6 +463,12 @@ class AppController:
     def _stop(self, iid: str, grace: float = 0.0) -> None:
         if grace:
             time.sleep(grace)
+        if self.replicated:   # an unhealthy task: the runtime starts another in its slot
+            try:
+                self.runtime.kill_task(iid)
+            except Exception:
+                log.exception("killing task %s failed", iid)
+            return
         try:
             self.runtime.stop(iid, timeout=STOP_TIMEOUT)
         except KeyError:

@@ -1,6 +1,9 @@
 """The runtime interface: one small interface over "units", several backends
 (the way Patroni keeps one DCS interface over etcd, ZooKeeper, Consul...).
-STRATUS_RUNTIME picks the backend: `process` (subprocesses) or `docker`.
+STRATUS_RUNTIME picks the backend: `process` (subprocesses), `docker`
+(containers) or `swarm` (Swarm services: swarm.py; there an app role is one
+replicated service, declared whole by the app controller through
+apply_role/tasks/remove_role/kill_task, not started unit by unit).
 
 A unit is one running program described by a `Spec`. A runtime runs the units
 of one *kind*, in a namespace of its own:
