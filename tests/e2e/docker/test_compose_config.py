@@ -106,3 +106,30 @@ def test_promtool_accepts_the_stacks_config():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "SUCCESS" in p.stdout + p.stderr
+
+
+def test_the_swarm_stack_file_runs_the_same_services_as_compose():
+    """compose/docker-stack.yml (docker stack deploy) against docker-compose.yml:
+    the same services, images and shared settings, so the two cannot drift;
+    the runtime is swarm, the network an attachable overlay, and Swarm-only
+    keys (deploy, configs) stand for compose's restart and bind-mounted files."""
+    stack = yaml.safe_load((COMPOSE / "docker-stack.yml").read_text())
+    ours = compose()
+    assert set(stack["services"]) == set(ours["services"])
+    for name, svc in stack["services"].items():
+        assert svc["image"] == ours["services"][name]["image"], name
+        assert "restart" not in svc and "depends_on" not in svc, name   # compose-only keys, ignored by Swarm
+        env = svc.get("environment") or {}
+        for k, v in (ours["services"][name].get("environment") or {}).items():
+            if k == "STRATUS_RUNTIME":
+                continue
+            assert env.get(k) == v, (name, k)
+    assert stack["services"]["orchestrator"]["environment"]["STRATUS_RUNTIME"] == "swarm"
+    assert ours["services"]["orchestrator"]["environment"]["STRATUS_RUNTIME"] == "docker"
+    net = stack["networks"]["default"]
+    assert net["driver"] == "overlay" and net["attachable"] is True and net["name"] == ours["networks"]["default"]["name"]
+    # The files compose bind-mounts are Swarm configs of the same files.
+    for cfg in stack["configs"].values():
+        assert (COMPOSE / cfg["file"]).is_file(), cfg
+    published = {name: [p["target"] for p in svc.get("ports", [])] for name, svc in stack["services"].items()}
+    assert {k: v for k, v in published.items() if v} == {"orchestrator": [8081], "gateway": [8080]}
