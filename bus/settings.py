@@ -44,8 +44,10 @@ def env_bool(name: str, default: bool) -> bool:
 class Settings:
     amqp_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
     # RabbitMQ's management HTTP API: tenants' broker accounts are made through it.
-    amqp_management_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_MANAGEMENT_URL",
-                                                                      "http://127.0.0.1:15672"))
+    # One base URL per broker node, comma-separated, tried in turn
+    # (bus/broker_admin.py); unset, derived from amqp_url (bus/brokers.py
+    # default_management_url: http://127.0.0.1:15672 for one node).
+    amqp_management_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_MANAGEMENT_URL", ""))
     zk_hosts: str = field(default_factory=lambda: env_str("STRATUS_ZK_HOSTS", "127.0.0.1:2181"))
     # How many RabbitMQ nodes and ZooKeeper servers run (scripts/services.sh,
     # docs/cluster.md). With more than one broker node, STRATUS_AMQP_URL lists
@@ -114,6 +116,11 @@ class Settings:
     restock_interval: float = field(default_factory=lambda: env_float("STRATUS_RESTOCK_INTERVAL", 10.0))
     log_level: str = field(default_factory=lambda: env_str("STRATUS_LOG_LEVEL", "INFO"))
     debug: bool = field(default_factory=lambda: env_bool("STRATUS_DEBUG", False))
+
+    def __post_init__(self):
+        if not self.amqp_management_url:
+            from .brokers import default_management_url
+            object.__setattr__(self, "amqp_management_url", default_management_url(self.amqp_url))
 
     @property
     def state_path(self) -> Path:
