@@ -24,7 +24,8 @@
 #     Z+i-1+1707, where Z = STRATUS_ZK_PORT (default 2181: 2181/2888/3888).
 #     A single ZooKeeper this script started on Z is stopped first.
 #   With either, `start` prints the exports to use (STRATUS_AMQP_URL with
-#   every node's URL, comma-separated; STRATUS_ZK_HOSTS with every server)
+#   every node's URL and STRATUS_AMQP_MANAGEMENT_URL with every node's
+#   management API, comma-separated; STRATUS_ZK_HOSTS with every server)
 #   and writes them to $STATE_DIR/services.env; `env` prints them again.
 #   `stop` stops every node and server of this state dir that it started,
 #   whatever STRATUS_*_NODES says now.
@@ -487,7 +488,8 @@ def node(i):
 out = {"STRATUS_BROKER_NODES": str(nb), "STRATUS_ZK_NODES": str(nz)}
 if nb > 1:
     out["STRATUS_AMQP_URL"] = ",".join(node(i) for i in range(nb))
-    out["STRATUS_AMQP_MANAGEMENT_URL"] = f"http://127.0.0.1:{pb + 10000}"
+    # every node's management API: the platform fails over between them (bus/broker_admin.py)
+    out["STRATUS_AMQP_MANAGEMENT_URL"] = ",".join(f"http://127.0.0.1:{pb + 10000 + i}" for i in range(nb))
     out["STRATUS_RABBITMQ_METRICS"] = f"127.0.0.1:{pb + 10020}"
 if nz > 1:
     out["STRATUS_ZK_HOSTS"] = ",".join(f"127.0.0.1:{pz + i}" for i in range(nz))

@@ -73,7 +73,7 @@ def test_services_sh_runs_a_cluster_and_an_ensemble(mn):
     assert [u.rsplit(":", 1)[1].split("/")[0] for u in urls] == [str(mn.broker_port + i) for i in range(3)]
     assert e["STRATUS_ZK_HOSTS"] == ",".join(f"127.0.0.1:{mn.zk_port + i}" for i in range(3))
     assert e["STRATUS_BROKER_NODES"] == "3" and e["STRATUS_ZK_NODES"] == "3"
-    assert e["STRATUS_AMQP_MANAGEMENT_URL"] == f"http://127.0.0.1:{mn.broker_port + 10000}"
+    assert e["STRATUS_AMQP_MANAGEMENT_URL"] == ",".join(f"http://127.0.0.1:{mn.broker_port + 10000 + i}" for i in range(3))
     assert "export STRATUS_AMQP_URL=" in mn.output   # printed, not only written
     # RabbitMQ: one cluster of 3 nodes, named rabbit<i>@localhost, one cookie.
     assert mn.running_nodes() == {f"rabbit{i}@localhost" for i in (1, 2, 3)}
