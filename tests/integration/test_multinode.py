@@ -9,6 +9,8 @@ proves:
   - services.sh runs the cluster (3 running nodes, one cookie, the
     management plugin and the impersonator tag) and the ensemble (one leader,
     two followers, tickTime 200), idempotently, and prints the exports;
+  - a broker account is made (bus/broker_admin.py) with node 1, the first
+    management API of STRATUS_AMQP_MANAGEMENT_URL, killed;
   - the replication stream has a replica on every node (x-initial-cluster-size
     3) and the request queues are quorum queues on every node;
   - kill -9 of the node leading the stream, under write load through a
@@ -105,6 +107,39 @@ def test_services_sh_runs_a_cluster_and_an_ensemble(mn):
     assert [mn.broker_pid(i) for i in (1, 2, 3)] + [mn.zk_pid(i) for i in (1, 2, 3)] == pids
     status = mn.services("status", "rabbitmq", "zookeeper").stdout
     assert status.count(": up on") == 3 and status.count("leader on") == 1 and status.count("follower on") == 2, status
+
+
+def test_a_broker_account_is_made_with_the_first_management_node_dead(mn):
+    """Users and permissions are cluster-wide: with node 1 killed, the
+    management API client (every node's API in STRATUS_AMQP_MANAGEMENT_URL)
+    makes, reads and deletes an account through another node."""
+    import dataclasses
+    import uuid
+
+    from bus import broker_admin
+    from bus.broker_admin import BrokerAdmin
+    from bus.settings import load
+    settings = dataclasses.replace(load(), amqp_url=mn.env["STRATUS_AMQP_URL"],
+                                   amqp_management_url=mn.env["STRATUS_AMQP_MANAGEMENT_URL"])
+    broker_admin._last_good.clear()
+    user = f"stratus.test-mn-{uuid.uuid4().hex[:8]}"
+    try:
+        mn.kill_broker(1)
+        admin = BrokerAdmin(settings)
+        assert admin.order()[0].endswith(f":{mn.mgmt_port(1)}")
+        t0 = time.monotonic()
+        admin.put_user(user, uuid.uuid4().hex)
+        admin.set_permissions(user, configure="^$", write="^$", read="^$")
+        assert (admin.get_user(user) or {}).get("name") == user
+        assert admin.delete_user(user) is True and admin.get_user(user) is None
+        assert time.monotonic() - t0 < 10
+        assert not admin.order()[0].endswith(f":{mn.mgmt_port(1)}")   # the node that answered comes first
+    finally:
+        healthy_everywhere(mn)
+        try:
+            BrokerAdmin(settings).delete_user(user)
+        except Exception:
+            pass
 
 
 def test_the_log_and_the_request_queues_live_on_every_node(mn, tmp_path):
