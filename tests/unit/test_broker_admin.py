@@ -5,7 +5,7 @@ No mocks: each "node" is a real HTTP server on 127.0.0.1 answering like
 RabbitMQ's management API (users and permissions, basic auth), a dead node
 is a port nobody listens on (connection refused), and a hung node a socket
 that listens but never answers (the kernel completes the handshake, no reply
-ever comes). The same against the real RabbitMQ: tests/integration/test_broker_admin.py."""
+ever comes). The same against the real RabbitMQ: tests/integration/test_broker_admin_failover.py."""
 from __future__ import annotations
 
 import base64
