@@ -24,6 +24,7 @@ steerers can never both hand out a term (fencing); each is recorded in the
 election history. Scaling state lives in ZooKeeper so a standby continues it."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -124,6 +125,7 @@ class Controller:
         self._bus_connected = bus_connected
         self._service_lost_at: float | None = None  # decisions.check_service_broker's clock
         self._resigning = False                   # leave the lead at the end of this tick
+        self._watched_master: str | None = None   # the named master whose record a DataWatch follows
         self._last_decisions: tuple[str, ...] = ()
         # Tenants' app instances: a controller of their own, leading with this one.
         self.apps = None
@@ -244,6 +246,7 @@ class Controller:
         self._stranded = None     # ... and its own broker clocks
         self._service_lost_at = None
         self._resigning = False
+        self._watched_master = None
         self.generation += 1
         gen = self.generation
         log.info("orchestrator %s is the leader", self.ident)
@@ -298,7 +301,7 @@ class Controller:
         last_reconcile = 0.0
         last_save = 0.0
         while not self.stopping.is_set() and not self.lost.is_set() and not self._resigning:
-            clock = self._stranded is not None or self._service_lost_at is not None
+            clock = self._stranded is not None or self._service_lost_at is not None or self.bus_up() is False
             woken = self.wake.wait(WATCH_EVERY if clock else SAMPLE_EVERY)
             self.wake.clear()
             if self.stopping.is_set() or self.lost.is_set():
@@ -390,7 +393,28 @@ class Controller:
     def _observe(self, snapshot: dict[str, Member] | None) -> TickView:
         leader, version = read_leader(self.zk, self.paths)
         members, lost = self._live(snapshot, leader.id)
+        self._follow_master(leader.id)
         return TickView(leader, version, members, lost)
+
+    def _follow_master(self, wid: str | None) -> None:
+        """A DataWatch on the named master's record wakes the loop as soon as
+        it says it lost the broker (a record's change fires no ChildrenWatch)."""
+        if wid is None or wid == self._watched_master:
+            return
+        self._watched_master = wid
+        gen = self.generation
+
+        def changed(data, stat, event=None):
+            if gen != self.generation or not self.leading or self._watched_master != wid:
+                return False   # another leadership, or another master named since: stop
+            try:
+                cut = data is not None and Member.from_dict(json.loads(data), wid).broker_up is False
+            except ValueError:
+                cut = False
+            if cut:
+                self.wake.set()
+            return None
+        DataWatch(self.zk, self.paths.worker(wid), changed)
 
     def _remove_lost(self, view: TickView) -> Decision:
         """Kill the workers that lost their session or never registered."""
