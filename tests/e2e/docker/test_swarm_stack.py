@@ -187,3 +187,27 @@ def test_an_app_role_is_a_replicated_service_scaled_to_3(stack):
         wait_for(lambda: not stack.role_services(tenant=tenant), 60, what="the app's role services to be removed")
     finally:
         api.delete(f"/api/v1/tenants/{tenant}")
+
+
+def test_a_restarted_orchestrator_adopts_the_worker_and_role_services(stack):
+    """The orchestrator's container killed: Swarm starts another, which takes
+    the lead and adopts every worker service and role task as they are."""
+    def snapshot():
+        workers = {s["labels"]["stratus.worker_id"]: s["id"] for s in stack.worker_services()}
+        tasks = {}
+        for s in stack.role_services(tenant="rideshare"):
+            tasks[s["name"]] = sorted(run(["docker", "service", "ps", "-q", "--no-trunc", "--filter",
+                                           "desired-state=running", s["id"]]).stdout.split())
+        return workers, tasks
+    leader = stack.cluster()["leader"]
+    workers, tasks = snapshot()
+    [orch] = run(["docker", "ps", "-q", "--filter", f"label=com.docker.stack.namespace={stack.id}",
+                  "--filter", f"label=com.docker.swarm.service.name={stack.id}_orchestrator"]).stdout.split()
+    run(["docker", "kill", orch])
+    wait_for(lambda: run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={stack.id}_orchestrator"]
+                         ).stdout.split() not in ([], [orch]), 60, what="Swarm to start another orchestrator")
+    wait_for(lambda: stack.orchestrator.get("/api/v1/cluster")[0] == 200, 90, what="the new orchestrator's API")
+    wait_for(lambda: stack.cluster().get("leader") == leader, 30, what="the same master under the new orchestrator")
+    time.sleep(5)       # several ticks of both controllers: nothing must be restarted
+    assert snapshot() == (workers, tasks)
+    grader_sequence(stack.gateway, "adopted")
