@@ -432,16 +432,24 @@ class SharedServices(Services):
             return self.brokers[0]
         import base64
         import urllib.request
+
+        from bus.brokers import management_urls
         from bus.settings import load
-        url = f"{load().amqp_management_url.rstrip('/')}/api/queues/{urllib.parse.quote(self.vhost, safe='')}/" \
-              f"{urllib.parse.quote(queue, safe='')}"
+        s = load()
         auth = base64.b64encode(f"{self.user}:{self.password}".encode()).decode()
-        req = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
-        try:
-            opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-            with opener.open(req, timeout=10) as resp:
-                leader = json.loads(resp.read()).get("leader") or ""
-        except (OSError, ValueError):
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        leader = ""
+        # Every node's management API in turn (one may be the node just killed).
+        for base in management_urls(s.amqp_management_url, s.amqp_url):
+            url = f"{base}/api/queues/{urllib.parse.quote(self.vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+            req = urllib.request.Request(url, headers={"Authorization": f"Basic {auth}"})
+            try:
+                with opener.open(req, timeout=5) as resp:
+                    leader = json.loads(resp.read()).get("leader") or ""
+                break
+            except (OSError, ValueError):
+                continue
+        if not leader:
             return None
         name = leader.split("@")[0]
         for i, b in enumerate(self.brokers):
