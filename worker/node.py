@@ -70,7 +70,7 @@ from bus.client import connection_params
 from bus.cluster import Leader, Member, Role, State, read_leader, workers
 from bus.errors import BadRequest, DBError, Forbidden
 from bus.names import Names, Paths
-from bus.settings import Settings, env_bool
+from bus.settings import Settings, env_bool, env_float
 from bus.topology import declare_all
 from bus.zk import connect, put_json
 
@@ -88,6 +88,15 @@ LOG_RECORDS_PER_TURN = 100  # so promotion and SIGTERM are noticed between chunk
 READY_PROBE_RTT = 0.5       # a slave is ready when its probe comes back this fast: it is near the log's head
 EXIT_SESSION_LOST = 75      # a master (or a worker promoting) lost its ZooKeeper session
 EXIT_REBUILD = 77           # diverged: replace this worker with a fresh one (snapshot + log tail)
+EXIT_LOG_STUCK = 76         # a log append unconfirmed for LOG_CONFIRM_TIMEOUT: this master cannot append
+# A log append (publisher confirm on the stream) that the broker neither
+# confirms nor refuses within this long ends the worker: pika's blocking
+# publish has no time limit, and after the stream's leader node dies a confirm
+# can stay unanswered for minutes while the connection looks healthy. Nothing
+# was answered for the batch (answers wait for the confirm and the term check),
+# and its transaction is never committed; the orchestrator elects the most
+# advanced replica, as after kill -9. STRATUS_LOG_CONFIRM_TIMEOUT, seconds.
+LOG_CONFIRM_TIMEOUT_DEFAULT = 3.0
 DIVERGED_LINGER = 1.0       # how long a diverged worker keeps its membership up, so its reason is seen
 TAIL_MARGIN = 5.0           # a reconnecting master reads the log from this long before its last append
 RECONNECT_MAX = 0.5         # at most this long between two connection attempts: back soon after a broker's
@@ -119,6 +128,7 @@ class Worker:
         self.role = Role.SLAVE
         self.state = State.CATCHING_UP
         self.ready = False
+        self.publishing_since: float | None = None   # a log append waiting for its confirm, since
         self.current_term = self.store.term   # highest barrier term seen in the log
         self.reads = 0
         self.leader = Leader(None, 0)
@@ -234,6 +244,7 @@ class Worker:
         self.leader, _ = read_leader(self.zk, self.paths)
         self._claim_membership()
         threading.Thread(target=self._zk_loop, name="zk-membership", daemon=True).start()
+        threading.Thread(target=self._watch_publish, name="log-confirm-watch", daemon=True).start()
         DataWatch(self.zk, self.paths.leader, self._on_leader)
         signal.signal(signal.SIGTERM, lambda *_: self._request_stop())
         signal.signal(signal.SIGINT, lambda *_: self._request_stop())
@@ -371,13 +382,30 @@ class Worker:
         log.info("applying the log from offset %s (applied LSN %d)", start, self.store.applied_lsn)
         self._consume("log", self.ch_log, self.names.log_stream, self._on_log, arguments={"x-stream-offset": start})
 
-    def _publish_log(self, body: bytes) -> None:
+    def _publish_log(self, body: bytes, *, fault_point: str | None = None) -> None:
+        self.publishing_since = time.monotonic()     # watched by _watch_publish
         try:
+            if fault_point:
+                faults.hit(fault_point, self)          # pause:S stands for a confirm that does not come
             self.ch_pub.basic_publish(self.names.sync_exchange, "", body,
                                       pika.BasicProperties(delivery_mode=2, content_type="application/json"),
                                       mandatory=True)
         except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as exc:
             raise Fatal(f"the log refused a record: {exc}") from None
+        finally:
+            self.publishing_since = None
+
+    def _watch_publish(self) -> None:
+        """The bound on a log append's confirm (EXIT_LOG_STUCK, above)."""
+        limit = env_float("STRATUS_LOG_CONFIRM_TIMEOUT", LOG_CONFIRM_TIMEOUT_DEFAULT)
+        while not self.stopping:
+            since = self.publishing_since
+            if since is not None and time.monotonic() - since > limit:
+                log.error("a log append has had no confirm from the broker for %.1fs: exiting (role %s)",
+                          time.monotonic() - since, self.role.value)
+                logging.shutdown()
+                os._exit(EXIT_LOG_STUCK)
+            time.sleep(min(0.1, limit / 4))
 
     def _check_log_tail(self) -> None:
         """A master back on the bus: the log's last LSN must be its own before
@@ -753,7 +781,8 @@ class Worker:
                     answers.append((method, props, *self._apply_write(props, body, entries)))
                 made_at = time.monotonic()
                 if entries:
-                    self._publish_log(protocol.encode_entries(self.store.term, self.id, entries))
+                    self._publish_log(protocol.encode_entries(self.store.term, self.id, entries),
+                                      fault_point="master.log_append")
                     self.last_append_wall = time.time()
                     self._confirm_term()
                     self.write_batches += 1

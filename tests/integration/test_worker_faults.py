@@ -284,3 +284,38 @@ def test_a_master_whose_log_tail_moved_on_does_not_append(cluster, raw):
     raw.record(_forged_entries(cluster, lsn + 1, [{"op": "insert", "table": "kv", "rows": [{"k": "x", "v": 1}]}]))
     assert cluster.procs["w1"].wait(20) == 70
     assert "the log's tail is at LSN" in cluster.log("w1")
+
+
+def test_a_master_whose_log_append_is_never_confirmed_exits_and_nothing_is_lost(cluster):
+    """A publish on the log stream that the broker neither confirms nor refuses
+    (seen after the stream leader's node died, on 3 nodes) must not hang the
+    master: past STRATUS_LOG_CONFIRM_TIMEOUT it exits 76, having answered
+    nothing for that batch, and the write, sent again with its request id,
+    is applied once by the next master."""
+    cluster.promote("w1")
+    cluster.start_worker("w1", STRATUS_FAULTS="master.log_append=pause:60", STRATUS_LOG_CONFIRM_TIMEOUT="1")
+    cluster.wait_master("w1")
+    cluster.start_worker("s1")
+    cluster.wait_ready(["s1"])
+    db = cluster.client()
+    rid = uuid.uuid4().hex
+    t0 = time.monotonic()
+    with pytest.raises(DBError):
+        db.write([KV, ops.insert("kv", {"k": "a", "v": 1})], timeout=4, request_id=rid)   # w1 is stuck
+    code = wait_for(lambda: cluster.procs["w1"].poll(), 10, what="the stuck master to exit")
+    assert code == 76, code
+    took = time.monotonic() - t0
+    assert "no confirm from the broker" in cluster.log("w1")
+    cluster.promote("s1")
+    cluster.wait_master("s1", timeout=10)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            db.write([KV, ops.insert("kv", {"k": "a", "v": 1})], timeout=2, request_id=rid)
+            break
+        except DBError:
+            assert time.monotonic() < deadline, "the write was never acknowledged by the next master"
+            time.sleep(0.1)
+    rows = db.read(ops.select("kv")).result
+    assert rows == [{"k": "a", "v": 1}], rows
+    report("log-append-unconfirmed", took)
