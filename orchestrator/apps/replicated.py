@@ -16,7 +16,8 @@ Per tick (at most every LOOK seconds):
   observe   tasks() -> one Inst per running task: id = the task's id, slot =
             its slot, host = its address, port = the role's. A new task is
             `starting` (web: until the first good probe puts it in the
-            registry) or `running` (worker roles); a task that is gone leaves
+            registry) or `running` (worker roles); on taking the lead, a task
+            keeps the state and restart count the last leader published; a task that is gone leaves
             the registry and, when its slot is still wanted with the same
             config, counts as an exit (event `exited` with the container's
             exit code; the next task in that slot is a `restarted`). A task
@@ -119,10 +120,13 @@ class ReplicatedRoles:
         return out
 
     def _observe(self, want: dict, tasks: dict) -> list[str]:
-        from .controller import EXITED, RUNNING, Inst, Slot
+        from .controller import EXITED, RUNNING, UNHEALTHY, Inst, Slot
         c = self.c
         out: list[str] = []
         live: set[str] = set()
+        # Taking the lead: a task the last leader saw running keeps its state
+        # (and stays in the registry) rather than starting over as `starting`.
+        observed = c._observed_records() if self._first else {}
         for rid, ts in tasks.items():
             if rid not in want:
                 continue
@@ -138,7 +142,12 @@ class ReplicatedRoles:
                             started=t.started, health=role.health)
                 if role.kind == "worker":
                     inst.state = RUNNING
+                rec = observed.get(t.id)
+                if rec and rec.get("state") in (RUNNING, UNHEALTHY):
+                    inst.state = rec["state"]
                 st = c.slots.setdefault((app.tenant, app.name, name, t.slot), Slot())
+                if rec:
+                    st.restarts = max(st.restarts, int(rec.get("restarts", 0)))
                 if st.pending_restart:
                     st.restarts += 1
                     st.pending_restart = False

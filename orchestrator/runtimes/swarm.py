@@ -9,8 +9,10 @@ with a NEW worker (a new id, an empty store), as with the other runtimes.
 
   service    stratus-<cluster>-<worker id>   (docker.container_name), 1 replica,
              on STRATUS_DOCKER_NETWORK (an attachable overlay network);
-             the service's name is the worker's address on that network
-             (its virtual IP), announced as STRATUS_ADVERTISE_HOST
+             the service's name is the worker's address on that network,
+             announced as STRATUS_ADVERTISE_HOST: DNS round robin (one task,
+             so its own address), not a virtual IP, which forwards no port
+             the service does not publish (its metrics port is its own pick)
              labels     the service and its container: docker.worker_labels
                         (stratus.cluster, stratus.role=worker, stratus.worker_id,
                         stratus.volume)
@@ -274,7 +276,7 @@ class SwarmRuntime(Runtime):
         wid = spec.id
         labels = d.worker_labels(self.cluster, wid)
         vol = d.volume_name(self.cluster, wid)
-        from docker.types import Mount, RestartPolicy, ServiceMode
+        from docker.types import EndpointSpec, Mount, RestartPolicy, ServiceMode
         env = {**d.worker_env(self.engine.environ, self.settings, wid), **spec.env,
                "STRATUS_ADVERTISE_HOST": d.container_name(self.cluster, wid)}
         image = spec.image or self.image
@@ -284,7 +286,7 @@ class SwarmRuntime(Runtime):
                 labels=labels, container_labels=labels, env=_env_list(env), networks=[self.engine.network],
                 mounts=[Mount(target=d.DATA_DIR, source=vol, type="volume", labels=labels)],
                 restart_policy=RestartPolicy(condition="none"), mode=ServiceMode("replicated", replicas=1),
-                stop_grace_period=10 * 10**9, log_driver="json-file",
+                endpoint_spec=EndpointSpec(mode="dnsrr"), stop_grace_period=10 * 10**9, log_driver="json-file",
                 log_driver_options={"max-size": "10m", "max-file": "3"})
         except Exception as exc:
             raise StartError(f"worker {wid}: cannot create its service: {exc}") from exc

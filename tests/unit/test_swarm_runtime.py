@@ -164,6 +164,10 @@ class FakeController:
         self.routes_removed: list = []
         self.monitor = type("M", (), {"wake": lambda self: None})()
         self.credentials = lambda tenant: {"STRATUS_AMQP_URL": f"amqp://{tenant}:x@rabbitmq/%2F"}
+        self.observed: dict[str, dict] = {}     # the instances' records the last leader published
+
+    def _observed_records(self):
+        return dict(self.observed)
 
     def _unregister(self, inst):
         self.unregistered.append(inst.id)
@@ -277,3 +281,18 @@ def test_a_deleted_app_loses_its_routes_then_its_role_services():
     assert not rt.services and not c.insts
     assert any("removed" in d for d in out)
     assert all(f.get("retired") for t, f in c.events.events if t == "exited")
+
+
+def test_a_new_leader_keeps_the_state_the_last_one_published():
+    """Taking the lead over running tasks: one the last leader published as
+    running stays running (and so in the gateway's pool), with its restarts."""
+    rt = FakeRoles()
+    first = ReplicatedRoles(FakeController(rt))
+    step(first, [shop(2)])
+    web = sorted((i for i in first.c.insts.values() if i.role == "web"), key=lambda i: i.slot)
+    c = FakeController(rt)
+    c.observed = {web[0].id: {"id": web[0].id, "state": RUNNING, "restarts": 2}}
+    step(ReplicatedRoles(c), [shop(2)])
+    assert c.insts[web[0].id].state == RUNNING and c.insts[web[0].id].restarts == 2
+    assert c.insts[web[1].id].state == STARTING        # not published as running: probed first
+    assert not c.events.events                         # adopted: no events

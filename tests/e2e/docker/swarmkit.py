@@ -80,6 +80,13 @@ class SwarmStack:
                  what="GET users through the gateway")
 
     # --- looking ---------------------------------------------------------------------
+    def service_container(self, service: str) -> str:
+        """The id of the one running container of the stack's `service` (on this node)."""
+        ids = run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={self.id}_{service}"],
+                  timeout=60).stdout.split()
+        assert len(ids) == 1, f"{service}: {ids}"
+        return ids[0]
+
     def services(self, *labels: str) -> list[dict]:
         """The orchestrator's services of this cluster (workers, app roles),
         optionally narrowed by more labels: [{id, name, labels, replicas, running}]."""
@@ -117,7 +124,7 @@ class SwarmStack:
             names = run(["docker", "service", "ls", "--format", "{{.Name}}"], check=False).stdout.split()
             for name in names:
                 if name.startswith(f"{self.id}_") or name.startswith(f"stratus-{self.id}-"):
-                    p = run(["docker", "service", "logs", "--no-task-ids", "--tail", "200", name], check=False,
+                    p = run(["docker", "service", "logs", "--no-task-ids", "--tail", "3000", name], check=False,
                             timeout=60)
                     f.write(f"===== {name}\n{p.stdout}\n{p.stderr}\n")
         print(f"logs of {self.id}: {path}")

@@ -1,17 +1,20 @@
 """The whole platform on Docker Swarm (STRATUS_RUNTIME=swarm): one
 `docker stack deploy -c compose/docker-stack.yml` on a single-node swarm that
 the module joins and leaves. Against it: the RideShare grader sequence through
-the gateway, with every DB worker a service of one replica; crash/master while
+the gateway, with every DB worker a service of one replica; the dashboard
+and Prometheus; crash/master while
 clients write, with the set check (every acknowledged write is read back once,
 nothing that was never sent appears); a tenant's app (tests/data/apps/shop)
 whose web role is one replicated service, scaled to 3 replicas and served by
 each, a killed task restarted by Swarm in its slot, and the app deleted."""
+import json
+import re
 import threading
 import time
 from collections import Counter
 
 import pytest
-from dockerkit import Http, docker_available, grader_sequence, run, wait_for
+from dockerkit import ADMIN_PASSWORD, Http, docker_available, grader_sequence, run, wait_for
 from swarmkit import SwarmStack, swarm
 
 from kits.appskit import shop_package
@@ -26,7 +29,9 @@ def stack():
     if why:
         pytest.skip(f"no Docker engine: {why}")
     with swarm():
-        s = SwarmStack("st", max_slaves=2)
+        # A window long enough that the read load of the tests only ever adds
+        # slaves: no drain can start under a test that compares worker sets.
+        s = SwarmStack("st", max_slaves=2, scale_window=3600)
         try:
             t0 = time.monotonic()
             s.deploy()
@@ -54,6 +59,40 @@ def test_grader_sequence_and_workers_are_one_replica_services(stack):
     # The built-in apps' roles are replicated services of their own.
     roles = {s["labels"].get("stratus.label.role") for s in stack.role_services(tenant="rideshare")}
     assert {"users", "rides"} <= roles, roles
+
+
+def test_the_dashboard_and_prometheus_run_on_the_swarm(stack):
+    """The dashboard reached through the gateway (it registered under its
+    task's hostname), an admin signed in; Prometheus, asked from inside the
+    stack, scrapes the gateway, the orchestrator, every worker service and the
+    apps' tasks at the addresses the orchestrator wrote."""
+    import requests
+    from dockerkit import _TARGETS
+    wait_for(lambda: stack.gateway.get("/dashboard/login")[0] == 200, 120, what="the gateway to route /dashboard/")
+    http = requests.Session()
+    http.trust_env = False
+    page = http.get(stack.gateway.base + "/dashboard/login", timeout=30).text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    r = http.post(stack.gateway.base + "/dashboard/login",
+                  data={"username": "admin", "password": ADMIN_PASSWORD, "csrf_token": csrf}, timeout=30)
+    assert r.status_code == 200 and r.url.endswith("/dashboard/tenants"), (r.status_code, r.url)
+    assert "rideshare" in r.text and "toystore" in r.text, r.text[:500]
+
+    orch = stack.service_container("orchestrator")
+
+    def scraped():
+        targets = json.loads(run(["docker", "exec", orch, "python", "-c", _TARGETS], timeout=60).stdout)
+        up = {}
+        for t in targets:
+            if t["health"] == "up" and t["labels"].get("cluster", stack.id) == stack.id:
+                up.setdefault(t["job"], set()).add(t["instance"].rsplit(":", 1)[0])
+        workers = {s["name"] for s in stack.worker_services()}
+        roles = {t["labels"].get("role") for t in targets if t["job"] == "app" and t["health"] == "up"}
+        ok = (up.get("gateway") and up.get("orchestrator") and workers and workers <= up.get("worker", set())
+              and {"users", "rides", "catalog", "order"} <= roles)
+        return up if ok else None
+    up = wait_for(scraped, 90, interval=2, what="Prometheus scraping every component of the stack")
+    print(f"swarm: Prometheus targets up: { {k: len(v) for k, v in up.items()} }")
 
 
 def test_crash_master_loses_no_acknowledged_write(stack):
@@ -199,10 +238,14 @@ def test_a_restarted_orchestrator_adopts_the_worker_and_role_services(stack):
             tasks[s["name"]] = sorted(run(["docker", "service", "ps", "-q", "--no-trunc", "--filter",
                                            "desired-state=running", s["id"]]).stdout.split())
         return workers, tasks
-    leader = stack.cluster()["leader"]
+    def settled():   # no worker starting, draining or catching up: nothing the new leader would finish
+        c = stack.cluster()
+        slaves = [w for w in c["workers"] if w["role"] == "slave"]
+        return c if (len(slaves) == c["slave_target"] and all(w.get("ready") for w in c["workers"])
+                     and not any(w.get("draining") for w in c["workers"])) else None
+    leader = wait_for(settled, 90, what="a settled DB cluster")["leader"]
     workers, tasks = snapshot()
-    [orch] = run(["docker", "ps", "-q", "--filter", f"label=com.docker.stack.namespace={stack.id}",
-                  "--filter", f"label=com.docker.swarm.service.name={stack.id}_orchestrator"]).stdout.split()
+    orch = stack.service_container("orchestrator")
     run(["docker", "kill", orch])
     wait_for(lambda: run(["docker", "ps", "-q", "--filter", f"label=com.docker.swarm.service.name={stack.id}_orchestrator"]
                          ).stdout.split() not in ([], [orch]), 60, what="Swarm to start another orchestrator")
