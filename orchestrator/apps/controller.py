@@ -581,11 +581,26 @@ class AppController:
             except NoNodeError:
                 continue
             for child in children:
-                if child not in want.get(svc, ()):
+                if child in want.get(svc, ()):
+                    continue
+                # `want` was read before the children: an instance whose first
+                # good probe registered it since is running now. Decided under
+                # the lock that mark() registers under, so none slips between.
+                with self.lock:
+                    inst = self.insts.get(child)
+                    if inst is not None and inst.kind == "web" and inst.state == RUNNING and not inst.retiring:
+                        continue
                     try:
                         self.zk.delete(f"{self.paths.service(svc)}/{child}")
                     except NoNodeError:
                         pass
+            # An entry that went missing under a running instance (removed by
+            # a racing sweep of an older release, or by hand) is written again.
+            for iid in want.get(svc, set()) - set(children):
+                with self.lock:
+                    inst = self.insts.get(iid)
+                    if inst is not None and inst.state == RUNNING and not inst.retiring:
+                        self._register(inst)
 
     def _publish(self, apps: dict, *, sweep: bool = True) -> None:
         with self.lock:
