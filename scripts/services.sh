@@ -97,7 +97,7 @@ prom_bin() { command -v prometheus 2>/dev/null || { [ -x /usr/bin/prometheus ] &
 # The pid in our pid file, if that process is the Prometheus this script started.
 prom_pid() {
   local pid; pid=$(cat "$PROM_DIR/prometheus.pid" 2>/dev/null) || return 1
-  [ -n "$pid" ] && tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "--config.file=$PROM_DIR/prometheus.yml" \
+  [ -n "$pid" ] && tr '\0' ' ' 2>/dev/null < "/proc/$pid/cmdline" | grep -q -- "--config.file=$PROM_DIR/prometheus.yml" \
     && echo "$pid"
 }
 

@@ -68,7 +68,9 @@ def tenants(cluster):
 def two(cluster, tenants):
     cluster.bootstrap(slaves=1)
     a, b = tenants.client("acme"), tenants.client("bravo")
-    a.write([SECRETS, ops.insert("secrets", {"k": "plan", "v": "acme's"})])
+    lsn = a.write([SECRETS, ops.insert("secrets", {"k": "plan", "v": "acme's"})]).lsn
+    # reads without min_lsn below may reach the slave: let it catch up first
+    wait_for(lambda: cluster.workers()["s1"]["applied_lsn"] >= lsn, 10, what="the slave to apply the setup")
     return a, b
 
 
@@ -85,12 +87,12 @@ def test_a_tenant_sees_only_its_own_tables(cluster, two):
         with pytest.raises(BadRequest):
             b.write([ops.delete(name, [])])
     # the same name is another table in bravo's namespace
-    b.write([SECRETS, ops.insert("secrets", {"k": "plan", "v": "bravo's"})])
-    assert a.read(ops.select("secrets")).result == [{"k": "plan", "v": "acme's"}]
-    assert b.read(ops.select("secrets")).result == [{"k": "plan", "v": "bravo's"}]
-    b.clear()
-    assert b.read(ops.count("secrets")).result == 0
-    assert a.read(ops.count("secrets")).result == 1           # clear empties one tenant's tables
+    lsn = b.write([SECRETS, ops.insert("secrets", {"k": "plan", "v": "bravo's"})]).lsn
+    assert a.read(ops.select("secrets"), min_lsn=lsn).result == [{"k": "plan", "v": "acme's"}]
+    assert b.read(ops.select("secrets"), min_lsn=lsn).result == [{"k": "plan", "v": "bravo's"}]
+    lsn = b.clear().lsn
+    assert b.read(ops.count("secrets"), min_lsn=lsn).result == 0
+    assert a.read(ops.count("secrets"), min_lsn=lsn).result == 1           # clear empties one tenant's tables
     with pytest.raises(Forbidden):
         b.write([{"op": "drop_tenant", "tenant": "acme"}])
     with pytest.raises(Forbidden):
@@ -99,8 +101,8 @@ def test_a_tenant_sees_only_its_own_tables(cluster, two):
     seq_t = ops.create_table("n", [ops.column("id", "integer", nullable=False)], ["id"])
     a.write([seq_t, ops.insert("n", {"id": ops.seq("ids")})])
     b.write([seq_t, ops.insert("n", {"id": ops.seq("ids")}), ops.insert("n", {"id": ops.seq("ids")})])
-    a.write([ops.insert("n", {"id": ops.seq("ids")})])
-    assert [r["id"] for r in a.read(ops.select("n", order_by=[["id", "asc"]])).result] == [1, 2]
+    lsn = a.write([ops.insert("n", {"id": ops.seq("ids")})]).lsn
+    assert [r["id"] for r in a.read(ops.select("n", order_by=[["id", "asc"]]), min_lsn=lsn).result] == [1, 2]
 
 
 def test_a_tenant_client_cannot_act_for_another(cluster, two):
@@ -168,9 +170,9 @@ def test_a_tenant_account_reaches_nothing_but_the_request_exchange(cluster, tena
 
 def test_dropping_a_tenant_drops_its_tables_on_every_worker(cluster, two):
     a, b = two
-    b.write([SECRETS, ops.insert("secrets", {"k": "keep", "v": "bravo's"})])
+    written = b.write([SECRETS, ops.insert("secrets", {"k": "keep", "v": "bravo's"})]).lsn
     platform = cluster.client()
-    storage = platform.read({"op": "storage"}).result
+    storage = platform.read({"op": "storage"}, min_lsn=written).result   # a lagging slave would miss bravo
     assert storage.get("acme", 0) > 0 and storage.get("bravo", 0) > 0
     lsn = platform.write([{"op": "drop_tenant", "tenant": "acme"}]).lsn
     wait_for(lambda: cluster.workers()["s1"]["applied_lsn"] >= lsn, 10, what="the slave to apply the drop")
