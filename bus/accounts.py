@@ -63,9 +63,11 @@ def create(db, name: str, kind: str) -> tuple[str, str | None]:
 
 
 def _read(db, query: dict) -> list:
-    """Rows of the accounts table; none before the first account made it."""
+    """Rows of the accounts table; none before the first account made it.
+    Read on the master: an account made (or deleted) a moment ago by another
+    component is seen at once, whatever a slave has applied."""
     try:
-        return db.read(query, tenant=tenancy.PLATFORM).result
+        return db.read(query, primary=True, tenant=tenancy.PLATFORM).result
     except BadRequest as exc:
         if exc.code == "unknown_table":
             return []

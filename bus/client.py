@@ -29,8 +29,9 @@ account. A client made with a tenant's own credentials (an app instance: its
 STRATUS_AMQP_URL names the tenant's account) acts for that tenant only; a
 platform component connects with the platform's account, which may name any
 tenant (`tenant=` on a request) because it has the broker's impersonator tag.
-Requests go to the cluster's request exchange (routing keys "read" and
-"write"), the one exchange of the cluster a tenant's account may write to.
+Requests go to the cluster's request exchange (routing keys "read",
+"read.primary" and "write"), the one exchange of the cluster a tenant's
+account may write to.
 
 Errors: Unavailable (503) means the request was never sent; Timeout (504)
 means it was sent and no reply came in time, or the broker restarted before
@@ -60,7 +61,7 @@ from .errors import DBError, Timeout, Unavailable
 from .names import Names
 from .protocol import Reply, Request, decode_reply, new_id
 from .settings import Settings, load
-from .topology import READ, WRITE, declare_all, declare_response_queue
+from .topology import READ, READ_PRIMARY, WRITE, declare_all, declare_response_queue
 
 log = logging.getLogger("stratus.client")
 
@@ -158,11 +159,14 @@ class DBClient:
         self._connected.wait(connect_timeout)
 
     # --- public API -------------------------------------------------------
-    def read(self, query: dict, *, min_lsn: int | None = None, timeout: float | None = None,
+    def read(self, query: dict, *, min_lsn: int | None = None, primary: bool = False, timeout: float | None = None,
              tenant: str | None = None) -> Reply:
-        """Run a query on a slave (or the master while no slave is ready)."""
+        """Run a query on a slave (or the master while no slave is ready).
+        primary=True: on the master, which has every acknowledged write (for
+        the platform's own records, e.g. accounts: a login right after the
+        account was made, by another process, must not meet a lagging slave)."""
         req = Request(kind="read", body=query, min_lsn=min_lsn or None)
-        return self.request(req, READ, timeout, tenant=tenant)
+        return self.request(req, READ_PRIMARY if primary else READ, timeout, tenant=tenant)
 
     def write(self, ops: list[dict], *, timeout: float | None = None, request_id: str | None = None,
               tenant: str | None = None) -> Reply:

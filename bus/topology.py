@@ -43,6 +43,7 @@ _warned: set[str] = set()                   # streams already warned about, in t
 
 
 READ, WRITE = "read", "write"   # routing keys on the request exchange
+READ_PRIMARY = "read.primary"   # a read the master answers (readQ.master): never stale
 
 
 def replicated_queue_arguments(settings: Settings) -> dict:
@@ -92,6 +93,7 @@ def declare_work_queues(ch, names: Names, settings: Settings | None = None) -> N
     ch.exchange_declare(names.request_exchange, exchange_type="direct", durable=True)
     ch.queue_bind(names.read_queue, names.request_exchange, routing_key=READ)
     ch.queue_bind(names.write_queue, names.request_exchange, routing_key=WRITE)
+    ch.queue_bind(names.master_read_queue, names.request_exchange, routing_key=READ_PRIMARY)
 
 
 def log_arguments(settings: Settings) -> dict:

@@ -129,7 +129,7 @@ class Tenants:
         try:
             tenant, table = tenancy.USER_DIRECTORY
             rows = self.db.read(ops.select(table, [ops.eq("username", name)], columns=["username"]),
-                                tenant=tenant).result
+                                primary=True, tenant=tenant).result
         except DBError as exc:
             if exc.code == "unknown_table":
                 return False

@@ -20,8 +20,10 @@ PLATFORM_USER = platform_user(load().amqp_url)   # raw requests act for the plat
 def db(cluster):
     cluster.bootstrap(slaves=1)
     c = cluster.client()
-    c.write([ops.create_table("kv", [ops.column("k", "text", nullable=False), ops.column("v", "integer")], ["k"]),
-             ops.insert("kv", {"k": "a", "v": 1})])
+    lsn = c.write([ops.create_table("kv", [ops.column("k", "text", nullable=False), ops.column("v", "integer")], ["k"]),
+                   ops.insert("kv", {"k": "a", "v": 1})]).lsn
+    # reads without min_lsn in the tests may reach the slave: let it apply the setup first
+    wait_for(lambda: cluster.workers()["s1"]["applied_lsn"] >= lsn, 10, what="the slave to apply the setup")
     return c
 
 

@@ -325,9 +325,11 @@ def test_autoscaling_follows_the_reads(make_cluster):
     orch = Orch(cluster)
     try:
         orch.wait_healthy_cluster(1)
-        assert orch.post("/api/v1/db/write", {"ops": [EV_TABLE]})[0] == 200
-        for i in range(70):
-            status, _, _ = orch.post("/api/v1/db/read", ops.count("ev"))
+        status, body, _ = orch.post("/api/v1/db/write", {"ops": [EV_TABLE]})
+        assert status == 200, body
+        lsn = body["lsn"]
+        for i in range(70):   # min_lsn: a slave that has not applied the table yet would answer 400
+            status, _, _ = orch.post("/api/v1/db/read", {**ops.count("ev"), "min_lsn": lsn})
             assert status == 200
         up = wait_for(lambda: (d := orch.view()["last_decision"]) and d, 20, 0.2, what="the first scaling decision")
         assert up["target"] == 4 and up["action"] == "up" and 68 <= up["reads"] <= 72, up

@@ -66,6 +66,37 @@ def test_read_with_min_lsn_waits_for_the_slave_or_falls_back_to_master(cluster):
     assert time.monotonic() - t0 >= cluster.settings.min_lsn_wait * 0.9
 
 
+def test_a_primary_read_sees_a_write_the_stopped_slave_has_not(cluster):
+    """read(primary=True) goes to the master, even while the only slave lags;
+    the platform's accounts are read that way (a login right after the account
+    was made by another process)."""
+    from bus import accounts
+    from bus.errors import Timeout
+    cluster.bootstrap(slaves=1)
+    db = cluster.client()
+    kv_table(db)
+    accounts.ensure_schema(db)
+    cluster.signal("s1", signal.SIGSTOP)    # the slave applies nothing from here on
+    try:
+        w = db.write([ops.insert("kv", {"k": "a", "v": 1})])
+        r = db.read(ops.select("kv", [ops.eq("k", "a")]), primary=True)
+        assert r.result == [{"k": "a", "v": 1}] and r.worker == "w1" and r.lsn >= w.lsn
+        try:   # the plain read really meets the stopped slave: no answer
+            db.read(ops.count("kv"), timeout=1.0)
+            raise AssertionError("a plain read was answered while the only slave was stopped")
+        except Timeout:
+            pass
+        password, _ = accounts.create(db, "fresh", "developer")
+        acct = accounts.verify(db, "fresh", password)
+        assert acct is not None and acct["name"] == "fresh" and acct["kind"] == "developer"
+        assert [a["name"] for a in accounts.list_(db, "developer")] == ["fresh"]
+        assert accounts.delete(db, "fresh") and accounts.get(db, "fresh") is None
+    finally:
+        cluster.signal("s1", signal.SIGCONT)
+    n = db.read(ops.count("kv"), min_lsn=w.lsn)
+    assert n.result == 1 and n.worker == "s1"   # caught up once resumed
+
+
 def test_new_slave_converges_after_10000_writes(cluster):
     cluster.bootstrap(slaves=1)
     db = cluster.client()

@@ -95,15 +95,20 @@ def test_services_started_before_the_database_then_restarted(tmp_path):
             return r.status_code in (201, 400) and r
         wait_for(put_alice, 30, 0.2, what="the users service to reach the new master")
         ride = {"created_by": "alice", "timestamp": future_ts(), "source": 1, "destination": 2}
-        wait_for(lambda: requests.post(urls["rides"] + "/api/v1/rides", json=ride, timeout=10).status_code == 201,
-                 30, 0.2, what="the rides service to reach the new master")
+
+        def post_ride():
+            r = requests.post(urls["rides"] + "/api/v1/rides", json=ride, timeout=10)
+            return r.status_code == 201 and r
+        created = wait_for(post_ride, 30, 0.2, what="the rides service to reach the new master")
+        # the reads below may reach the slave: they ask for the ride's LSN (alice's is before it)
+        seen = {"X-Stratus-Min-LSN": created.headers["X-Stratus-LSN"]}
         # restart both services: same tables, same data
         for svc in ("users", "rides"):
             cluster.kill(svc)
         urls = start(cluster)
-        r = requests.get(urls["rides"] + "/api/v1/rides/count", timeout=10)
+        r = requests.get(urls["rides"] + "/api/v1/rides/count", headers=seen, timeout=10)
         assert r.status_code == 200 and r.json() == [1]
-        r = requests.get(urls["users"] + "/api/v1/users", timeout=10)
+        r = requests.get(urls["users"] + "/api/v1/users", headers=seen, timeout=10)
         assert r.status_code == 200 and r.json() == ["alice"]
     finally:
         cluster.close()

@@ -260,7 +260,14 @@ class RideShare:
         return c
 
     def reset(self) -> None:
-        assert self.client().users("POST", "/api/v1/db/clear").status_code == 200
+        c = self.client()
+        assert c.users("POST", "/api/v1/db/clear").status_code == 200
+        # The tests' fresh clients read without X-Stratus-Min-LSN at first: let every
+        # worker that serves reads apply the clear, or a slave may still show the last test's rows.
+        lsn = c.lsn
+        assert lsn > 0
+        wait_for(lambda: all(w.get("applied_lsn", 0) >= lsn for w in self.cluster.workers().values()
+                             if w.get("serves_reads")), 30, what="the workers serving reads to apply the clear")
         for i in range(max(len(u) for u in self.all_urls.values())):
             c = self.client(instance=i)
             for svc in ("users", "rides"):

@@ -164,9 +164,11 @@ def test_catalogs_starting_at_once_seed_each_toy_once_and_a_restart_keeps_stock(
                 for m in re.findall(r"(\d+) inserted now", log_text(cluster, f"cat{i}"))]
     assert len(inserted) == 3 and sum(inserted) == len(shipped)
     # a restart of every catalog does not reset stock
-    set_stock(db, "Fox", 42)
+    lsn = set_stock(db, "Fox", 42)
     for i in range(3):
         cluster.kill(f"cat{i}")
     base = start_catalog(cluster, "cat-again", STRATUS_RESTOCK_INTERVAL=3600)
+    # stock() reads without min_lsn, maybe on the slave: let it apply the write first
+    wait_for(lambda: cluster.workers()["s1"]["applied_lsn"] >= lsn, 10, what="the slave to apply the stock")
     assert stock(base, "Fox") == 42
     assert "0 inserted now" in log_text(cluster, "cat-again")

@@ -125,7 +125,7 @@ def test_user_check_compares_lowercased_digests_in_rideshare(tmp_path, monkeypat
         missing = False
         tenants = set()
 
-        def read(self, query, min_lsn=None, timeout=None, tenant=None):
+        def read(self, query, min_lsn=None, primary=False, timeout=None, tenant=None):
             self.tenants.add(tenant)
             if query["table"] == "accounts":
                 return _Reply([])
