@@ -37,7 +37,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver") or ("/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None)
 try:
     from selenium import webdriver
-    from selenium.common.exceptions import WebDriverException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -116,15 +116,21 @@ def shot(d, name: str) -> Path:
 
 
 def wait(d, pred, timeout: float = 20.0, what: str = "the page"):
-    return wait_until(lambda: pred(d), timeout, 0.2, what=what)
+    def attempt():
+        try:
+            return pred(d)
+        except StaleElementReferenceException:   # the live refresh replaced the element under us: not yet
+            return None
+    return wait_until(attempt, timeout, 0.2, what=what)
 
 
 def login(d, p, user: str) -> None:
     """Sign in from the keyboard alone: type, Tab, type, Enter."""
     d.delete_all_cookies()
     d.get(p.url + "login")
-    field = d.switch_to.active_element         # the username field has the focus
-    assert field.get_attribute("id") == "username"
+    # the username field has the focus (autofocus lands at a rendering step after load: wait for it)
+    field = wait(d, lambda d: (e := d.switch_to.active_element).get_attribute("id") == "username" and e, 5,
+                 what="the focus on the username field")
     field.send_keys(user, Keys.TAB)
     active = d.switch_to.active_element
     assert active.get_attribute("id") == "password"
@@ -192,7 +198,7 @@ def test_scale_a_role_from_the_page_and_see_the_count_change_live(p, browsers):
     def running(d):
         return d.find_element(By.CSS_SELECTOR, 'tr[data-role="web"] td.running').text
 
-    assert running(d) == "2"
+    wait(d, lambda d: running(d) == "2", 10, what="the page to show 2 running web instances")
     field = d.find_element(By.ID, "scale-web")
     assert d.find_element(By.CSS_SELECTOR, 'label[for="scale-web"]').text == "Instances of web"
     field.send_keys(Keys.CONTROL, "a")
