@@ -4,8 +4,9 @@
 # metrics history behind the dashboard), also from the OS packages, run as the
 # project's own process. Idempotent: running it twice does no harm, and it
 # never stops a server it did not start (one exception below).
-#   scripts/services.sh install|start|stop|status|env [rabbitmq] [zookeeper] [prometheus]
-# (start/stop/status take the components to act on; default: all of them.)
+#   scripts/services.sh install|start|stop|status|env|prometheus-config [rabbitmq] [zookeeper] [prometheus]
+# (start/stop/status take the components to act on; default: all of them;
+# prometheus-config prints the Prometheus config start would run with.)
 #
 # Several nodes (docs/cluster.md):
 #   STRATUS_BROKER_NODES=N (default 1): N > 1 runs a RabbitMQ cluster of N
@@ -117,10 +118,16 @@ PY
 # orchestrator's file service discovery lists in $PROM_TARGETS/*.json and
 # RabbitMQ's rabbitmq_prometheus endpoint. Already running (ours): a changed
 # config is reloaded (SIGHUP). Something else on the port: left alone.
+# etc/prometheus.yml with this machine's values: the targets directory, and
+# every RabbitMQ node's metrics endpoint (STRATUS_RABBITMQ_METRICS, a comma list).
+prometheus_config() {
+  local rmq; rmq=$(printf '%s' "$RABBITMQ_METRICS" | sed -e 's/ //g' -e 's/,/", "/g')
+  sed -e "s#@TARGETS_DIR@#$PROM_TARGETS#" -e "s#@RABBITMQ_METRICS@#$rmq#" "$ROOT/etc/prometheus.yml"
+}
+
 start_prometheus() {
   mkdir -p "$PROM_DIR/data" "$PROM_TARGETS"
-  sed -e "s#@TARGETS_DIR@#$PROM_TARGETS#" -e "s#@RABBITMQ_METRICS@#$RABBITMQ_METRICS#" \
-    "$ROOT/etc/prometheus.yml" > "$PROM_DIR/prometheus.yml.new"
+  prometheus_config > "$PROM_DIR/prometheus.yml.new"
   local changed=0
   cmp -s "$PROM_DIR/prometheus.yml.new" "$PROM_DIR/prometheus.yml" || changed=1
   mv "$PROM_DIR/prometheus.yml.new" "$PROM_DIR/prometheus.yml"
@@ -209,9 +216,9 @@ done
 if [ "$BROKER_NODES" -lt 1 ] || [ "$BROKER_NODES" -gt 9 ] || [ "$ZK_NODES" -lt 1 ] || [ "$ZK_NODES" -gt 9 ]; then
   echo "services: STRATUS_BROKER_NODES and STRATUS_ZK_NODES take 1 to 9 (3 or 5 for a cluster)" >&2; exit 2
 fi
-# Prometheus scrapes RabbitMQ's metrics on the first node of a cluster.
+# Prometheus scrapes RabbitMQ's metrics on every node of a cluster.
 if [ "$BROKER_NODES" -gt 1 ] && [ -z "${STRATUS_RABBITMQ_METRICS:-}" ]; then
-  RABBITMQ_METRICS="127.0.0.1:$((BROKER_PORT + 10020))"
+  RABBITMQ_METRICS=$(for ((i = 0; i < BROKER_NODES; i++)); do printf '127.0.0.1:%d\n' $((BROKER_PORT + 10020 + i)); done | paste -sd, -)
 fi
 RMQ_CLUSTER_DIR="$STATE_DIR/rabbitmq-cluster"
 ZK_ENS_DIR="$STATE_DIR/zookeeper-ensemble"
@@ -490,7 +497,7 @@ if nb > 1:
     out["STRATUS_AMQP_URL"] = ",".join(node(i) for i in range(nb))
     # every node's management API: the platform fails over between them (bus/broker_admin.py)
     out["STRATUS_AMQP_MANAGEMENT_URL"] = ",".join(f"http://127.0.0.1:{pb + 10000 + i}" for i in range(nb))
-    out["STRATUS_RABBITMQ_METRICS"] = f"127.0.0.1:{pb + 10020}"
+    out["STRATUS_RABBITMQ_METRICS"] = ",".join(f"127.0.0.1:{pb + 10020 + i}" for i in range(nb))
 if nz > 1:
     out["STRATUS_ZK_HOSTS"] = ",".join(f"127.0.0.1:{pz + i}" for i in range(nz))
 for k, v in out.items():
@@ -570,5 +577,6 @@ case "$COMMAND" in
   stop) stop ;;
   status) status ;;
   env) exports ;;
-  *) echo "usage: $0 install|start|stop|status|env [rabbitmq] [zookeeper] [prometheus]" >&2; exit 2 ;;
+  prometheus-config) prometheus_config ;;
+  *) echo "usage: $0 install|start|stop|status|env|prometheus-config [rabbitmq] [zookeeper] [prometheus]" >&2; exit 2 ;;
 esac
