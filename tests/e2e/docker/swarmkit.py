@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import time
 import uuid
 
