@@ -93,6 +93,13 @@ install() {
   fi
 }
 
+# etc/prometheus.yml with this machine's values: the targets directory, and
+# every RabbitMQ node's metrics endpoint (STRATUS_RABBITMQ_METRICS, a comma list).
+prometheus_config() {
+  local rmq; rmq=$(printf '%s' "$RABBITMQ_METRICS" | sed -e 's/ //g' -e 's/,/", "/g')
+  sed -e "s#@TARGETS_DIR@#$PROM_TARGETS#" -e "s#@RABBITMQ_METRICS@#$rmq#" "$ROOT/etc/prometheus.yml"
+}
+
 prom_bin() { command -v prometheus 2>/dev/null || { [ -x /usr/bin/prometheus ] && echo /usr/bin/prometheus; }; }
 
 # The pid in our pid file, if that process is the Prometheus this script started.
@@ -118,13 +125,6 @@ PY
 # orchestrator's file service discovery lists in $PROM_TARGETS/*.json and
 # RabbitMQ's rabbitmq_prometheus endpoint. Already running (ours): a changed
 # config is reloaded (SIGHUP). Something else on the port: left alone.
-# etc/prometheus.yml with this machine's values: the targets directory, and
-# every RabbitMQ node's metrics endpoint (STRATUS_RABBITMQ_METRICS, a comma list).
-prometheus_config() {
-  local rmq; rmq=$(printf '%s' "$RABBITMQ_METRICS" | sed -e 's/ //g' -e 's/,/", "/g')
-  sed -e "s#@TARGETS_DIR@#$PROM_TARGETS#" -e "s#@RABBITMQ_METRICS@#$rmq#" "$ROOT/etc/prometheus.yml"
-}
-
 start_prometheus() {
   mkdir -p "$PROM_DIR/data" "$PROM_TARGETS"
   prometheus_config > "$PROM_DIR/prometheus.yml.new"
@@ -484,9 +484,10 @@ stop_zookeeper_ensemble() {
 
 # The settings that reach every node and server, as shell exports.
 exports() {
-  python3 - "$BROKER_NODES" "$BROKER_PORT" "$ZK_NODES" "$ZK_PORT" <<'PY'
+  python3 - "$BROKER_NODES" "$BROKER_PORT" "$ZK_NODES" "$ZK_PORT" "$RABBITMQ_METRICS" <<'PY'
 import os, shlex, sys, urllib.parse as u
-nb, pb, nz, pz = (int(a) for a in sys.argv[1:])
+nb, pb, nz, pz = (int(a) for a in sys.argv[1:5])
+metrics = sys.argv[5]   # every node's metrics endpoint, as listed above
 url = (os.environ.get("STRATUS_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").split(",")[0].strip()
 p = u.urlparse(url)
 cred = p.netloc.rpartition("@")[0]
@@ -497,7 +498,7 @@ if nb > 1:
     out["STRATUS_AMQP_URL"] = ",".join(node(i) for i in range(nb))
     # every node's management API: the platform fails over between them (bus/broker_admin.py)
     out["STRATUS_AMQP_MANAGEMENT_URL"] = ",".join(f"http://127.0.0.1:{pb + 10000 + i}" for i in range(nb))
-    out["STRATUS_RABBITMQ_METRICS"] = ",".join(f"127.0.0.1:{pb + 10020 + i}" for i in range(nb))
+    out["STRATUS_RABBITMQ_METRICS"] = metrics
 if nz > 1:
     out["STRATUS_ZK_HOSTS"] = ",".join(f"127.0.0.1:{pz + i}" for i in range(nz))
 for k, v in out.items():

@@ -559,13 +559,18 @@ class AppController:
         for inst in insts:
             self._unregister(inst)
 
+    @staticmethod
+    def _listed(inst: Inst | None) -> bool:
+        """The registry lists it: a running web instance not being retired."""
+        return inst is not None and inst.kind == "web" and inst.state == RUNNING and not inst.retiring
+
     def _sync_registry(self, apps: dict, *, sweep: bool = True) -> None:
         """The registry holds exactly the running web instances of each app
         (a sweep also removes what a dead leader or a lost write left)."""
         with self.lock:
             want: dict[str, set[str]] = {}
             for i in self.insts.values():
-                if i.kind == "web" and i.state == RUNNING and not i.retiring:
+                if self._listed(i):
                     want.setdefault(app_service(i.tenant, i.app, i.role), set()).add(i.id)
                     if not i.registered:
                         self._register(i)
@@ -587,8 +592,7 @@ class AppController:
                 # good probe registered it since is running now. Decided under
                 # the lock that mark() registers under, so none slips between.
                 with self.lock:
-                    inst = self.insts.get(child)
-                    if inst is not None and inst.kind == "web" and inst.state == RUNNING and not inst.retiring:
+                    if self._listed(self.insts.get(child)):
                         continue
                     try:
                         self.zk.delete(f"{self.paths.service(svc)}/{child}")
@@ -599,7 +603,7 @@ class AppController:
             for iid in want.get(svc, set()) - set(children):
                 with self.lock:
                     inst = self.insts.get(iid)
-                    if inst is not None and inst.state == RUNNING and not inst.retiring:
+                    if self._listed(inst):
                         self._register(inst)
 
     def _publish(self, apps: dict, *, sweep: bool = True) -> None:

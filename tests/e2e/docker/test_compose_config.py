@@ -39,13 +39,17 @@ def test_the_prometheus_config_is_the_local_one_with_the_stacks_addresses():
     assert sd == [f"{TARGETS}/*.json"]
 
 
+def rabbitmq_targets(config: dict) -> list:
+    """The rabbitmq job's targets (a list the caller may change in place)."""
+    return [j for j in config["scrape_configs"] if j["job_name"] == "rabbitmq"][0]["static_configs"][0]["targets"]
+
+
 def test_the_cluster_stacks_prometheus_scrapes_every_broker_node():
     single = yaml.safe_load((COMPOSE / "prometheus" / "prometheus.yml").read_text())
     cluster = yaml.safe_load((COMPOSE / "cluster" / "prometheus.yml").read_text())
-    rabbit = [j for j in cluster["scrape_configs"] if j["job_name"] == "rabbitmq"][0]
-    assert rabbit["static_configs"][0]["targets"] == ["rabbitmq1:15692", "rabbitmq2:15692", "rabbitmq3:15692"]
-    # the same config but for those targets
-    rabbit["static_configs"][0]["targets"] = ["rabbitmq:15692"]
+    targets = rabbitmq_targets(cluster)
+    assert targets == ["rabbitmq1:15692", "rabbitmq2:15692", "rabbitmq3:15692"]
+    targets[:] = ["rabbitmq:15692"]   # the same config but for those targets
     assert cluster == single
     stack = yaml.safe_load((COMPOSE / "docker-compose.cluster.yml").read_text())
     assert {"rabbitmq1", "rabbitmq2", "rabbitmq3"} <= set(stack["services"])
@@ -53,20 +57,15 @@ def test_the_cluster_stacks_prometheus_scrapes_every_broker_node():
 
 
 def test_services_sh_has_prometheus_scrape_every_local_broker_node(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "STRATUS_STATE_DIR": str(tmp_path), "STRATUS_BROKER_NODES": "3",
-           "STRATUS_BROKER_PORT": "5682"}
-    out = subprocess.run([str(ROOT / "scripts" / "services.sh"), "prometheus-config"], env=env, check=True,
-                         capture_output=True, text=True, timeout=30).stdout
-    rabbit = [j for j in yaml.safe_load(out)["scrape_configs"] if j["job_name"] == "rabbitmq"][0]
-    assert rabbit["static_configs"][0]["targets"] == ["127.0.0.1:15702", "127.0.0.1:15703", "127.0.0.1:15704"]
-    exports = subprocess.run([str(ROOT / "scripts" / "services.sh"), "env"], env=env, check=True,
-                             capture_output=True, text=True, timeout=30).stdout
-    assert "STRATUS_RABBITMQ_METRICS=127.0.0.1:15702,127.0.0.1:15703,127.0.0.1:15704" in exports
-    single = subprocess.run([str(ROOT / "scripts" / "services.sh"), "prometheus-config"],
-                            env={**env, "STRATUS_BROKER_NODES": "1"}, check=True, capture_output=True, text=True,
-                            timeout=30).stdout
-    rabbit = [j for j in yaml.safe_load(single)["scrape_configs"] if j["job_name"] == "rabbitmq"][0]
-    assert rabbit["static_configs"][0]["targets"] == ["127.0.0.1:15692"]
+    def services(command: str, nodes: int) -> str:
+        env = {"PATH": "/usr/bin:/bin", "STRATUS_STATE_DIR": str(tmp_path), "STRATUS_BROKER_NODES": str(nodes),
+               "STRATUS_BROKER_PORT": "5682"}
+        return subprocess.run([str(ROOT / "scripts" / "services.sh"), command], env=env, check=True,
+                              capture_output=True, text=True, timeout=30).stdout
+    config = yaml.safe_load(services("prometheus-config", 3))
+    assert rabbitmq_targets(config) == ["127.0.0.1:15702", "127.0.0.1:15703", "127.0.0.1:15704"]
+    assert "STRATUS_RABBITMQ_METRICS=127.0.0.1:15702,127.0.0.1:15703,127.0.0.1:15704" in services("env", 3)
+    assert rabbitmq_targets(yaml.safe_load(services("prometheus-config", 1))) == ["127.0.0.1:15692"]
 
 
 def test_prometheus_reads_the_volume_the_orchestrator_writes_and_is_not_published():
