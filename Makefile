@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: up down test test-fast test-docker venv services browser bench clean-state fuzz
+.PHONY: up down test test-fast test-docker venv services browser bench clean-state fuzz walls
 
 $(VENV)/.installed: pyproject.toml
 	@python3 -c 'import ensurepip, venv' 2>/dev/null || { echo "installing python3-venv"; \
@@ -19,6 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 venv: $(VENV)/.installed
+
+# The walls around tenants' instances on the process runtime (docs/security.md):
+# bubblewrap, nftables, and setpriv/prlimit (util-linux), useradd (passwd).
+walls:
+	@{ command -v bwrap && command -v nft && command -v setpriv && command -v prlimit && command -v useradd; } >/dev/null 2>&1 \
+	  || { echo "installing bubblewrap and nftables"; \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap nftables util-linux passwd >/dev/null; }
 
 services:
 	@scripts/services.sh start
@@ -34,7 +42,7 @@ browser:
 
 # With several broker nodes or ZooKeeper servers, services.sh writes their
 # addresses to $STATE_DIR/services.env (docs/cluster.md): the platform takes them.
-up: venv services
+up: venv walls services
 	@set -a; if [ "$${STRATUS_BROKER_NODES:-1}" != 1 ] || [ "$${STRATUS_ZK_NODES:-1}" != 1 ]; then \
 	  . "$${STRATUS_STATE_DIR:-var}/services.env"; fi; set +a; \
 	  $(VENV)/bin/stratus up $(if $(DETACH),--detach,)
@@ -44,12 +52,12 @@ down: venv
 
 # The whole suite: unit, integration and end-to-end on processes, then the
 # Docker stage (a separate script, skipped with a message when no engine can run).
-test: venv services browser
+test: venv walls services browser
 	$(PY) -m pytest -q -m "not docker" $(PYTEST_ARGS) tests
 	@scripts/docker-stage.sh
 	@$(MAKE) --no-print-directory chaos-stage
 
-test-fast: venv services browser
+test-fast: venv walls services browser
 	$(PY) -m pytest -q -m "not docker and not slow" $(PYTEST_ARGS) tests
 
 # The property test of the wire protocol with many more generated requests

@@ -88,8 +88,8 @@ BUILTIN_PORTS = {("rideshare", "users"): "users_port", ("rideshare", "rides"): "
                  ("toystore", "catalog"): "catalog_port", ("toystore", "order"): "order_port"}
 BUILTIN_TENANTS = ("rideshare", "toystore")
 # Settings the built-in apps read (their own knobs), passed on when the orchestrator has them.
-BUILTIN_SETTINGS = ("STRATUS_ZK_HOSTS", "STRATUS_RESTOCK_INTERVAL", "STRATUS_REQUEST_TIMEOUT",
-                    "STRATUS_ZK_TIMEOUT", "STRATUS_DEBUG")
+# Nothing that reaches ZooKeeper: a tenant's instance reaches the broker only (docs/security.md).
+BUILTIN_SETTINGS = ("STRATUS_RESTOCK_INTERVAL", "STRATUS_REQUEST_TIMEOUT", "STRATUS_DEBUG")
 
 
 def role_config(app: App, role: Role) -> str:
@@ -413,7 +413,6 @@ class AppController:
             for key in BUILTIN_SETTINGS:
                 if key in os.environ:
                     env[key] = os.environ[key]
-            env.setdefault("STRATUS_ZK_HOSTS", self.settings.zk_hosts)
         port = None
         if role.kind == "web":
             port = self._port(app.tenant, name, slot)
@@ -422,8 +421,9 @@ class AppController:
             # A heartbeat file the monitor can see: on this host. (A container
             # cannot see the host's path: under Docker, the container's life
             # alone tells.)
-            self.heartbeats.mkdir(parents=True, exist_ok=True)
-            beat = self.heartbeats / f"{iid}"
+            # Its own directory, which the runtime lends the instance (confine.py).
+            beat = self.heartbeats / iid / "beat"
+            beat.parent.mkdir(parents=True, exist_ok=True)
             beat.unlink(missing_ok=True)
             env["STRATUS_HEARTBEAT_FILE"] = str(beat)
         cwd = context = None

@@ -49,6 +49,7 @@ from bus.settings import Settings
 
 from .base import (ROOT, ExitCallback, Handle, Runtime, Spec, StartError, check_id, check_log_path,
                    instance_env)
+from .confine import ConfinementUnavailable, Jail
 
 log = logging.getLogger("stratus.orchestrator.runtime")
 
@@ -149,6 +150,8 @@ class ProcessRuntime(Runtime):
         self._closed = threading.Event()
         self._detached = False     # closed without removal: a successor owns the units now
         self._poller: threading.Thread | None = None
+        # App instances run inside the walls (confine.py); DB workers are the platform's own.
+        self.jail = Jail(settings) if kind == "instance" else None
 
     # --- building a unit (pure) ------------------------------------------------------
     def argv_of(self, spec: Spec) -> list[str]:
@@ -170,6 +173,29 @@ class ProcessRuntime(Runtime):
                                if p)
         return instance_env(spec, path=path, home=str(spec.cwd), pythonpath=str(ROOT))
 
+    def jailed(self, spec: Spec, argv: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment of an app instance inside its walls."""
+        tenant = spec.labels.get("tenant")
+        if not tenant:
+            raise StartError(f"unit {spec.id}: an app instance needs its tenant (label 'tenant')")
+        if not self._findable(argv[0], spec.cwd):
+            raise OSError(2, "No such file or directory inside the instance")
+        try:
+            return self.jail.wrap(spec.id, tenant, argv, self.env_of(spec), spec.cwd, self.python)
+        except ConfinementUnavailable as exc:
+            raise StartError(f"unit {spec.id}: {exc}") from exc
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise StartError(f"unit {spec.id}: cannot build its walls: {exc}") from exc
+
+    def _findable(self, program: str, package: str | None) -> bool:
+        """Whether `program` exists inside the instance's walls: a path in its
+        package (or absolute), or a name on its PATH (the venv's bin, /usr)."""
+        if "/" in program:
+            p = program if os.path.isabs(program) else os.path.join(package or "/nonexistent", program)
+            return os.path.isfile(p)
+        return any(os.path.isfile(os.path.join(d, program)) and os.access(os.path.join(d, program), os.X_OK)
+                   for d in (os.path.dirname(self.python), "/usr/local/bin", "/usr/bin", "/bin"))
+
     def log_path(self, spec: Spec) -> Path:
         rel = spec.log or (f"{spec.id}.log" if self.kind == "worker" else f"instances/{spec.id}.log")
         return self.log_dir / check_log_path(rel)
@@ -184,12 +210,18 @@ class ProcessRuntime(Runtime):
         if cwd is None or not os.path.isdir(cwd):
             raise StartError(f"unit {spec.id}: working directory {cwd!r} does not exist")
         argv = self.argv_of(spec)
-        env = self.env_of(spec)
         logp = self.log_path(spec)
         logp.parent.mkdir(parents=True, exist_ok=True)
+        if self.jail is not None:
+            self._rotate(logp)
         logf = open(logp, "ab")
         try:
-            p = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+            if self.jail is not None:
+                run_argv, env = self.jailed(spec, argv)
+                run_cwd = "/"
+            else:
+                run_argv, env, run_cwd = argv, self.env_of(spec), cwd
+            p = subprocess.Popen(run_argv, cwd=run_cwd, env=env, stdin=subprocess.DEVNULL, stdout=logf,
                                  stderr=subprocess.STDOUT, start_new_session=True)
         except OSError as exc:
             logf.write(f"stratus: cannot start {spec.id}: {exc}\n".encode())
@@ -304,6 +336,29 @@ class ProcessRuntime(Runtime):
             self._pidfile(h.id).unlink(missing_ok=True)
 
     # --- internals -------------------------------------------------------------
+    def _rotate(self, logp: Path) -> None:
+        """An instance's log may not grow past its limit (RLIMIT_FSIZE): once
+        it holds half of it, the next start keeps it as <log>.1 and begins anew."""
+        try:
+            if logp.stat().st_size >= self.jail.limits.log_mb * 1024 ** 2 // 2:
+                os.replace(logp, logp.with_name(logp.name + ".1"))
+        except FileNotFoundError:
+            pass
+
+    def _release(self, h: Handle) -> None:
+        """After an app instance is gone: say why the kernel killed it, if it
+        did, and remove its cgroups and heartbeat directory."""
+        if self.jail is None:
+            return
+        try:
+            if self.jail.oom_killed(h.id) and h.log:
+                with open(h.log, "ab") as fh:
+                    fh.write(f"stratus: {h.id} was killed: out of memory "
+                             f"(limit {self.jail.limits.memory_mb} MiB)\n".encode())
+            self.jail.release(h.id, h.labels.get("heartbeat") or None)
+        except Exception:
+            log.exception("cleaning up after %s", h.id)
+
     def _labels(self, labels, *, adopted: bool) -> dict:
         if self.kind == "worker":
             return {"adopted": adopted}   # as control.py and the tests have always seen them
@@ -348,6 +403,8 @@ class ProcessRuntime(Runtime):
             self._handles.pop(h.id, None)
             self._pstart.pop(h.id, None)
         self._pidfile(h.id).unlink(missing_ok=True)
+        if self.jail is not None:
+            threading.Thread(target=self._release, args=(h,), name=f"release-{h.id}", daemon=True).start()
         log.info("%s %s (pid %d) exited with %s", self.kind, h.id, h.pid, code)
         for cb in list(self._callbacks):
             try:

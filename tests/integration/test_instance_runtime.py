@@ -32,14 +32,17 @@ import json, os, signal, subprocess, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import bus  # importable through PYTHONPATH (the repository root)
 
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])   # stays in our group
+# stays in our group; the test finds it on the host by its marker (its pid in here is the sandbox's)
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                          "child-of-" + os.environ["STRATUS_INSTANCE"]])
 
 class H(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             body = b"ok"
         elif self.path == "/env":
-            body = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "child": child.pid,
+            body = json.dumps({"env": dict(os.environ), "cwd": os.getcwd(), "uid": os.getuid(),
+                               "child": "child-of-" + os.environ["STRATUS_INSTANCE"],
                                "bus": bus.__file__, "python": sys.executable}).encode()
         else:
             self.send_response(404); self.end_headers(); return
@@ -118,7 +121,21 @@ class Exits:
             return [c for u, c in self.seen if u == uid]
 
 
+def marked(marker: str) -> list[int]:
+    """The host pids whose command line carries `marker`."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if marker.encode() in open(f"/proc/{d}/cmdline", "rb").read().split(b"\0"):
+                    out.append(int(d))
+            except OSError:
+                pass
+    return out
+
+
 def kill_quietly(*pids):
+    pids = [p for pid in pids for p in (marked(pid) if isinstance(pid, str) else [pid])]
     for pid in pids:
         if pid and pid_alive(pid):
             try:
@@ -143,12 +160,14 @@ def test_an_instance_serves_with_a_clean_env_logs_and_stops_with_its_exit_code(c
         info = json.loads(get(port, "/env")[1])
         env, child = info["env"], info["child"]
         # exactly the instance environment, nothing of the orchestrator's
-        assert set(env) == {"PATH", "LANG", "HOME", "PYTHONUNBUFFERED", "PYTHONPATH", "PORT", "STRATUS_TENANT",
-                            "STRATUS_APP", "STRATUS_ROLE", "STRATUS_INSTANCE", "STRATUS_AMQP_URL"}
+        assert set(env) == {"PATH", "LANG", "HOME", "TMPDIR", "PWD", "PYTHONUNBUFFERED", "PYTHONPATH", "PORT",
+                            "STRATUS_TENANT", "STRATUS_APP", "STRATUS_ROLE", "STRATUS_INSTANCE", "STRATUS_AMQP_URL"}
         assert env["STRATUS_AMQP_URL"] == "amqp://acme:tenant-pw@127.0.0.1:5672/%2F"   # its own, not ours
         assert "STRATUS_ADMIN_PASSWORD" not in env and "STRATUS_TOKEN_SECRET" not in env
         assert not any(v in json.dumps(env) for v in SECRETS.values())
-        assert env["HOME"] == str(package) and info["cwd"] == str(package) and env["PORT"] == str(port)
+        # inside its walls (docs/security.md): its package read-only at /app, a scratch /tmp, its own uid
+        assert env["HOME"] == "/tmp" and info["cwd"] == "/app" and env["PORT"] == str(port)
+        assert 200000 <= info["uid"] <= 299999
         assert env["LANG"] == "C.UTF-8" and env["PYTHONUNBUFFERED"] == "1"
         assert info["python"] == sys.executable and info["bus"].startswith(env["PYTHONPATH"])
 
@@ -170,7 +189,7 @@ def test_an_instance_serves_with_a_clean_env_logs_and_stops_with_its_exit_code(c
         rt.stop("i-0000aaaa", timeout=5)
         assert exits.wait("i-0000aaaa") == [3]
         assert rt.running() == {} and not pidfile.exists()
-        wait_for(lambda: not pid_alive(child), 5, what="the instance's child to go with its group")
+        wait_for(lambda: not marked(child), 5, what="the instance's child to go with its group")
         assert "got SIGTERM" in logf.read_text()
         rt.stop("i-0000aaaa")   # stopping what is gone is a no-op
         with pytest.raises(KeyError):
@@ -196,9 +215,10 @@ def test_kill_is_a_crash_of_the_whole_group_and_a_stubborn_instance_is_killed_af
     try:
         wait_for(lambda: serving(p1), 15, what="instance a to serve")
         child = json.loads(get(p1, "/env")[1])["child"]
+        assert marked(child), "the instance's child runs on the host"
         rt.kill("i-0000000a")
         assert exits.wait("i-0000000a") == [-signal.SIGKILL]
-        wait_for(lambda: not pid_alive(child), 5, what="the killed instance's child to die with it")
+        wait_for(lambda: not marked(child), 5, what="the killed instance's child to die with it")
         assert not serving(p1)
 
         logb = cluster.settings.cluster_state_path() / "logs" / "instances" / "acme" / "shop" / "i-0000000b.log"
@@ -297,7 +317,9 @@ def test_bad_specs_are_refused_and_a_missing_program_is_a_start_error(cluster, p
             rt.start(Spec(id="i-00000001", argv=("python", "server.py"), cwd=str(package / "missing")))
         with pytest.raises(StartError):
             rt.start(Spec(id="i-00000002", argv=("no-such-program-here",), cwd=str(package),
-                          log=instance_log("acme", "shop", "i-00000002")))
+                          labels={"tenant": "acme"}, log=instance_log("acme", "shop", "i-00000002")))
+        with pytest.raises(StartError, match="needs its tenant"):   # no walls without a tenant's account
+            rt.start(Spec(id="i-00000003", argv=("python", "server.py"), cwd=str(package)))
         logf = rt.log_dir / "instances" / "acme" / "shop" / "i-00000002.log"
         assert "cannot start i-00000002" in logf.read_text()
         assert rt.running() == {} and list(rt.run_dir.glob("*.json")) == []
