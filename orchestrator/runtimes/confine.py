@@ -20,12 +20,13 @@ Each instance runs as
   of DISK bytes at /tmp (HOME and scratch); for a worker role, its heartbeat
   directory at /run/stratus. Nothing of the repository, the state directory,
   /root, /home or another tenant exists inside. Its own pid, IPC and UTS
-  namespaces: /proc shows its own processes only. When the sandbox's pid 1
-  exits, the kernel kills whatever the instance left behind.
-- **The network wall** (netwall.py): the kernel refuses every new connection
-  a tenant uid opens except to the broker's AMQP port(s). ZooKeeper, the
+  namespaces: /proc shows its own processes only. When the instance's first
+  process is gone, whatever it left behind is killed through its cgroup,
+  which nothing of it can leave (not even by a session of its own).
+- **The network wall** (netwall.py): a tenant uid reaches the broker's AMQP
+  port(s), and on this host only sockets of its own account. ZooKeeper, the
   orchestrator's API, the management API, Prometheus, the workers' metrics,
-  the gateway's upstreams, other instances: all refused, on every address.
+  the gateway, other tenants' instances: never connected, on any address.
 - **Limits** (cgroups v1, this machine's hierarchy; `Limits`): memory (the
   kernel's OOM killer kills inside the instance, which then exits and is
   restarted with an event, never the platform), CPU (a CFS quota), number of
@@ -37,8 +38,9 @@ Each instance runs as
 SIGTERM reaches the instance: the wrappers before setpriv ignore it (their
 disposition is inherited: `trap '' TERM`), and `env --default-signal=TERM`
 gives the command the default back, so the runtime's signal to the process
-group stops the instance gracefully while bwrap waits for it. SIGKILL kills
-bwrap, whose --die-with-parent child then dies with its namespace.
+group stops the instance gracefully while bwrap waits for it. The sandbox
+does not die with the orchestrator (a successor adopts it); when its first
+process exits, the runtime kills what is left in its cgroup.
 
 Everything here needs root; a platform not started as root refuses to start
 tenant instances on the process runtime (`ConfinementUnavailable`), with the
@@ -51,6 +53,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -143,7 +146,7 @@ def jail_argv(argv: list[str], *, uid: int, gid: int, limits: Limits, package: s
     join = "".join(f'echo $$ > "{p}" || exit 125; ' for p in cgroup_procs)
     sh = ["sh", "-c", f"trap '' TERM; {join}exec \"$@\"", "stratus-jail"]
     prlimit = ["prlimit", f"--fsize={limits.log_mb * MIB}", "--core=0", "--"]
-    bw = ["bwrap", "--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+    bw = ["bwrap", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
           "--hostname", "stratus-instance",
           "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
@@ -241,7 +244,7 @@ class Jail:
         except KeyError:
             r = subprocess.run(["useradd", "--system", "--no-create-home", "--user-group",
                                 "--shell", "/usr/sbin/nologin", "--home-dir", "/nonexistent",
-                                "--comment", "stratus tenant", "-K", f"SYS_UID_MIN={TENANT_UIDS[0]}",
+                                "--comment", f"stratus tenant {self.scope_key}", "-K", f"SYS_UID_MIN={TENANT_UIDS[0]}",
                                 "-K", f"SYS_UID_MAX={TENANT_UIDS[1]}", "-K", f"SYS_GID_MIN={TENANT_UIDS[0]}",
                                 "-K", f"SYS_GID_MAX={TENANT_UIDS[1]}", name],
                                capture_output=True, text=True, timeout=30)
@@ -262,17 +265,34 @@ class Jail:
             pwd.getpwnam(name)
         except KeyError:
             return False
+        from . import netwall
+        netwall.forget(pwd.getpwnam(name).pw_uid)
         r = subprocess.run(["userdel", name], capture_output=True, text=True, timeout=30)
         if r.returncode not in (0, 6):
             log.warning("cannot remove account %s of tenant %s: %s", name, tenant, r.stderr.strip())
             return False
         return True
 
+    def remove_all_accounts(self) -> int:
+        """Remove every tenant account of this platform (its state directory
+        and cluster): a test cluster's end. Each is marked with the platform's
+        key in its comment; returns how many went."""
+        gone = 0
+        for pw in pwd.getpwall():
+            if pw.pw_gecos == f"stratus tenant {self.scope_key}" and TENANT_UIDS[0] <= pw.pw_uid <= TENANT_UIDS[1]:
+                from . import netwall
+                netwall.forget(pw.pw_uid)
+                r = subprocess.run(["userdel", pw.pw_name], capture_output=True, text=True, timeout=30)
+                gone += r.returncode == 0
+        return gone
+
     # --- one instance -------------------------------------------------------------------
     def wrap(self, unit_id: str, tenant: str, argv: list[str], env: dict[str, str], package: str | None,
              python: str) -> tuple[list[str], dict[str, str]]:
         self.prepare()
         uid, gid = self.account(tenant)
+        from . import netwall
+        netwall.admit(uid)
         heartbeat = env.get("STRATUS_HEARTBEAT_FILE")
         beat_dir = None
         if heartbeat:
@@ -312,12 +332,35 @@ class Jail:
             pass
         return False
 
+    def kill_all(self, unit_id: str) -> int:
+        """SIGKILL every process left in the instance's cgroup: what it forked,
+        even into a session of its own, cannot leave it. Returns how many."""
+        procs = cgroup_dirs(self.scope_key, unit_id)["pids"] / "cgroup.procs"
+        killed = 0
+        for _ in range(50):
+            try:
+                pids = [int(x) for x in procs.read_text().split()]
+            except (OSError, ValueError):
+                return killed
+            if not pids:
+                return killed
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.02)
+        return killed
+
     def release(self, unit_id: str, heartbeat: str | None = None, wait: float = 10.0) -> None:
         """After the instance is gone: its cgroups (once the last of its
         processes has left them: the kernel kills what its pid namespace
         held a moment after its pid 1) and heartbeat directory."""
         deadline = time.monotonic() + wait
-        for path in cgroup_dirs(self.scope_key, unit_id).values():
+        dirs = cgroup_dirs(self.scope_key, unit_id)
+        self.kill_all(unit_id)
+        for path in dirs.values():
             while True:
                 try:
                     path.rmdir()

@@ -17,7 +17,9 @@ from test_orchestrator import Orch, cleanup
 
 
 def instance_pids_of(cluster) -> set[int]:
-    """Live app instance processes of this cluster (matched by their environment)."""
+    """Live app instances of this cluster (matched by their environment): each
+    instance's first process, the leader of its own process group (the
+    processes inside its walls are in that group too, and are not counted)."""
     found = set()
     marker = f"STRATUS_CLUSTER={cluster.name}".encode()
     for d in Path("/proc").iterdir():
@@ -25,7 +27,8 @@ def instance_pids_of(cluster) -> set[int]:
             continue
         try:
             env = (d / "environ").read_bytes().split(b"\0")
-            if marker in env and any(e.startswith(b"STRATUS_INSTANCE=") for e in env):
+            if (marker in env and any(e.startswith(b"STRATUS_INSTANCE=") for e in env)
+                    and os.getpgid(int(d.name)) == int(d.name)):
                 if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
                     found.add(int(d.name))
         except OSError:

@@ -46,8 +46,9 @@ def test_the_sandbox_shows_only_what_the_instance_needs():
                    for s in sources)
     assert all(s.startswith("/etc/") for s, _ in pairs(a, "--ro-bind-try"))
     assert not any(s in ("/etc/passwd", "/etc/shadow", "/etc/group") for s, _ in pairs(a, "--ro-bind-try"))
-    for flag in ("--unshare-pid", "--unshare-ipc", "--die-with-parent"):
+    for flag in ("--unshare-pid", "--unshare-ipc", "--unshare-uts"):
         assert flag in a
+    assert "--die-with-parent" not in a     # it outlives the orchestrator: a successor adopts it
     # a scratch /tmp of the disk limit's size
     i = a.index("/tmp")
     assert a[i - 1] == "--tmpfs" and a[i - 2] == str(64 * 1024 ** 2) and a[i - 3] == "--size"
@@ -98,13 +99,18 @@ def test_each_tenant_of_each_platform_has_its_own_account_name():
     assert n == confine.account_name("/var/a\0c1", "acme") and n.startswith("st") and len(n) <= 32
 
 
-def test_the_network_wall_lets_tenants_reach_the_broker_only():
+def test_the_network_wall_lets_tenants_reach_the_broker_and_their_own_sockets_only():
     rules = netwall.ruleset((200000, 299999))
-    assert "meta skuid != 200000-299999 accept" in rules
     lines = [ln.strip() for ln in rules.splitlines()]
-    # established answers (the gateway's requests to an instance) first, then the broker, then refuse
-    assert lines.index("ct state established,related accept") < lines.index("tcp dport @tenant_ports accept")
-    assert lines.index("tcp dport @tenant_ports accept") < lines.index("meta l4proto tcp reject with tcp reset")
-    assert lines[-3] == "reject"
+    # the listener's answer to a tenant's connection is checked first: its owner must be the caller
+    answer = "ct direction reply ct mark 200000-299999 tcp flags & (syn | ack) == syn | ack jump answer"
+    assert lines.index(answer) < lines.index("meta skuid != 200000-299999 accept")
+    assert "meta skuid . ct mark @same_uid accept" in lines
+    assert lines[lines.index("meta skuid . ct mark @same_uid accept") + 1] == "reject with tcp reset"
+    # the broker, then this host (marked with the caller's uid), then nothing
+    order = ["ct state established,related accept", "tcp dport @tenant_ports accept",
+             "fib daddr type local meta l4proto tcp ct mark set meta skuid map @uid_mark accept",
+             "meta l4proto tcp reject with tcp reset", "reject"]
+    assert [lines.index(x) for x in order] == sorted(lines.index(x) for x in order)
     assert netwall.broker_ports("amqp://u:p@127.0.0.1:5672/%2F,amqp://u:p@127.0.0.1:5673/%2F") == [5672, 5673]
     assert netwall.broker_ports("amqps://h/%2F") == [5671]
