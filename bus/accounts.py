@@ -13,7 +13,7 @@ as a hash. The broker password is what a tenant's instances connect with
 
 A directory of tenant names (no secrets) is kept in ZooKeeper as well, under
 Paths.tenants, so that any component can tell a tenant's name from a free one
-(RideShare refuses to register a user under a tenant's name)."""
+(the orchestrator's db routes; app instances never read it)."""
 from __future__ import annotations
 
 import time

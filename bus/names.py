@@ -44,6 +44,12 @@ class Names:
     def response_queue(self, client_id: str) -> str:
         return self.response_prefix + client_id
 
+    def lease_queue(self, tenant: str, name: str) -> str:
+        """The exclusive queue that is a tenant's lease `name` (bus/lease.py):
+        under the tenant's own reply-queue prefix, which its account may
+        configure and read, and no other tenant's may."""
+        return f"{self.response_prefix}{_part(tenant, 'tenant')}.lease.{_part(name, 'lease')}"
+
     def task_exchange(self, tenant: str) -> str:
         """The tenant's own direct exchange for tasks (bus/tasks.py)."""
         return self.task_prefix + _part(tenant, "tenant")

@@ -1,7 +1,10 @@
 """What every tenant service shares: a Flask app with JSON errors, a 64 KiB
 body limit, request ids in every log line, GET /health and GET /metrics, and
-a runner that serves it with gunicorn threads and registers the instance in
-the ZooKeeper service registry.
+a runner that serves it with gunicorn threads. Started by hand (tests, a
+component outside the platform), the runner registers the instance in the
+ZooKeeper service registry; run by the platform as an app instance
+(STRATUS_INSTANCE set), it never connects to ZooKeeper: the orchestrator
+registers it, and an instance reaches nothing but the broker and the gateway.
 
 /metrics: the Prometheus text (bus/metrics.py) of the app's own registry,
 app.extensions["stratus_metrics"] (a bus.metrics.HttpMetrics): every request
@@ -146,25 +149,17 @@ def json_error(status: int, message: str):
     return jsonify(current_app.extensions["stratus_error_body"](status, message)), status
 
 
-_zk = None   # the serving instance's ZooKeeper client (its registration's), once it listens
-
-
-def service_zk():
-    """The ZooKeeper client of the instance `serve` runs (None before it
-    listens, or outside `serve`)."""
-    return _zk
-
-
 def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads: int = 16,
           settings: Settings | None = None, on_worker_start: Callable[[], None] | None = None) -> None:
     """Serve with gunicorn: one process (so per-instance counters are exact),
     `threads` threads. The instance registers itself (host:port, /health) as
     an ephemeral znode once it listens; port 0 takes any free port. Started
     by the platform as an app instance (STRATUS_INSTANCE set), it serves on
-    $PORT and leaves registering to the orchestrator."""
+    $PORT, leaves registering to the orchestrator and opens no ZooKeeper
+    session at all."""
     from gunicorn.app.base import BaseApplication
 
-    from . import registry, zk as bzk
+    from . import registry
 
     settings = settings or load()
     setup_logging(service, settings.log_level)
@@ -181,9 +176,9 @@ def serve(app_factory: Callable[[], Flask], service: str, port: int, *, threads:
             worker.sockets[0].getsockname()[1]
         if on_worker_start:
             on_worker_start()
-        global _zk
-        state["zk"] = _zk = bzk.connect(settings, timeout=max(settings.zk_timeout, 2.0))
         if not instance:
+            from . import zk as bzk
+            state["zk"] = bzk.connect(settings, timeout=max(settings.zk_timeout, 2.0))
             state["reg"] = registry.register(state["zk"], settings, service, bound)
         log.info("%s listening on %s:%d (cluster %s)", service, settings.bind_host, bound, settings.cluster)
         print(f"{service} listening on http://{registry.advertise_host(settings)}:{bound}", flush=True)

@@ -4,44 +4,60 @@ settings.restock_interval seconds, each toy whose quantity is 0 goes back to
 exchange (the gateway drops its cached copy).
 
 However many catalog instances run, one restocker acts at a time: the role
-is a ZooKeeper lock (kazoo Lock at Paths(cluster).lock("restock")). Its holder
-keeps it until its process or its ZooKeeper session ends; another instance
-then takes it over. The holder checks before every round that its lock node
-still exists, so a holder whose session expired stops acting at once.
+is a lease on the bus (bus/lease.py: the exclusive queue
+Names.lease_queue("toystore", "restock"), declared with the tenant's own
+broker account; the others are refused with 405 RESOURCE_LOCKED). Its holder
+keeps it until its process or its broker connection ends; another instance
+then takes it over within a second. The holder checks before every round
+that it still holds the lease, so a holder whose connection died stops
+acting at once. It needs nothing but the broker: no ZooKeeper, which an app
+instance cannot reach.
 
 Observable: a log line "restock role taken by <id>" when an instance takes
-the role, "restocked N toys: [...]" per round that refilled something, and the
-znode <cluster root>/toystore/restocker = {"holder", "rounds", "restocked",
-"last", "at"} updated by the holder after every round that restocked."""
+the role, "restocked N toys: [...]" per round that refilled something, and
+the row of the tenant's table `restocker` (toystore/schema.py) =
+{"role": "restocker", "holder", "rounds", "restocked", "last" (a JSON list),
+"at"}, written by the holder in the same write as every refill."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
 import uuid
-
-from kazoo.client import KazooState
+from typing import Callable
 
 from bus import ops, web
-from bus import zk as bzk
 from bus.client import DBClient
 from bus.errors import DBError
-from bus.names import Names, Paths
+from bus.lease import Lease
+from bus.names import Names
 from bus.settings import Settings
 from toystore import schema
 
 log = logging.getLogger("stratus.catalog.restock")
 
 
-def status_path(paths: Paths) -> str:
-    return f"{paths.root}/toystore/restocker"
+def read_status(db: DBClient, *, min_lsn: int | None = None, primary: bool = False) -> dict | None:
+    """The restocker's status row ("last" decoded), or None before the first refill."""
+    try:
+        rows = db.read(ops.select(schema.RESTOCK_STATUS, [ops.eq("role", schema.RESTOCK_STATUS)]),
+                       min_lsn=min_lsn, primary=primary).result
+    except DBError as exc:
+        if exc.code == "unknown_table":
+            return None
+        raise
+    if not rows:
+        return None
+    return {**rows[0], "last": json.loads(rows[0]["last"])}
 
 
-def restock_once(db: DBClient, names: Names) -> list[str]:
+def restock_once(db: DBClient, names: Names, status: Callable[[list[str]], dict] | None = None) -> list[str]:
     """One round: find the toys at 0 and set them back to RESTOCK_TO in one
-    write; publish each restocked name. Returns the names restocked.
+    write; publish each restocked name. Returns the names restocked. With
+    `status`, the same write stores status(names) as the status row.
 
     Only the restocker ever raises a quantity, so a toy seen at 0 is still at
     0 when the write runs; the write's `quantity = 0` guard keeps it exact
@@ -51,8 +67,12 @@ def restock_once(db: DBClient, names: Names) -> list[str]:
     empty = [r["name"] for r in rows]
     if not empty:
         return []
-    reply = db.write([ops.update(schema.PRODUCTS, [["name", "in", empty], ["quantity", "=", 0]],
-                                 set={"quantity": schema.RESTOCK_TO})])
+    write = [ops.update(schema.PRODUCTS, [["name", "in", empty], ["quantity", "=", 0]],
+                        set={"quantity": schema.RESTOCK_TO})]
+    if status is not None:
+        row = {**status(empty), "role": schema.RESTOCK_STATUS, "last": json.dumps(empty), "at": time.time()}
+        write += [schema.restock_status_table(), ops.upsert(schema.RESTOCK_STATUS, row)]
+    reply = db.write(write)
     for name in empty:
         try:
             db.publish(names.invalidate_exchange_of(schema.TENANT), name.encode())
@@ -68,86 +88,49 @@ class Restocker(threading.Thread):
         self.settings = settings
         self.db = db
         self.names = Names(settings.cluster)
-        self.paths = Paths(settings.cluster)
         self.id = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:6]}"
         self.stop_event = threading.Event()
         self.rounds = 0
         self.restocked = 0
         self.holding = False
         self.interval = max(0.1, float(settings.restock_interval))
-        self._zk = None
-        self._lock = None
+        self.lease = Lease(settings, schema.RESTOCK_LEASE, tenant=schema.TENANT, holder=self.id)
 
     def stop(self) -> None:
         """Stop acting and give the role up now (the next instance need not
-        wait for this one's ZooKeeper session to expire)."""
+        wait for the broker to notice this one's connection is gone)."""
         self.stop_event.set()
-        lock, zk = self._lock, self._zk
-        try:
-            if lock is not None:
-                lock.release()
-            if zk is not None:
-                zk.stop()
-        except Exception:
-            pass
+        self.lease.release()
 
     def run(self) -> None:
+        self.lease.start()
         while not self.stop_event.is_set():
-            zk = None
-            try:
-                zk = self._zk = bzk.connect(self.settings, timeout=max(self.settings.zk_timeout, 2.0))
-                lost = threading.Event()
+            if self.lease.held.wait(0.5) and not self.stop_event.is_set():
+                self._act(self.lease.term)
 
-                def on_state(state):
-                    if state in (KazooState.SUSPENDED, KazooState.LOST):
-                        lost.set()
-                zk.add_listener(on_state)
-                self._hold_role(zk, lost)
-            except Exception as exc:
-                log.warning("restocker: %r; retrying", exc)
-            finally:
-                self.holding = False
-                self._zk = self._lock = None
-                if zk is not None:
-                    try:
-                        zk.stop()
-                        zk.close()
-                    except Exception:
-                        pass
-            self.stop_event.wait(1.0)
+    def _still_holding(self, term: int) -> bool:
+        return self.lease.held.is_set() and self.lease.term == term
 
-    def _hold_role(self, zk, lost: threading.Event) -> None:
-        lock = self._lock = zk.Lock(self.paths.lock(schema.RESTOCK_LOCK), identifier=self.id)
-        while not self.stop_event.is_set() and not lost.is_set():
-            if lock.acquire(timeout=1.0):
-                break
-        else:
-            return
+    def _status(self, done: list[str]) -> dict:
+        return {"holder": self.id, "rounds": self.rounds + 1, "restocked": self.restocked + len(done)}
+
+    def _act(self, term: int) -> None:
+        self.holding = True
+        log.info("restock role taken by %s (every %gs)", self.id, self.interval)
         try:
-            me = f"{lock.path}/{lock.node}"
-            self.holding = True
-            log.info("restock role taken by %s (every %gs)", self.id, self.interval)
             while not self.stop_event.wait(self.interval):  # a round every interval, the first one after it
-                if lost.is_set() or not zk.exists(me):
+                if not self._still_holding(term):
                     log.warning("restock role lost by %s", self.id)
                     return
                 try:
-                    done = restock_once(self.db, self.names)
+                    done = restock_once(self.db, self.names, self._status)
                 except DBError as exc:
                     log.warning("restock round failed: %r", exc)
                     done = []
                 self.rounds += 1
-                if done:
-                    self.restocked += len(done)
-                    bzk.put_json(zk, status_path(self.paths), {
-                        "holder": self.id, "rounds": self.rounds, "restocked": self.restocked,
-                        "last": done, "at": time.time()})
+                self.restocked += len(done)
         finally:
             self.holding = False
-            try:
-                lock.release()
-            except Exception:
-                pass
 
 
 def main() -> None:

@@ -14,12 +14,10 @@ from flask import Flask, Response, jsonify
 from bus import client as bus_client
 from bus import ops
 from bus.errors import PreconditionFailed
-from bus.service import json_error, service_zk
+from bus.service import json_error
 from rideshare import schema as rs
 
 from bus import tenancy, web
-from bus.names import Paths
-from bus.settings import load
 from bus.web import InputError
 
 SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
@@ -30,12 +28,17 @@ def db():
 
 
 def reserved(username: str) -> bool:
-    """Names the platform keeps: admin and the like, and every tenant's name
-    (the token service looks at platform accounts before RideShare's users)."""
-    if username in tenancy.RESERVED:
-        return True
-    zk = service_zk()
-    return zk is not None and zk.exists(Paths(load().cluster).tenant(username)) is not None
+    """The names the platform keeps (admin, platform, stratus): the token
+    service answers `admin` itself, so a RideShare user of that name could
+    never log in.
+
+    A tenant's or developer's name is not refused here, and needs not be: the
+    token service gives an account's role only for the account's own
+    password (generated, 24 characters) and otherwise goes on to RideShare's
+    users (whose password is a 40-hex SHA-1), so the two never shadow each
+    other; and the platform refuses a new account under a RideShare user's
+    name (409). This service therefore reads no platform state at all."""
+    return username in tenancy.RESERVED
 
 
 def create_app(*, ensure_schema: bool = True) -> Flask:

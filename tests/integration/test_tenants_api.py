@@ -437,10 +437,12 @@ def test_delete_drops_the_tenants_tables(env):
 
 
 # --- names the platform keeps ---------------------------------------------------------------
-def test_rideshare_refuses_a_reserved_or_tenant_username_and_a_tenant_cannot_take_a_users_name(env):
-    """Logins look at the admin, then platform accounts, then RideShare's users:
-    a RideShare user under an account's name would be locked out, so neither
-    side may take the other's name."""
+def test_rideshare_refuses_a_reserved_username_and_a_tenant_cannot_take_a_users_name(env):
+    """Logins look at the admin, then platform accounts (with the account's own
+    password only), then RideShare's users: `admin` is refused as a RideShare
+    name; an existing tenant's name is not (the users service reads no
+    platform state, and test_builtin_confined logs both in, each with its
+    role); a new account under a RideShare user's name is refused (409)."""
     import requests
     from bus.ports import free_port
     cluster, orch, admin, db = env
@@ -456,9 +458,11 @@ def test_rideshare_refuses_a_reserved_or_tenant_username_and_a_tenant_cannot_tak
     MADE.append("taken")
     assert create(orch, "taken")[0] == 201
     pw = "a" * 40
-    for name in ("admin", "platform", "stratus", "taken"):
+    for name in ("admin", "platform", "stratus"):
         r = requests.put(url, json={"username": name, "password": pw}, timeout=10)
         assert r.status_code == 400 and "reserved" in r.json()["error"], (name, r.text)
+    assert requests.put(url, json={"username": "taken", "password": pw}, timeout=10).status_code == 201
+    assert create(orch, "taken")[0] == 409   # the tenant exists; it is not replaced by the user
     assert requests.put(url, json={"username": "rider-7", "password": pw}, timeout=10).status_code == 201
     status, body = create(orch, "rider-7")
     assert status == 409, body

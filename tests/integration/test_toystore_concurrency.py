@@ -11,8 +11,7 @@ import pika
 import pytest
 
 from bus.client import connection_params
-from bus import zk as bzk
-from catalog.restock import status_path
+from catalog.restock import read_status
 from harness import wait_for
 from test_toystore_support import call, db_rows, log_text, set_stock, start_catalog, start_order, stock
 
@@ -128,9 +127,10 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
     acting = _restockers(cluster, keys)
     assert acting == _holders(cluster, keys)
     assert log_text(cluster, acting[0]).count("restocked ") >= 3
-    st = wait_for(lambda: (d := bzk.get_json(cluster.zk, status_path(cluster.paths))) and d["restocked"] >= 3 and d,
-                  5, what="the restocker's status znode")
-    assert st["last"] and st["rounds"] >= 3
+    # the status row, written by the holder in its refills' writes (read on the master: the latest)
+    st = wait_for(lambda: (d := read_status(db, primary=True)) and d["restocked"] >= 3 and d,
+                  5, what="the restocker's status row")
+    assert st["holder"] and st["last"] == ["Yoyo"] and st["rounds"] >= 3 and st["at"] > 0
 
     # the holder dies: another instance takes the role and restocks
     first = acting[0]
@@ -142,8 +142,9 @@ def test_one_restocker_among_three_refills_within_a_period(cluster):
     wait_for(lambda: stock(alive, "Kite") == 100, interval + 2.0, interval=0.05, what="Kite restocked")
     wait_for(lambda: _restockers(cluster, rest), 5, what="the new restocker's log line")
     assert _restockers(cluster, rest) == _holders(cluster, rest)
-    wait_for(lambda: bzk.get_json(cluster.zk, status_path(cluster.paths))["holder"] != st["holder"], 5,
-             what="the status znode names the new holder")
+    new = wait_for(lambda: (d := read_status(db, primary=True)) and d["holder"] != st["holder"] and d, 5,
+                   what="the status row names the new holder")
+    assert new["last"] == ["Kite"] and new["restocked"] == 1
 
 
 def test_catalogs_starting_at_once_seed_each_toy_once_and_a_restart_keeps_stock(cluster):

@@ -29,7 +29,9 @@ def test_every_order_gets_one_receipt(tmp_path):
         cluster.bootstrap(slaves=1)
         db = cluster.client(tenant="toystore")
         catalog = start_catalog(cluster, "catalog", STRATUS_RESTOCK_INTERVAL=3600)
-        order = start_order(cluster, "order", RECEIPTS="on", **APP)
+        # run as the platform runs the web role (STRATUS_INSTANCE: no ZooKeeper session, no
+        # registration; the test calls it directly), with the toy store's tenant for its tasks
+        order = start_order(cluster, "order", RECEIPTS="on", STRATUS_INSTANCE="order-1", **APP)
         numbers = [post(order, "/orders", {"name": "Tux", "quantity": q})["data"]["order_number"]
                    for q in (1, 2, 3)]
         # The worker role starts after the orders: the tasks waited, durable, in its queue.
