@@ -25,6 +25,21 @@ path goes to the longest prefix that covers it (`match_prefix`). Route
 ownership is decided by the orchestrator (one app per prefix); should two
 entries still name one prefix, the entry whose key sorts first keeps it.
 
+Reserved paths (paas.md, Apps): everything under /api, /dashboard, /health
+and /metrics belongs to the platform, compared by path segment and without
+regard to case, after percent-decoding and resolving "." and ".." segments,
+with empty segments ("//") ignored: "/API/x", "/Api/", "//health",
+"/%61pi" and "/x/../metrics" are reserved; "/apix", "/healthz" and
+"/dashboardx" are not (`reserved`). Of it, only the built-in apps'
+documented paths may be claimed, by their own tenant alone, exactly as
+written (BUILTIN_CLAIMS: "/api/v1/users" and "/api/v1/rides" of rideshare,
+and paths below them; `builtin_claim`). A claim is refused (`claim_refusal`,
+the orchestrator's 409) when it is reserved and not such a built-in claim,
+or when it covers the reserved paths ("/" does). `build` leaves out a
+reserved prefix that is not a built-in claim of the entry's tenant, and the
+gateway sends a reserved request path to an app only through such a claim,
+so no tenant route can ever take a request meant for the platform.
+
 `RouteTable` follows the znodes with a children watch on Paths.routes and a
 data watch on each child, so a deploy, change or delete reaches a gateway
 within a ZooKeeper round trip; it keeps an immutable {prefix: Entry} that it
@@ -39,6 +54,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from typing import Callable, Mapping
+from urllib.parse import unquote
 
 from kazoo.client import KazooState
 from kazoo.exceptions import KazooException, NoNodeError, NodeExistsError
@@ -49,6 +65,8 @@ from .names import Paths
 log = logging.getLogger("stratus.routing")
 
 BY = ("orchestrator", "test")
+RESERVED_ROOTS = frozenset({"api", "dashboard", "health", "metrics"})   # compared casefolded
+BUILTIN_CLAIMS = {"/api/v1/users": "rideshare", "/api/v1/rides": "rideshare"}   # prefix -> its tenant
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,67 @@ def check_prefix(prefix) -> str:
             raise BadRoute(f"route prefix {prefix!r}: empty, '.' or '..' segment, a trailing '/', or '?', '#', "
                            "'\\', space or NUL")
     return prefix
+
+
+# --- reserved paths (paas.md, Apps) ---------------------------------------------------
+def _segments(path: str) -> list[str]:
+    """The segments of `path` as a server would resolve them: percent-decoded
+    (an encoded "/" splits too), "." dropped, ".." taking one back, empty
+    segments ignored. Case is kept."""
+    if "%" in path:
+        path = unquote(path, errors="replace")
+    out: list[str] = []
+    for seg in path.replace("\\", "/").split("/"):
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(seg)
+    return out
+
+
+def reserved(path) -> bool:
+    """`path` is under /api, /dashboard, /health or /metrics, by segment and
+    whatever its case or encoding (see the module doc). "/" is not."""
+    if not isinstance(path, str):
+        return False
+    segs = _segments(path)
+    return bool(segs) and segs[0].casefold() in RESERVED_ROOTS
+
+
+def builtin_claim(prefix: str, tenant) -> bool:
+    """`prefix` is one of the built-in apps' documented paths, or a path
+    below one, written exactly (case, no encoding, no dot or empty
+    segment), and `tenant` is the app's own tenant."""
+    if not isinstance(prefix, str) or "%" in prefix or "\\" in prefix:
+        return False
+    if prefix != "/" + "/".join(_segments(prefix)):
+        return False
+    return any(tenant == owner and (prefix == p or prefix.startswith(p + "/")) for p, owner in BUILTIN_CLAIMS.items())
+
+
+def claim_refusal(prefix: str, tenant) -> str | None:
+    """Why `tenant` may not claim the route prefix `prefix` for the
+    platform's sake (a 409 message), or None when it may."""
+    if not isinstance(prefix, str):
+        return f"route {prefix!r} is not a path"
+    segs = _segments(prefix)
+    if not segs:
+        return (f"route {prefix!r} would cover the platform's reserved paths "
+                f"({', '.join('/' + r for r in sorted(RESERVED_ROOTS))})")
+    if segs[0].casefold() in RESERVED_ROOTS and not builtin_claim(prefix, tenant):
+        allowed = ", ".join(f"{p} (tenant {t})" for p, t in BUILTIN_CLAIMS.items())
+        return (f"route {prefix!r} is under /{segs[0].casefold()}, reserved for the platform "
+                f"(by segment, whatever the case); of it only {allowed} may be claimed")
+    return None
+
+
+def may_route(prefix: str, tenant) -> bool:
+    """An entry's prefix the gateway may route for `tenant`: not reserved,
+    or a built-in claim of that tenant."""
+    return not reserved(prefix) or builtin_claim(prefix, tenant)
 
 
 def _key(tenant: str, app: str) -> str:
@@ -175,6 +254,9 @@ def build(found: Mapping[str, dict]) -> dict[str, Entry]:
     owner: dict[str, str] = {}
     for key in sorted(found):
         for prefix, e in entries(key, found[key]).items():
+            if not may_route(prefix, e.tenant):
+                log.warning("route %s of %s ignored: reserved for the platform", prefix, key)
+                continue
             if prefix in table:
                 log.warning("route %s is claimed by %s and %s; %s keeps it", prefix, owner[prefix], key, owner[prefix])
                 continue

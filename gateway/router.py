@@ -9,9 +9,12 @@ Resolution, in this order (`route`):
      /api/v1/crash, /api/v1/tenants, /api/v1/developers, /api/v1/logs, and
      /dashboard: the registry's service "dashboard", public, since the
      dashboard signs its users in itself and calls the API with their tokens);
-  2. any other path under a prefix the platform reserves (paas.md, Apps:
-     /api/v1/auth, /api/v1/worker, /health, /metrics, ...) is
-     not found: no app can own it;
+  2. any other path the platform reserves (paas.md, Apps: everything under
+     /api, /dashboard, /health and /metrics, by segment, whatever its case
+     or percent-encoding: bus.routing.reserved) is not found, unless it is
+     under a built-in app's documented path claimed by its own tenant
+     (bus.routing.builtin_claim: /api/v1/users, /api/v1/rides of rideshare):
+     no other app route, not even "/", ever takes it;
   3. the apps' routes (bus.routing.RouteTable, from ZooKeeper): the longest
      prefix that covers the path; the Route is named after the web role,
      goes to the role's registry service, is public, and belongs to the
@@ -40,6 +43,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 from urllib.parse import unquote
+
+from bus import routing
 
 PUBLIC, ADMIN, DB, TENANT, LOGS = "public", "admin", "db", "tenant", "logs"
 READ_METHODS = frozenset({"GET", "HEAD"})
@@ -82,10 +87,6 @@ _EXACT = {
     "/api/v1/cluster": _STATUS,
     "/api/v1/switchover": _ADMIN,
 }
-# The platform's own paths (paas.md, Apps): no app route ever serves them.
-RESERVED = ("/api/v1/auth", "/api/v1/tenants", "/api/v1/developers", "/api/v1/db", "/api/v1/crash",
-            "/api/v1/worker", "/api/v1/cluster", "/api/v1/switchover", "/api/v1/logs", "/api/v1/openapi.json",
-            "/dashboard", "/health", "/metrics")
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -171,9 +172,11 @@ def route(path: str, table=None) -> Route:
     for prefix, r in _PREFIXES:
         if _under(path, prefix):
             return r
-    for prefix in RESERVED:
-        if _under(path, prefix):
-            return NOT_FOUND
+    if routing.reserved(path):   # the platform's: only a built-in app's own claim may take it
+        found = table.match(path) if table is not None else None
+        if found is not None and routing.builtin_claim(found[0], found[1].tenant):
+            return app_route(found[1])
+        return NOT_FOUND
     if table is not None:
         found = table.match(path)
         if found is not None:

@@ -11,6 +11,13 @@ and `next` (the last seq it can pass as `since` to continue). Appends are a
 compare-and-set on the znode's version, so two orchestrators (a leader and
 the API of a standby) never lose each other's events.
 
+Only a tenant that exists gets events: each append is one ZooKeeper
+transaction that also checks the tenant's directory node (Paths.tenant), so
+an instance that exits after its tenant was deleted cannot leave an event
+for a new tenant of the same name (orchestrator/tenants.py deletes the node,
+then the events). The built-in tenants (tenants.BUILT_IN), whose apps may
+run before `stratus up` makes their node, are not checked.
+
 Types: deployed, changed, scaled, deleted, restart_requested, started,
 exited (with "code"), unhealthy (with "why"), restarted (with "delay"),
 replaced, quota_refused, start_failed (with "why"). Each carries the app, and
@@ -23,10 +30,12 @@ import logging
 import time
 from typing import Any
 
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError, RolledBackError
 
 from bus.names import Paths
 from bus.settings import env_int
+
+from ..tenants import BUILT_IN
 
 log = logging.getLogger("stratus.orchestrator.events")
 
@@ -63,10 +72,9 @@ class Events:
                 events = (rec.get("events") or [])[-(self.bound - 1):] + [event] if self.bound > 1 else [event]
                 body = json.dumps({"next": seq, "events": events}, separators=(",", ":")).encode()
                 try:
-                    if version < 0:
-                        self.zk.create(path, body, makepath=True)
-                    else:
-                        self.zk.set(path, body, version=version)
+                    if not self._write(tenant, path, body, version):
+                        log.info("event %s %s for %s not kept: no such tenant", type_, clean, tenant)
+                        return None
                     log.info("event %s/%d %s %s", tenant, seq, type_,
                              " ".join(f"{k}={v}" for k, v in clean.items()))
                     return seq
@@ -75,6 +83,36 @@ class Events:
         except (KazooException, ValueError) as exc:
             log.warning("event %s %s for %s not kept: %r", type_, clean, tenant, exc)
         return None
+
+    def _write(self, tenant: str, path: str, body: bytes, version: int) -> bool:
+        """Create (version < 0) or set the events node, while the tenant
+        exists; False when it does not. BadVersionError or NodeExistsError:
+        another writer was first, read again."""
+        if tenant in BUILT_IN:
+            if version < 0:
+                self.zk.ensure_path(self.paths.events)
+                self.zk.create(path, body)
+            else:
+                self.zk.set(path, body, version=version)
+            return True
+        node = self.zk.exists(self.paths.tenant(tenant))
+        if node is None:
+            return False
+        if version < 0:
+            self.zk.ensure_path(self.paths.events)
+        tx = self.zk.transaction()
+        tx.check(self.paths.tenant(tenant), node.version)
+        if version < 0:
+            tx.create(path, body)
+        else:
+            tx.set_data(path, body, version=version)
+        results = tx.commit()
+        failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, RolledBackError)]
+        if not failed:
+            return True
+        if isinstance(results[0], (NoNodeError, BadVersionError)):
+            return False   # the tenant went (or was made again) meanwhile
+        raise failed[0]
 
     def since(self, tenant: str, after: int = 0) -> dict[str, Any]:
         """{"events": [events with seq > after, oldest first], "next": the

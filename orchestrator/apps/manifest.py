@@ -23,7 +23,12 @@ sets itself (STRATUS_*, PORT).
 
 Ownership (409): a route prefix owns itself and every path below it
 ("/shop" covers "/shop" and "/shop/x", not "/shopping"; "/" covers all). A
-route conflicts with a prefix of the platform's (RESERVED) or of another app
+route is refused when the platform reserves it: everything under /api,
+/dashboard, /health and /metrics, by path segment and whatever the case or
+encoding, except the built-in apps' documented paths claimed by their own
+tenant ("/api/v1/users", "/api/v1/rides" of rideshare), and any route that
+covers those paths ("/"); the rule is bus.routing.claim_refusal, which the
+gateway applies too. A route also conflicts with a prefix of another app
 when either covers the other: `check_routes`. The instance quota counts
 every role of every app of a tenant: `check_quota`."""
 from __future__ import annotations
@@ -32,6 +37,8 @@ import dataclasses
 import json
 import re
 from typing import Any, Mapping
+
+from bus import routing
 
 from . import AppError
 
@@ -45,11 +52,6 @@ DEFAULT_HEALTH = "/health"
 DEFAULT_QUOTA = 16          # instances per tenant across its apps (paas.md, Quotas)
 MAX_ROLES = 32
 MAX_TEXT = 64 * 1024        # bytes of manifest text
-RESERVED = (                # the platform's own paths (paas.md, Apps)
-    "/api/v1/auth", "/api/v1/tenants", "/api/v1/developers", "/api/v1/db", "/api/v1/crash",
-    "/api/v1/worker", "/api/v1/cluster", "/api/v1/switchover", "/api/v1/logs", "/dashboard",
-    "/health", "/metrics", "/api/v1/openapi.json",
-)
 PLATFORM_ENV = ("PORT",)    # besides every STRATUS_* key
 
 _ROLE_KEYS = {"kind", "command", "image", "instances", "routes", "health", "env"}
@@ -246,13 +248,14 @@ def overlaps(a: str, b: str) -> bool:
 
 
 def check_routes(manifest: Manifest, owned: Mapping[str, tuple[str, str]], tenant: str, app: str) -> None:
-    """ManifestError(409) when a route of (tenant, app) overlaps a reserved
-    prefix or a prefix that another app owns. `owned` maps prefix -> (tenant, app);
-    the app's own earlier routes do not count against it."""
+    """ManifestError(409) when a route of (tenant, app) is reserved for the
+    platform (bus.routing.claim_refusal) or overlaps a prefix that another
+    app owns. `owned` maps prefix -> (tenant, app); the app's own earlier
+    routes do not count against it."""
     for p in manifest.routes:
-        for r in RESERVED:
-            if overlaps(p, r):
-                raise ManifestError(409, f"route {p!r} overlaps the platform's {r!r}")
+        why = routing.claim_refusal(p, tenant)
+        if why is not None:
+            raise ManifestError(409, why)
         for q, owner in owned.items():
             if tuple(owner) != (tenant, app) and overlaps(p, q):
                 raise ManifestError(409, f"route {p!r} overlaps {q!r}, owned by another app")

@@ -8,7 +8,8 @@ service name (bus.names.app_service) stand for a web role's instances.
   within a second of registering;
 - a request in flight when its route, or its instance, goes still completes;
 - the longest prefix wins, "/" takes what no other prefix covers, and the
-  platform's reserved paths never reach an app; a path no app owns is 404 JSON;
+  platform's reserved paths (under /api, /dashboard, /health, /metrics, in
+  any case or spelling) never reach an app; a path no app owns is 404 JSON;
 - affinity, by cookie (set by the gateway: HttpOnly, SameSite=Lax, Path=/)
   and by token: one instance across 20 requests while two are healthy; the
   client moves when its instance is killed or fails its health check;
@@ -141,11 +142,15 @@ def test_longest_prefix_wins_and_paths_no_app_owns_are_404(cluster):
     site = start_upstream(cluster, "site", SITE)
     _publish(cluster, "beta", "site", {"/": ("web", SITE)})
     wait_until(lambda: c.get("/shopping")[0] == 200, 1.0, what="the root route")
-    for path in ("/", "/shopping", "/nobody/owns/this", "/api/v1/nothing"):
+    for path in ("/", "/shopping", "/nobody/owns/this", "/apix"):   # by segment, /apix is not /api's
         status, body, _ = c.get(path)
         assert status == 200 and body["instance"] == f"{SITE}@{site}", (path, body)
     assert c.get("/shop/api/x")[1]["instance"] == f"{API}@{api}"
-    for path in ("/api/v1/auth/other", "/api/v1/worker/other", "/health/x", "/metrics/x"):
+    # Everything under /api, /dashboard, /health and /metrics is the platform's, whatever
+    # the case or spelling (paas.md, Apps): "/" takes none of it.
+    for path in ("/api/v1/auth/other", "/api/v1/worker/other", "/health/x", "/metrics/x", "/api/v1/nothing",
+                 "/API/v1/tenants", "/Health", "/METRICS/", "/Dashboard/x", "//health", "//api/v1/cluster",
+                 "/%61pi/v1/cluster", "/%68ealth"):
         assert _is_json_404(c, path), path
     assert c.get("/dashboard/x")[0] != 200        # the dashboard's, never the app's (503: none runs here)
     assert c.get("/health")[1]["service"] == "gateway"

@@ -179,14 +179,22 @@ def conflict(m, owned, tenant="acme", app="shop") -> str:
 @pytest.mark.parametrize("route", ["/api/v1/auth", "/api/v1/auth/token", "/api/v1/tenants", "/api/v1/tenants/x",
                                    "/api/v1/db/read", "/dashboard", "/dashboard/x", "/health", "/metrics",
                                    "/api/v1/logs", "/api/v1/cluster", "/api/v1/switchover", "/api/v1/worker/x",
-                                   "/api/v1/crash", "/api/v1/developers", "/api/v1", "/api", "/"])
+                                   "/api/v1/crash", "/api/v1/developers", "/api/v1", "/api", "/",
+                                   # everything under /api, by segment, any case (paas.md, Apps)
+                                   "/api/v1/login", "/api/v1/db2", "/API", "/Health/x", "/DASHBOARD",
+                                   # the built-in paths, for any tenant but their own
+                                   "/api/v1/users", "/api/v1/rides"])
 def test_reserved_prefixes(route):
     assert "platform" in conflict(parse(web(routes=[route])), {})
 
 
-@pytest.mark.parametrize("route", ["/api/v1/users", "/shop", "/healthz", "/metricsx", "/dashboards", "/api/v1/db2"])
+@pytest.mark.parametrize("route", ["/shop", "/healthz", "/metricsx", "/dashboards", "/apix", "/x/api"])
 def test_near_reserved_is_fine(route):
     check_routes(parse(web(routes=[route])), {}, "acme", "shop")
+
+
+def test_the_built_in_paths_are_their_own_tenants():
+    check_routes(parse(web(routes=["/api/v1/users", "/api/v1/rides"])), {}, "rideshare", "rideshare")
 
 
 def test_another_apps_prefix():

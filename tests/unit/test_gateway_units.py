@@ -313,11 +313,18 @@ BUILTINS = Table({
     ("/api/v1/developers", "orchestrator", A, None),
     ("/api/v1/logs", "orchestrator", L, None), ("/api/v1/openapi.json", "orchestrator", P, None),
     # acme's app owns "/": whatever no longer prefix covers is its own...
-    ("/api/v1/usersX", "app.acme.shop.web", P, "acme"), ("/productsX", "app.acme.shop.web", P, "acme"),
-    ("/", "app.acme.shop.web", P, "acme"), ("/api/v1/tenantsX", "app.acme.shop.web", P, "acme"),
-    # ...except the platform's reserved paths, which no app serves.
+    ("/productsX", "app.acme.shop.web", P, "acme"), ("/", "app.acme.shop.web", P, "acme"),
+    ("/apix", "app.acme.shop.web", P, "acme"), ("/healthz", "app.acme.shop.web", P, "acme"),
+    ("/dashboardx/y", "app.acme.shop.web", P, "acme"), ("/metricsfoo", "app.acme.shop.web", P, "acme"),
+    # ...except the platform's reserved paths (under /api, /dashboard, /health, /metrics, by
+    # segment, any case or encoding), which no app but a built-in one under its own path serves.
+    ("/api/v1/usersX", None, P, None), ("/api/v1/tenantsX", None, P, None), ("/api/v1/login", None, P, None),
     ("/api/v1/auth/other", None, P, None), ("/api/v1/worker/other", None, P, None), ("/dashboard/", "dashboard", P, None),
-    ("/health/x", None, P, None), ("/api/v1/openapi.json/x", None, P, None),
+    ("/health/x", None, P, None), ("/api/v1/openapi.json/x", None, P, None), ("/api", None, P, None),
+    ("/API/v1/users", None, P, None), ("/Api/", None, P, None), ("/HEALTH", None, P, None),
+    ("/Dashboard/x", None, P, None), ("/metrics/", None, P, None), ("//health", None, P, None),
+    ("//api/v1/users", None, P, None), ("/%61pi/v1/tenants", None, P, None), ("/%2Fmetrics", None, P, None),
+    ("/api/v1/users//x", "users", P, "rideshare"), ("/api/v1/rides/", "rides", P, "rideshare"),
 ])
 def test_routes(path, service, access, owner):
     r = router.route(path, BUILTINS)
