@@ -40,14 +40,14 @@ def check_worker() -> int:
     if not worker_id:
         return 0
     try:
-        from kazoo.client import KazooClient
-
+        from bus import zk as bzk
         from bus.names import Paths
+        from bus.settings import load
     except ImportError:
         return 0
-    zk = KazooClient(hosts=os.environ.get("STRATUS_ZK_HOSTS", "127.0.0.1:2181"), timeout=3)
     try:
-        zk.start(timeout=3)
+        # the platform's identity, as the worker itself connects (bus/zk.py)
+        zk = bzk.connect(load(), timeout=3, start_timeout=3, secure=False)
     except Exception as exc:
         # ZooKeeper itself is unreachable: that is not this worker's fault.
         print(f"zookeeper unreachable ({exc}); worker process alive", file=sys.stderr)
