@@ -184,7 +184,16 @@ def _schemas() -> dict:
             "digest": {"type": "string", "nullable": True, "pattern": r"^sha256:[0-9a-f]{64}$",
                        "description": "the package deployed (null when every role names an image)"},
             "restart": {"type": "integer", "minimum": 0, "description": "rolling restarts asked so far"},
-            "roles": {"type": "object", "additionalProperties": _ref("RoleStatus")}}},
+            "roles": {"type": "object", "additionalProperties": _ref("RoleStatus")},
+            "limits": _ref("Limits")}},
+        "Limits": {"type": "object", "required": ["memory_mb", "cpus", "pids", "disk_mb", "log_mb"],
+                   "description": "what each instance may use (settings STRATUS_INSTANCE_*; docs/security.md)",
+                   "properties": {
+                       "memory_mb": {"type": "integer", "minimum": 1, "description": "past it, killed and restarted"},
+                       "cpus": {"type": "number", "exclusiveMinimum": 0},
+                       "pids": {"type": "integer", "minimum": 1, "description": "processes and threads"},
+                       "disk_mb": {"type": "integer", "minimum": 1, "description": "its scratch /tmp"},
+                       "log_mb": {"type": "integer", "minimum": 1, "description": "its log file"}}},
         "Restarting": {"type": "object", "required": ["tenant", "name", "restart"], "properties": {
             "tenant": {"type": "string"}, "name": {"type": "string"},
             "restart": {"type": "integer", "minimum": 1, "description": "this restart's number"}}},

@@ -19,7 +19,10 @@ needs none. The app view:
     {"tenant", "name", "generation", "digest", "restart",
      "roles": {role: {"kind", "desired", "running", "routes",
                       "instances": [{"id", "host", "port", "pid", "state",
-                                     "restarts", "started"}]}}}
+                                     "restarts", "started"}]}},
+     "limits": {"memory_mb", "cpus", "pids", "disk_mb", "log_mb"}}
+
+`limits` is what each instance may use (orchestrator/runtimes/limits.py).
 
 `running` counts instances in state `running`; the instances are what the
 leading orchestrator's controller last published (controller.py)."""
@@ -34,6 +37,8 @@ from flask import Flask, jsonify, request
 from bus import routing
 from bus.service import allow_large_bodies
 
+from orchestrator.runtimes.limits import Limits
+
 from . import AppError
 from .desired import App, Desired, NotFound
 from .events import Events
@@ -41,6 +46,8 @@ from .manifest import DEFAULT_QUOTA, load as load_manifest, parse
 from .packages import LIMIT, PackageError, Packages
 
 log = logging.getLogger("stratus.orchestrator.apps")
+
+INSTANCE_LIMITS = Limits.from_env()   # what every instance may use (settings; read at start)
 
 DELETE_WAIT = 10.0   # seconds DELETE waits for the instances to stop
 
@@ -54,7 +61,7 @@ def view(app: App, observed: dict[str, list[dict]]) -> dict:
                        "running": sum(1 for i in insts if i["state"] == "running"),
                        "routes": list(role.routes), "instances": insts}
     return {"tenant": app.tenant, "name": app.name, "generation": app.generation, "digest": app.digest,
-            "restart": app.restart, "roles": roles}
+            "restart": app.restart, "roles": roles, "limits": INSTANCE_LIMITS.to_dict()}
 
 
 class AppsApi:
