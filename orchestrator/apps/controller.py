@@ -485,8 +485,9 @@ class AppController:
             self._unregister(inst)
             if inst.heartbeat:
                 Path(inst.heartbeat).unlink(missing_ok=True)
+            why = getattr(self.runtime, "exit_reason", lambda _id: None)(iid)   # e.g. its memory limit
             self.events.add(inst.tenant, "exited", app=inst.app, role=inst.role, instance=iid, code=code,
-                            **({"retired": True} if inst.retiring else {}))
+                            **({"retired": True} if inst.retiring else {}), **({"why": why} if why else {}))
             if not inst.retiring:
                 st = self.slots.setdefault((inst.tenant, inst.app, inst.role, inst.slot), Slot())
                 ran = time.time() - inst.started

@@ -152,6 +152,7 @@ class ProcessRuntime(Runtime):
         self._poller: threading.Thread | None = None
         # App instances run inside the walls (confine.py); DB workers are the platform's own.
         self.jail = Jail(settings) if kind == "instance" else None
+        self._reasons: dict[str, str] = {}   # unit id -> why the walls ended it (exit_reason)
 
     # --- building a unit (pure) ------------------------------------------------------
     def argv_of(self, spec: Spec) -> list[str]:
@@ -345,16 +346,29 @@ class ProcessRuntime(Runtime):
         except FileNotFoundError:
             pass
 
+    def exit_reason(self, unit_id: str) -> str | None:
+        """Why an app instance that exited was ended by the platform's walls
+        (its memory limit), or None; asked once, by the exit callback."""
+        return self._reasons.pop(unit_id, None)
+
+    def _why(self, h: Handle) -> None:
+        """Before the exit is reported: did the kernel kill it for memory?"""
+        if self.jail is not None and self.jail.oom_killed(h.id):
+            why = f"out of memory (limit {self.jail.limits.memory_mb} MiB)"
+            self._reasons[h.id] = why
+            if h.log:
+                try:
+                    with open(h.log, "ab") as fh:
+                        fh.write(f"stratus: {h.id} was killed: {why}\n".encode())
+                except OSError:
+                    pass
+
     def _release(self, h: Handle) -> None:
-        """After an app instance is gone: say why the kernel killed it, if it
-        did, and remove its cgroups and heartbeat directory."""
+        """After an app instance is gone: kill what it left in its cgroup, and
+        remove its cgroups and heartbeat directory."""
         if self.jail is None:
             return
         try:
-            if self.jail.oom_killed(h.id) and h.log:
-                with open(h.log, "ab") as fh:
-                    fh.write(f"stratus: {h.id} was killed: out of memory "
-                             f"(limit {self.jail.limits.memory_mb} MiB)\n".encode())
             self.jail.release(h.id, h.labels.get("heartbeat") or None)
         except Exception:
             log.exception("cleaning up after %s", h.id)
@@ -403,6 +417,7 @@ class ProcessRuntime(Runtime):
             self._handles.pop(h.id, None)
             self._pstart.pop(h.id, None)
         self._pidfile(h.id).unlink(missing_ok=True)
+        self._why(h)
         if self.jail is not None:
             threading.Thread(target=self._release, args=(h,), name=f"release-{h.id}", daemon=True).start()
         log.info("%s %s (pid %d) exited with %s", self.kind, h.id, h.pid, code)

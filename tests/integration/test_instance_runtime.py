@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -372,3 +373,66 @@ def test_workers_and_instances_never_see_each_other(cluster, package, tmp_path):
         workers.close()
         instances.close()
         kill_quietly(w.pid, i.pid)
+
+
+def test_an_instance_past_its_limits_is_stopped_there_and_the_platform_says_why(cluster, package, monkeypatch):
+    """The walls' limits (docs/security.md): memory (the kernel kills the
+    instance, the runtime says why), processes (a fork bomb stops at the
+    limit), disk (the scratch /tmp is full at its size) and log volume."""
+    monkeypatch.setenv("STRATUS_INSTANCE_MEMORY_MB", "64")
+    monkeypatch.setenv("STRATUS_INSTANCE_PIDS", "40")
+    monkeypatch.setenv("STRATUS_INSTANCE_DISK_MB", "8")
+    monkeypatch.setenv("STRATUS_INSTANCE_LOG_MB", "1")
+    rt = make_runtime(cluster.settings, kind="instance")
+    exits = Exits(rt)
+    (package / "hog.py").write_text(
+        "chunks = []\n"
+        "for n in range(1, 64):\n"
+        "    chunks.append(bytearray(16 * 1024 * 1024)); print('held', 16 * n, 'MiB', flush=True)\n")
+    (package / "greedy.py").write_text(
+        "import os, time\n"
+        "kids = 0\n"
+        "try:\n"
+        "    for _ in range(500):\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(3); os._exit(0)\n"
+        "        kids += 1\n"
+        "except OSError as e:\n"
+        "    print('fork refused after', kids, e.errno, flush=True)\n"
+        "written = 0\n"
+        "try:\n"
+        "    with open('/tmp/fill', 'wb') as f:\n"
+        "        while written < 64 * 1024 * 1024:\n"
+        "            f.write(b'x' * 65536); f.flush(); written += 65536\n"
+        "except OSError as e:\n"
+        "    print('disk full after', written, e.errno, flush=True)\n"
+        "try:\n"
+        "    while True:\n"
+        "        os.write(1, b'y' * 65536)\n"
+        "except OSError as e:\n"
+        "    print('log refused', e.errno, file=open('/tmp/x', 'w'))\n"
+        "os._exit(7)\n")
+    hog = rt.start(Spec(id="i-000000c1", argv=("python", "hog.py"), cwd=str(package),
+                        labels={"tenant": "acme", "app": "shop"}, log=instance_log("acme", "shop", "i-000000c1")))
+    greedy = rt.start(Spec(id="i-000000c2", argv=("python", "greedy.py"), cwd=str(package),
+                           labels={"tenant": "acme", "app": "shop"},
+                           log=instance_log("acme", "shop", "i-000000c2")))
+    try:
+        [code] = exits.wait("i-000000c1")
+        assert code in (137, -signal.SIGKILL), code
+        assert rt.exit_reason("i-000000c1") == "out of memory (limit 64 MiB)"
+        log_text = Path(hog.log).read_text()
+        held = [int(line.split()[1]) for line in log_text.splitlines() if line.startswith("held")]
+        assert held and max(held) < 64, held
+        assert "was killed: out of memory" in log_text
+
+        assert exits.wait("i-000000c2") == [7]
+        text = Path(greedy.log).read_bytes()
+        fork_line = next(ln for ln in text.split(b"\n") if ln.startswith(b"fork refused after"))
+        assert int(fork_line.split()[3]) < 40, fork_line
+        disk_line = next(ln for ln in text.split(b"\n") if ln.startswith(b"disk full after"))
+        assert int(disk_line.split()[3]) <= 8 * 1024 * 1024, disk_line
+        assert len(text) <= 1024 * 1024, len(text)   # the log stopped at its limit
+        assert rt.exit_reason("i-000000c2") is None
+    finally:
+        rt.close()
