@@ -35,7 +35,7 @@ from bus.client import DBClient, connection_params  # noqa: E402
 from bus.errors import DBError  # noqa: E402
 from bus.names import Names, Paths  # noqa: E402
 from bus.ports import free_port  # noqa: E402
-from bus.settings import load  # noqa: E402
+from bus.settings import load, secrets_dir  # noqa: E402
 from bus.topology import delete_cluster  # noqa: E402
 from stratus.measure import wait_for as _wait_for  # noqa: E402
 
@@ -111,6 +111,7 @@ def main() -> int:
     settings = dataclasses.replace(load(), cluster=cluster, state_dir=state)
     port = free_port()
     env = {**os.environ, "STRATUS_CLUSTER": cluster, "STRATUS_STATE_DIR": state,
+           "STRATUS_SECRETS_DIR": str(secrets_dir().resolve()),   # the machine's broker accounts
            "STRATUS_ORCHESTRATOR_PORT": str(port), "PYTHONUNBUFFERED": "1"}
     log = open(Path(state) / "orchestrator.log", "ab")
     orch = subprocess.Popen([sys.executable, "-m", "orchestrator"], cwd=ROOT, env=env, stdout=log,

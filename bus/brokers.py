@@ -4,7 +4,11 @@ Contract: STRATUS_AMQP_URL holds one AMQP URL, or several separated by commas,
 one per node of a RabbitMQ cluster (scripts/services.sh prints them for
 STRATUS_BROKER_NODES > 1):
 
-    amqp://guest:guest@127.0.0.1:5672/%2F,amqp://guest:guest@127.0.0.1:5673/%2F
+    amqp://stratus-worker:PW@127.0.0.1:5672/%2F,amqp://stratus-worker:PW@127.0.0.1:5673/%2F
+
+Unset, it is the component's own account, read from the secrets directory
+(bus/settings.py default_amqp_url, bus/broker_accounts.py); when that cannot be
+read the value is empty and `amqp_urls` reports why.
 
 Every URL names the same account and virtual host; the first URL's account
 and vhost are the ones that count (`account_of`), the others only add nodes.
@@ -34,12 +38,23 @@ from __future__ import annotations
 import urllib.parse
 
 
+_missing_account = ""
+
+
+def missing_account(reason: str) -> None:
+    """Why STRATUS_AMQP_URL's default is empty (bus/settings.py): the error
+    an empty value raises here."""
+    global _missing_account
+    _missing_account = reason
+
+
 def amqp_urls(value: str) -> list[str]:
     """The URLs in `value`, in order, blanks dropped. ValueError when none,
     or when one is not an amqp:// or amqps:// URL with a host."""
     urls = [u.strip() for u in (value or "").split(",") if u.strip()]
     if not urls:
-        raise ValueError("STRATUS_AMQP_URL holds no URL")
+        raise ValueError(_missing_account if not (value or "").strip(", ") and _missing_account
+                         else "STRATUS_AMQP_URL holds no URL")
     for u in urls:
         p = urllib.parse.urlparse(u)
         if p.scheme not in ("amqp", "amqps") or not p.hostname:
@@ -57,10 +72,10 @@ def first_url(value: str) -> str:
 
 
 def account_of(value: str) -> tuple[str, str, str]:
-    """(user, password, vhost) of the first URL (guest/guest and "/" when absent)."""
+    """(user, password, vhost) of the first URL ("" for what is absent, "/" for the vhost)."""
     p = urllib.parse.urlparse(first_url(value))
     vhost = urllib.parse.unquote(p.path[1:]) if p.path not in ("", "/") else "/"
-    return urllib.parse.unquote(p.username or "guest"), urllib.parse.unquote(p.password or "guest"), vhost
+    return urllib.parse.unquote(p.username or ""), urllib.parse.unquote(p.password or ""), vhost
 
 
 def with_account(value: str, user: str, password: str) -> str:

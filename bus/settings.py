@@ -40,9 +40,66 @@ def env_bool(name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+# --- the broker account (bus/broker_accounts.py) ---------------------------------
+# Each entry point says which component it is (set_component, before load());
+# STRATUS_COMPONENT names it for code without one of its own; neither: "admin"
+# (the CLI, the tools, the tests). The declared one wins over the environment,
+# which a component's children inherit (the orchestrator starts the workers).
+_component: str | None = None
+
+
+def set_component(name: str) -> None:
+    """Declare this process's component (orchestrator, gateway, worker,
+    dashboard, admin): with STRATUS_AMQP_URL unset, its broker account is used."""
+    global _component
+    _component = name
+
+
+def component() -> str:
+    from .broker_accounts import DEFAULT_COMPONENT
+    return _component or env_str("STRATUS_COMPONENT", DEFAULT_COMPONENT)
+
+
+def secrets_dir() -> Path:
+    """Where the platform's secrets are: STRATUS_SECRETS_DIR, else
+    $STRATUS_STATE_DIR/secrets (scripts/services.sh writes the broker accounts there)."""
+    raw = env_str("STRATUS_SECRETS_DIR", "")
+    return Path(raw) if raw else Path(env_str("STRATUS_STATE_DIR", "./var")) / "secrets"
+
+
+def default_amqp_url() -> str:
+    """STRATUS_AMQP_URL when set (as it always was); else this component's
+    account, read from its file in secrets_dir(). When that cannot be read the
+    answer is "" and the reason is what any use of it reports (bus/brokers.py
+    amqp_urls): a component that never uses the broker (the dashboard, the
+    CLI's HTTP commands) starts all the same."""
+    from . import brokers
+    from .broker_accounts import NO_ACCOUNT, url_file
+    raw = os.environ.get("STRATUS_AMQP_URL")
+    if raw:
+        return raw
+    comp = component()
+    if comp in NO_ACCOUNT:
+        brokers.missing_account(f"the {comp} has no broker account; set STRATUS_AMQP_URL to give it one")
+        return ""
+    path = url_file(secrets_dir(), comp)
+    try:
+        url = path.read_text().strip()
+    except OSError as exc:
+        brokers.missing_account(f"STRATUS_AMQP_URL is not set and the {comp}'s broker account could not be read "
+                                f"from {path.resolve()} ({exc.strerror or exc}): run `scripts/services.sh start` "
+                                "(make services), which makes the platform's accounts, or set STRATUS_AMQP_URL")
+        return ""
+    if not url:
+        brokers.missing_account(f"{path.resolve()} is empty: run `scripts/services.sh start` (make services)")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
-    amqp_url: str = field(default_factory=lambda: env_str("STRATUS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2F"))
+    # Set: as given. Unset: the component's own account from the secrets
+    # directory (default_amqp_url above; docs/architecture.md, "The platform's broker accounts").
+    amqp_url: str = field(default_factory=default_amqp_url)
     # RabbitMQ's management HTTP API: tenants' broker accounts are made through it.
     # One base URL per broker node, comma-separated, tried in turn
     # (bus/broker_admin.py); unset, derived from amqp_url (bus/brokers.py

@@ -4,10 +4,12 @@ isolation).
 
     tenant name        2-32 of a-z 0-9 -, starting with a letter; not reserved
     broker account     stratus.<cluster>.<tenant>      (one per tenant and cluster)
-    platform account   the account of STRATUS_AMQP_URL (guest by default): it has
-                       the broker's `impersonator` tag and names the tenant it
-                       acts for in `user_id`; its own user_id means the
-                       platform itself (tenant PLATFORM, the platform's tables)
+    platform accounts  stratus-<component> (bus/broker_accounts.py), or the
+                       account of an explicit STRATUS_AMQP_URL: those that
+                       act for tenants have the broker's `impersonator` tag
+                       and name the tenant in `user_id`; their own user_id
+                       means the platform itself (tenant PLATFORM, the
+                       platform's tables)
 
 RabbitMQ validates `user_id` against the publishing connection's account
 (406 PRECONDITION_FAILED otherwise), so a worker that maps the validated
@@ -60,12 +62,23 @@ def platform_user(amqp_url: str) -> str:
     return brokers.account_of(amqp_url)[0]
 
 
-def tenant_of(user_id: str | None, *, cluster: str, platform: str) -> str | None:
+def platform_accounts(own: str) -> frozenset[str]:
+    """The accounts whose user_id means the platform itself, for a worker
+    whose own account is `own`: the platform's component accounts
+    (bus/broker_accounts.py), and `own` (an explicit STRATUS_AMQP_URL's, as
+    the Docker stack's). No tenant's account has such a name."""
+    from .broker_accounts import PLATFORM_ACCOUNTS
+    return PLATFORM_ACCOUNTS | {own} if own else PLATFORM_ACCOUNTS
+
+
+def tenant_of(user_id: str | None, *, cluster: str, platform) -> str | None:
     """The tenant a validated user_id stands for: PLATFORM for the platform's
-    own account, the tenant for its broker account, None for anything else."""
+    own account (`platform`: one account's name, "" for none, or a set of
+    them: platform_accounts), the tenant for its broker account, None for
+    anything else."""
     if not user_id:
         return None
-    if user_id == platform:
+    if user_id == platform or (not isinstance(platform, str) and user_id in platform):
         return PLATFORM
     prefix = f"stratus.{cluster}."
     if user_id.startswith(prefix) and is_tenant_name(user_id[len(prefix):]):

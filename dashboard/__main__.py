@@ -3,12 +3,13 @@
 import argparse
 
 from bus.service import serve
-from bus.settings import load
+from bus.settings import load, set_component
 
 from .app import create_app
 
 
 def main() -> None:
+    set_component("dashboard")   # no broker account: it never connects to the broker
     ap = argparse.ArgumentParser(prog="python -m dashboard", description="Serve the Stratus dashboard.")
     ap.add_argument("--port", type=int, default=None, help="port (default STRATUS_DASHBOARD_PORT, 8086; 0: any)")
     opts = ap.parse_args()

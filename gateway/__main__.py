@@ -15,6 +15,7 @@ import sys
 import threading
 
 from bus import registry
+from bus.settings import set_component
 from bus import zk as bzk
 
 from .app import Gateway
@@ -33,6 +34,7 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_component("gateway")   # its own broker account (bus/broker_accounts.py)
     ap = argparse.ArgumentParser(prog="python -m gateway", description="the Stratus gateway")
     ap.add_argument("--port", type=int, default=None, help="listen port (default STRATUS_GATEWAY_PORT, 8080)")
     ap.add_argument("--host", default=None, help="bind address (default STRATUS_BIND_HOST)")

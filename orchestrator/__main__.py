@@ -12,12 +12,13 @@ import sys
 import threading
 
 from bus.service import setup_logging
-from bus.settings import load
+from bus.settings import load, set_component
 
 log = logging.getLogger("stratus.orchestrator")
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_component("orchestrator")   # its own broker account (bus/broker_accounts.py)
     from gunicorn.app.base import BaseApplication
 
     from .api import Holder, create_app

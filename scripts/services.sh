@@ -24,16 +24,25 @@
 #     clients on Z+i-1, its quorum port is Z+i-1+707 and its election port
 #     Z+i-1+1707, where Z = STRATUS_ZK_PORT (default 2181: 2181/2888/3888).
 #     A single ZooKeeper this script started on Z is stopped first.
-#   With either, `start` prints the exports to use (STRATUS_AMQP_URL with
-#   every node's URL and STRATUS_AMQP_MANAGEMENT_URL with every node's
-#   management API, comma-separated; STRATUS_ZK_HOSTS with every server)
-#   and writes them to $STATE_DIR/services.env; `env` prints them again.
+#   With either, `start` prints the exports to use (STRATUS_SECRETS_DIR, where
+#   each component's account file lists every node's URL, and
+#   STRATUS_AMQP_MANAGEMENT_URL with every node's management API,
+#   comma-separated; STRATUS_ZK_HOSTS with every server) and writes them to
+#   $STATE_DIR/services.env; `env` prints them again.
+#
+# Broker accounts: no `guest`. `start` makes the platform's own accounts
+# (bus/broker_accounts.py, docs/architecture.md) with generated passwords and
+# writes each one's STRATUS_AMQP_URL to $STATE_DIR/secrets/broker-<component>.url
+# (STRATUS_SECRETS_DIR to put them elsewhere), readable by this user alone.
 #   `stop` stops every node and server of this state dir that it started,
 #   whatever STRATUS_*_NODES says now.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE_DIR=${STRATUS_STATE_DIR:-$ROOT/var}
 case "$STATE_DIR" in /*) ;; *) STATE_DIR="$ROOT/$STATE_DIR" ;; esac
+# The platform's broker accounts (bootstrap_accounts), read by bus/settings.py.
+SECRETS_DIR=${STRATUS_SECRETS_DIR:-$STATE_DIR/secrets}
+case "$SECRETS_DIR" in /*) ;; *) SECRETS_DIR="$ROOT/$SECRETS_DIR" ;; esac
 ZK_DIR="$STATE_DIR/zookeeper"
 ZK_SH=/usr/share/zookeeper/bin/zkServer.sh
 PROM_DIR="$STATE_DIR/prometheus"
@@ -174,10 +183,8 @@ start_rabbitmq() {
 
 # Tenancy and metrics need two of the plugins RabbitMQ ships: the management
 # HTTP API (15672: the platform creates each tenant's broker account through
-# it) and the Prometheus endpoint (15692). The platform's own account (the one
-# in STRATUS_AMQP_URL, guest by default) gets the `impersonator` tag, so that
-# platform components may publish for a tenant with that tenant's validated
-# user_id. Idempotent; enabling a plugin on a running node needs no restart.
+# it) and the Prometheus endpoint (15692). Then the platform's own accounts
+# (bootstrap_accounts). Idempotent; enabling a plugin on a running node needs no restart.
 configure_rabbitmq() {
   local want=(rabbitmq_management rabbitmq_prometheus) missing=()
   local enabled; enabled=$(sudo_ rabbitmq-plugins list -e -m 2>/dev/null || true)
@@ -186,12 +193,31 @@ configure_rabbitmq() {
     echo "services: enabling RabbitMQ plugins ${missing[*]}"
     sudo_ rabbitmq-plugins enable -q "${missing[@]}" >/dev/null
   fi
-  local user; user=$(python3 -c 'import os, urllib.parse as u; print(u.unquote(u.urlparse(os.environ.get("STRATUS_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").username or "guest"))')
-  if ! sudo_ rabbitmqctl -q list_users 2>/dev/null | grep -E "^$user\s" | grep -q impersonator; then
-    sudo_ rabbitmqctl -q set_user_tags "$user" administrator impersonator >/dev/null
-    echo "services: RabbitMQ account $user may publish for tenants (impersonator)"
-  fi
+  bootstrap_accounts "amqp://127.0.0.1:5672/%2F" sudo_ rabbitmqctl -q
   for _ in $(seq 1 60); do port_open 127.0.0.1 15672 && break; sleep 0.5; done
+}
+
+# The platform's broker accounts (bus/broker_accounts.py: one per component,
+# the least permissions each needs, generated passwords) and no `guest`,
+# through rabbitmqctl (root, the Erlang cookie): never through an account.
+# Each account's STRATUS_AMQP_URL goes to $SECRETS_DIR/broker-<component>.url
+# (mode 0600, the directory 0700), its password kept across restarts; the
+# accounts are written again at every start (a broker whose data was wiped
+# gets them back). `guest` is deleted, also from a broker of an older release.
+#   bootstrap_accounts NODE-URLS CTL...   (CTL: the rabbitmqctl command line)
+bootstrap_accounts() {
+  local nodes=$1; shift
+  local defs
+  defs=$(umask 077; PYTHONPATH="$ROOT" python3 -m bus.broker_accounts --secrets "$SECRETS_DIR" --nodes "$nodes") || {
+    echo "services: could not write the broker accounts to $SECRETS_DIR" >&2; exit 1; }
+  printf '%s' "$defs" | "$@" import_definitions --format json >/dev/null || {
+    echo "services: RabbitMQ refused the platform's accounts (rabbitmqctl import_definitions)" >&2; exit 1; }
+  local users; users=$("$@" list_users 2>/dev/null || true)
+  if grep -qE '^guest[[:space:]]' <<<"$users"; then
+    "$@" delete_user guest >/dev/null
+    echo "services: RabbitMQ account guest deleted"
+  fi
+  echo "services: RabbitMQ accounts of the platform in $SECRETS_DIR (broker-<component>.url)"
 }
 
 start_zookeeper() {
@@ -230,17 +256,6 @@ rmq_mgmt() { echo $((BROKER_PORT + $1 - 1 + 10000)); }
 rmq_prom() { echo $((BROKER_PORT + $1 - 1 + 10020)); }
 rmq_dist() { echo $((BROKER_PORT + $1 - 1 + 20000)); }
 zk_client() { echo $((ZK_PORT + $1 - 1)); }
-
-# The platform account and vhost of (the first URL of) STRATUS_AMQP_URL.
-amqp_parts() {
-  python3 - <<'PY'
-import os, urllib.parse as u
-url = (os.environ.get("STRATUS_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").split(",")[0].strip()
-p = u.urlparse(url)
-vhost = u.unquote(p.path[1:]) if p.path not in ("", "/") else "/"
-print(u.unquote(p.username or "guest"), u.unquote(p.password or "guest"), u.quote(vhost, safe=""), sep="\n")
-PY
-}
 
 # Environment of cluster node i, for the server and for the CLI tools: the
 # cookie is $RMQ_CLUSTER_DIR/.erlang.cookie (HOME), everything else under the node's dir.
@@ -351,20 +366,10 @@ CONF
     fi
     rmq_ctl "$i" start_app >/dev/null   # returns once the app runs
   done
-  # The project's definitions, once for the cluster (users are cluster-wide):
-  # the platform's account, an administrator with the impersonator tag.
-  local parts user pass vhost
-  mapfile -t parts < <(amqp_parts); user=${parts[0]}; pass=${parts[1]}; vhost=$(python3 -c 'import sys, urllib.parse as u; print(u.unquote(sys.argv[1]))' "${parts[2]}")
-  rmq_ctl 1 list_vhosts 2>/dev/null | grep -qxF -- "$vhost" || rmq_ctl 1 add_vhost "$vhost" >/dev/null
-  local users; users=$(rmq_ctl 1 list_users 2>/dev/null || true)
-  if ! grep -qE "^$user\s" <<<"$users"; then
-    rmq_ctl 1 add_user "$user" "$pass" >/dev/null
-    rmq_ctl 1 set_permissions -p "$vhost" "$user" '.*' '.*' '.*' >/dev/null
-  fi
-  if ! grep -E "^$user\s" <<<"$users" | grep -q impersonator; then
-    rmq_ctl 1 set_user_tags "$user" administrator impersonator >/dev/null
-    echo "services: RabbitMQ account $user may publish for tenants (impersonator)"
-  fi
+  # The platform's accounts, once for the cluster (users are cluster-wide);
+  # each account's URL lists every node.
+  local nodes; nodes=$(for i in $(seq 1 "$n"); do printf 'amqp://127.0.0.1:%d/%%2F\n' "$(rmq_amqp "$i")"; done | paste -sd, -)
+  bootstrap_accounts "$nodes" rmq_ctl 1
   for _ in $(seq 1 $((WAIT_S * 2))); do port_open 127.0.0.1 "$(rmq_mgmt 1)" && break; sleep 0.5; done
   local running; running=$(rmq_ctl 1 cluster_status --formatter json | python3 -c 'import json, sys; print(len(json.load(sys.stdin)["running_nodes"]))')
   [ "$running" -ge "$n" ] || { echo "services: only $running of $n RabbitMQ nodes run in the cluster" >&2; exit 1; }
@@ -484,18 +489,14 @@ stop_zookeeper_ensemble() {
 
 # The settings that reach every node and server, as shell exports.
 exports() {
-  python3 - "$BROKER_NODES" "$BROKER_PORT" "$ZK_NODES" "$ZK_PORT" "$RABBITMQ_METRICS" <<'PY'
+  python3 - "$BROKER_NODES" "$BROKER_PORT" "$ZK_NODES" "$ZK_PORT" "$RABBITMQ_METRICS" "$SECRETS_DIR" <<'PY'
 import os, shlex, sys, urllib.parse as u
 nb, pb, nz, pz = (int(a) for a in sys.argv[1:5])
 metrics = sys.argv[5]   # every node's metrics endpoint, as listed above
-url = (os.environ.get("STRATUS_AMQP_URL") or "amqp://guest:guest@127.0.0.1:5672/%2F").split(",")[0].strip()
-p = u.urlparse(url)
-cred = p.netloc.rpartition("@")[0]
-def node(i):
-    return u.urlunparse(p._replace(netloc=f"{cred + '@' if cred else ''}127.0.0.1:{pb + i}"))
 out = {"STRATUS_BROKER_NODES": str(nb), "STRATUS_ZK_NODES": str(nz)}
 if nb > 1:
-    out["STRATUS_AMQP_URL"] = ",".join(node(i) for i in range(nb))
+    # each component's account (its file lists every node): no credentials here
+    out["STRATUS_SECRETS_DIR"] = sys.argv[6]
     # every node's management API: the platform fails over between them (bus/broker_admin.py)
     out["STRATUS_AMQP_MANAGEMENT_URL"] = ",".join(f"http://127.0.0.1:{pb + 10000 + i}" for i in range(nb))
     out["STRATUS_RABBITMQ_METRICS"] = metrics

@@ -22,7 +22,7 @@ from bus.client import DBClient, connection_params
 from bus.cluster import Member, set_leader, workers
 from bus.names import Names, Paths
 from bus.ports import free_port  # noqa: F401  (tests import it from here)
-from bus.settings import Settings, load
+from bus.settings import Settings, load, secrets_dir
 from bus.topology import delete_cluster
 from stratus.measure import wait_for  # noqa: F401  (tests import it from here)
 
@@ -141,7 +141,10 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir = tmp_path / "logs"
         self.log_dir.mkdir(exist_ok=True)
-        env_over = {"STRATUS_CLUSTER": self.name, "STRATUS_STATE_DIR": str(self.state_dir)}
+        # The cluster's state is its own; the broker accounts are the machine's
+        # (scripts/services.sh): each process started here uses its component's.
+        env_over = {"STRATUS_CLUSTER": self.name, "STRATUS_STATE_DIR": str(self.state_dir),
+                    "STRATUS_SECRETS_DIR": str(secrets_dir().resolve())}
         for k, v in overrides.items():
             env_over[f"STRATUS_{k.upper()}"] = str(v)
         self.env = {**os.environ, **env_over, "PYTHONUNBUFFERED": "1"}

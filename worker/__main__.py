@@ -25,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bus.settings import Settings, load
+from bus.settings import Settings, load, set_component
 
 log = logging.getLogger("stratus.worker")
 
@@ -95,6 +95,7 @@ def move_aside(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_component("worker")   # its own broker account (bus/broker_accounts.py)
     p = argparse.ArgumentParser(prog="stratus worker", description="Run one Stratus DB worker.")
     p.add_argument("--id", default=os.environ.get("STRATUS_WORKER_ID") or f"w-{uuid.uuid4().hex[:8]}")
     p.add_argument("--db", default=os.environ.get("STRATUS_WORKER_DB"),

@@ -124,7 +124,8 @@ class Worker:
         self.names = Names(settings.cluster)
         self.paths = Paths(settings.cluster)
         self.store = Store(db_url, dedup_retention=settings.dedup_retention, storage_quota=settings.tenant_storage)
-        self.platform_account = tenancy.platform_user(settings.amqp_url)
+        # the user_ids that mean the platform itself: its components' accounts
+        self.platform_account = tenancy.platform_accounts(tenancy.platform_user(settings.amqp_url))
         self.role = Role.SLAVE
         self.state = State.CATCHING_UP
         self.ready = False

@@ -285,7 +285,7 @@ class Services:
     def __init__(self):
         self.brokers: list[Node] = []
         self.zks: list[Node] = []
-        self.user, self.password, self.vhost = "guest", "guest", "/"
+        self.user, self.password, self.vhost = "", "", "/"
 
     def amqp_url(self, host: str, port: int) -> str:
         return (f"amqp://{urllib.parse.quote(self.user, safe='')}:{urllib.parse.quote(self.password, safe='')}"
@@ -347,8 +347,16 @@ class PrivateServices(Services):
             b.ctl("join_cluster", self.brokers[0].name)
             b.ctl("start_app")
             b.ctl("await_startup", "--timeout", str(int(timeout)), timeout=timeout + 10)
-        # The platform's account publishes for tenants (validated user_id).
-        self.brokers[0].ctl("set_user_tags", self.user, "administrator", "impersonator")
+        # No guest: the run's one account, with a generated password, an
+        # administrator (tenants' accounts) that publishes for tenants
+        # (impersonator: validated user_id); every process of the run uses it.
+        import secrets
+        self.user, self.password = "stratus-admin", secrets.token_urlsafe(24)
+        first = self.brokers[0]
+        first.ctl("add_user", self.user, self.password)
+        first.ctl("set_user_tags", self.user, "administrator", "impersonator")
+        first.ctl("set_permissions", "-p", self.vhost, self.user, ".*", ".*", ".*")
+        first.ctl("delete_user", "guest")
         for z in self.zks:
             z.wait_serving(timeout)
         if len(self.zks) > 1:
@@ -404,8 +412,8 @@ class SharedServices(Services):
         for i, url in enumerate(u.strip() for u in amqp_url.split(",") if u.strip()):
             p = urllib.parse.urlparse(url)
             if i == 0:
-                self.user = urllib.parse.unquote(p.username or "guest")
-                self.password = urllib.parse.unquote(p.password or "guest")
+                self.user = urllib.parse.unquote(p.username or "")
+                self.password = urllib.parse.unquote(p.password or "")
                 self.vhost = urllib.parse.unquote(p.path[1:]) if len(p.path) > 1 else "/"
             self.brokers.append(Node(f"rabbit{i + 1}", p.hostname or "127.0.0.1", p.port or 5672))
             self.brokers[-1].kind = "rabbitmq"

@@ -93,7 +93,8 @@ def test_the_instances_environment_has_no_platform_secret(platform):
     assert env[b"STRATUS_TENANT"] == p.tenant.encode() and env[b"STRATUS_ROLE"] == b"web"
     assert env[b"STRATUS_INSTANCE"] == inst["id"].encode() and env[b"PORT"] == str(inst["port"]).encode()
     assert b"STRATUS_ADMIN_PASSWORD" not in env and b"STRATUS_TOKEN_SECRET" not in env
-    assert b"guest:guest" not in env.get(b"STRATUS_AMQP_URL", b"")
+    assert b"stratus-" not in env.get(b"STRATUS_AMQP_URL", b"")   # no platform account (bus/broker_accounts.py)
+    assert b"STRATUS_SECRETS_DIR" not in env
     assert f"stratus.{p.cluster.name}.{p.tenant}".encode() in env[b"STRATUS_AMQP_URL"]
 
 

@@ -66,6 +66,6 @@ def test_a_refusal_of_the_real_broker_is_not_failed_over(dead):
     admin = BrokerAdmin(dataclasses.replace(base, amqp_url=wrong,
                                             amqp_management_url=",".join([real[0], dead])))
     with pytest.raises(BrokerAdminError) as e:
-        admin.get_user("guest")
+        admin.get_user(brokers.account_of(base.amqp_url)[0])
     assert "401" in str(e.value) and "wr0ng-pw" not in str(e.value)
     assert brokers.account_of(base.amqp_url)[1] not in str(e.value)

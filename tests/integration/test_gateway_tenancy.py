@@ -100,7 +100,7 @@ def test_accounts_log_in_and_each_role_gets_its_routes(cluster):
 
 
 def test_a_bus_the_gateway_cannot_reach_is_503_not_401(cluster):
-    gw = start_gateway(cluster, STRATUS_ADMIN_PASSWORD="pw-admin", STRATUS_AMQP_URL="amqp://guest:guest@127.0.0.1:1/%2F")
+    gw = start_gateway(cluster, STRATUS_ADMIN_PASSWORD="pw-admin", STRATUS_AMQP_URL="amqp://nobody:none@127.0.0.1:1/%2F")
     c = Client(gw)
     for name in ("acme", "Alice Smith"):   # a possible platform account; a possible RideShare user only
         status, body, _ = _grant(c, name, "whatever")

@@ -76,7 +76,8 @@ def test_services_sh_runs_a_cluster_and_an_ensemble(mn):
     assert e["STRATUS_ZK_HOSTS"] == ",".join(f"127.0.0.1:{mn.zk_port + i}" for i in range(3))
     assert e["STRATUS_BROKER_NODES"] == "3" and e["STRATUS_ZK_NODES"] == "3"
     assert e["STRATUS_AMQP_MANAGEMENT_URL"] == ",".join(f"http://127.0.0.1:{mn.broker_port + 10000 + i}" for i in range(3))
-    assert "export STRATUS_AMQP_URL=" in mn.output   # printed, not only written
+    assert f"export STRATUS_SECRETS_DIR={mn.state_dir / 'secrets'}" in mn.output   # printed, not only written
+    assert "STRATUS_AMQP_URL" not in (mn.state_dir / "services.env").read_text()   # no credentials there
     # RabbitMQ: one cluster of 3 nodes, named rabbit<i>@localhost, one cookie.
     assert mn.running_nodes() == {f"rabbit{i}@localhost" for i in (1, 2, 3)}
     cookie = mn.state_dir / "rabbitmq-cluster" / ".erlang.cookie"
@@ -87,9 +88,14 @@ def test_services_sh_runs_a_cluster_and_an_ensemble(mn):
         assert f"management.tcp.port = {mn.broker_port + i - 1 + 10000}" in conf
     overview = mn.mgmt("/api/nodes")
     assert sorted(n["name"] for n in overview if n["running"]) == [f"rabbit{i}@localhost" for i in (1, 2, 3)]
-    user = mn.mgmt("/api/users/guest")
-    assert {"administrator", "impersonator"} <= set(user["tags"] if isinstance(user["tags"], list)
-                                                     else user["tags"].split(","))
+    # The platform's accounts, cluster-wide, and no guest (bus/broker_accounts.py).
+    assert "guest" not in [row.split("\t")[0] for row in mn.cli("rabbitmqctl", 1, "list_users").splitlines()]
+    for component, tags in (("orchestrator", {"administrator", "impersonator"}), ("worker", {"impersonator"}),
+                            ("gateway", {"impersonator"}), ("admin", {"administrator", "impersonator"})):
+        user = mn.mgmt(f"/api/users/stratus-{component}")
+        assert set(user["tags"] if isinstance(user["tags"], list) else user["tags"].split(",")) == tags, user
+        url = (mn.state_dir / "secrets" / f"broker-{component}.url").read_text().strip()
+        assert url.count(f"stratus-{component}:") == 3 and all(f":{mn.amqp_port(i)}/" in url for i in (1, 2, 3))
     # ZooKeeper: one leader, two followers, 1 s sessions possible.
     modes = sorted(mn.zk_modes().values())
     assert modes == ["follower", "follower", "leader"], modes
@@ -100,11 +106,18 @@ def test_services_sh_runs_a_cluster_and_an_ensemble(mn):
         assert "tickTime=200" in cfg and f"clientPort={mn.zk_port + i - 1}" in cfg
         assert all(f"server.{j}=127.0.0.1:{mn.zk_port + j - 1 + 707}:{mn.zk_port + j - 1 + 1707}" in cfg
                    for j in (1, 2, 3))
-    # Twice does no harm: nothing restarts.
+    # Twice does no harm: nothing restarts, every password is kept, and an
+    # account the broker lost (as after its data was wiped) is made again.
     pids = [mn.broker_pid(i) for i in (1, 2, 3)] + [mn.zk_pid(i) for i in (1, 2, 3)]
+    files = {f: f.read_text() for f in (mn.state_dir / "secrets").iterdir()}
+    mn.cli("rabbitmqctl", 1, "delete_user", "stratus-gateway")
     out = mn.bring_back()
     assert out.count("already running") == 6, out
     assert [mn.broker_pid(i) for i in (1, 2, 3)] + [mn.zk_pid(i) for i in (1, 2, 3)] == pids
+    assert {f: f.read_text() for f in (mn.state_dir / "secrets").iterdir()} == files
+    import pika
+    from bus.client import connection_params
+    pika.BlockingConnection(connection_params(mn.account_url("gateway"))).close()   # it logs in again
     status = mn.services("status", "rabbitmq", "zookeeper").stdout
     assert status.count(": up on") == 3 and status.count("leader on") == 1 and status.count("follower on") == 2, status
 

@@ -65,7 +65,7 @@ def test_bus_unreachable_503(tmp_path):
     cluster = LocalCluster(tmp_path, request_timeout=1)
     try:
         closed = free_port()  # nothing listens there
-        urls = start(cluster, STRATUS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed}/%2F")
+        urls = start(cluster, STRATUS_AMQP_URL=f"amqp://nobody:none@127.0.0.1:{closed}/%2F")
         check_all(urls, 503)
     finally:
         cluster.close()

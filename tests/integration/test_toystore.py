@@ -331,7 +331,7 @@ def test_bus_unreachable_is_503(stack):
     c = stack.cluster
     port = free_port()
     c.spawn("order-u", ["-m", "order"], STRATUS_ORDER_PORT=port, STRATUS_REQUEST_TIMEOUT=1,
-            STRATUS_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{free_port()}/%2F")
+            STRATUS_AMQP_URL=f"amqp://nobody:none@127.0.0.1:{free_port()}/%2F")
     base = f"http://127.0.0.1:{port}"
     wait_http(base, "/health", timeout=30)
     status, body, _ = call(base, "POST", "/orders", {"name": "Tux", "quantity": 1})

@@ -5,7 +5,8 @@ clash with nothing listening (so the shared single node on 5672 and the
 single ZooKeeper on 2181 are never touched).
 
     with MultiNode(tmp, brokers=3, zks=3) as mn:
-        mn.env              # the exports services.sh printed (STRATUS_AMQP_URL, ...)
+        mn.env              # the exports services.sh printed (STRATUS_SECRETS_DIR, ...), and
+                            # STRATUS_AMQP_URL: the cluster's admin account (every node)
         mn.stream_leader(q) # i of the node whose stream replica is the writer
         mn.kill_broker(i)   # kill -9 of rabbit<i>@localhost
         mn.bring_back()     # services.sh start again: the killed ones return
@@ -137,7 +138,16 @@ class MultiNode:
             if line.startswith("export "):
                 k, _, v = line[len("export "):].partition("=")
                 self.env[k] = shlex.split(v)[0] if v else ""
+        # The tests' own account on this cluster (services.sh made the
+        # platform's accounts there, no guest); components started with
+        # STRATUS_SECRETS_DIR and no STRATUS_AMQP_URL use their own.
+        self.env["STRATUS_AMQP_URL"] = self.account_url("admin")
         return self
+
+    def account_url(self, component: str) -> str:
+        """STRATUS_AMQP_URL of a platform account of this cluster (every node)."""
+        return (Path(self.env.get("STRATUS_SECRETS_DIR") or self.state_dir / "secrets")
+                / f"broker-{component}.url").read_text().strip()
 
     def bring_back(self) -> str:
         """services.sh start again: nodes and servers that died start, the rest are left alone."""
@@ -219,7 +229,7 @@ class MultiNode:
     def mgmt(self, path: str, timeout: float = 10):
         """GET on the management API of the first live node."""
         u = urllib.parse.urlparse(self.env["STRATUS_AMQP_URL"].split(",")[0])
-        user, password = urllib.parse.unquote(u.username or "guest"), urllib.parse.unquote(u.password or "guest")
+        user, password = urllib.parse.unquote(u.username or ""), urllib.parse.unquote(u.password or "")
         auth = base64.b64encode(f"{user}:{password}".encode()).decode()
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         last = None

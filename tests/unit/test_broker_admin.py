@@ -36,8 +36,8 @@ def test_one_url_or_several_in_order():
 
 def test_unset_is_derived_from_the_amqp_urls():
     # one node: the local management API, as before (a proxy may sit in STRATUS_AMQP_URL)
-    assert default_management_url("amqp://guest:guest@127.0.0.1:5672/%2F") == "http://127.0.0.1:15672"
-    assert default_management_url("amqp://guest:guest@127.0.0.1:35001/%2F") == "http://127.0.0.1:15672"
+    assert default_management_url("amqp://u:p@127.0.0.1:5672/%2F") == "http://127.0.0.1:15672"
+    assert default_management_url("amqp://u:p@127.0.0.1:35001/%2F") == "http://127.0.0.1:15672"
     assert default_management_url("not a url") == "http://127.0.0.1:15672"
     # several: each node's host at its AMQP port + 10000 (scripts/services.sh's layout)
     three = ",".join(f"amqp://g:p@127.0.0.1:{p}/%2F" for p in (5672, 5673, 5674))

@@ -12,7 +12,7 @@ URLS = "amqp://a:b@127.0.0.1:1/%2F, amqp://a:b@127.0.0.1:2/%2F,amqp://a:b@127.0.
 
 
 def test_one_url_gives_one_node_with_the_old_parameters():
-    p = connection_params("amqp://guest:guest@127.0.0.1:5672/%2F", heartbeat=15)
+    p = connection_params("amqp://u:p@127.0.0.1:5672/%2F", heartbeat=15)
     assert isinstance(p, NodeParameters) and len(p) == 1
     assert (p.host, p.port, p.heartbeat, p.socket_timeout, p.connection_attempts) == ("127.0.0.1", 5672, 15, 3, 1)
     assert p.stack_timeout == 15   # pika's default: nothing to fail over to
@@ -44,7 +44,7 @@ def test_with_account_rewrites_every_url():
 def test_account_vhost_and_nodes_come_from_the_urls():
     assert first_url(URLS) == "amqp://a:b@127.0.0.1:1/%2F"
     assert account_of(URLS) == ("a", "b", "/")
-    assert account_of("amqp://127.0.0.1") == ("guest", "guest", "/")
+    assert account_of("amqp://127.0.0.1") == ("", "", "/")   # no account: never a default one
     assert nodes(URLS) == [("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3)]
     assert nodes("amqps://h") == [("h", 5671)]
 
@@ -66,9 +66,9 @@ def test_a_tenants_url_carries_its_own_account_on_every_node():
     from bus import accounts, tenancy
     from bus.broker_admin import BrokerAdmin
     from bus.settings import Settings
-    platform = "amqp://guest:guest@127.0.0.1:5672/%2F,amqp://guest:guest@127.0.0.1:5673/%2F"
+    platform = "amqp://stratus-orchestrator:pw1@127.0.0.1:5672/%2F,amqp://stratus-orchestrator:pw1@127.0.0.1:5673/%2F"
     url = accounts.tenant_amqp_url(platform, "c1", "acme", "s3cret")
-    assert "guest" not in url and url.count("stratus.c1.acme:s3cret@") == 2, url
-    assert tenancy.platform_user(platform) == "guest"
+    assert "orchestrator" not in url and "pw1" not in url and url.count("stratus.c1.acme:s3cret@") == 2, url
+    assert tenancy.platform_user(platform) == "stratus-orchestrator"
     admin = BrokerAdmin(Settings(amqp_url="amqp://adm:pw@h1:5672/v1,amqp://adm:pw@h2:5673/v1"))
     assert admin.vhost == "v1"
