@@ -23,10 +23,10 @@ venv: $(VENV)/.installed
 # The walls around tenants' instances on the process runtime (docs/security.md):
 # bubblewrap, nftables, and setpriv/prlimit (util-linux), useradd (passwd).
 walls:
-	@{ command -v bwrap && command -v nft && command -v setpriv && command -v prlimit && command -v useradd; } >/dev/null 2>&1 \
+	@{ command -v bwrap && command -v nft && command -v setpriv && command -v prlimit && command -v useradd && command -v pkill; } >/dev/null 2>&1 \
 	  || { echo "installing bubblewrap and nftables"; \
 	  $$( [ $$(id -u) = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap nftables util-linux passwd >/dev/null; }
+	  $$( [ $$(id -u) = 0 ] || echo sudo ) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap nftables util-linux passwd procps >/dev/null; }
 
 services:
 	@scripts/services.sh start

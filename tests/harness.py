@@ -248,6 +248,11 @@ class LocalCluster:
                 except ProcessLookupError:
                     pass
                 p.wait(5)
+        try:   # the tenants' host accounts and cgroups of this cluster (orchestrator/runtimes/confine.py)
+            from orchestrator.runtimes.confine import Jail
+            Jail(self.settings).remove_all_accounts()
+        except Exception:
+            pass
         try:
             self.zk.delete(self.paths.root, recursive=True)
         except Exception:

@@ -244,15 +244,30 @@ class Jail:
 
     def remove_all_accounts(self) -> int:
         """Remove every tenant account of this platform (its state directory
-        and cluster): a test cluster's end. Each is marked with the platform's
-        key in its comment; returns how many went."""
+        and cluster), after killing whatever still runs under them, and its
+        cgroups: a test cluster's end. Each account is marked with the
+        platform's key in its comment; returns how many went."""
         gone = 0
         for pw in pwd.getpwall():
             if pw.pw_gecos == f"stratus tenant {self.scope_key}" and TENANT_UIDS[0] <= pw.pw_uid <= TENANT_UIDS[1]:
                 from . import netwall
+                subprocess.run(["pkill", "-KILL", "-U", str(pw.pw_uid)], capture_output=True, timeout=10)
                 netwall.forget(pw.pw_uid)
                 r = subprocess.run(["userdel", pw.pw_name], capture_output=True, text=True, timeout=30)
                 gone += r.returncode == 0
+        for ctrl in ("memory", "cpu", "pids"):
+            scope = CGROUP_ROOT / ctrl / "stratus" / self.scope_key
+            for d in sorted(scope.glob("*"), reverse=True) if scope.is_dir() else []:
+                if d.is_dir():
+                    self.kill_all(d.name)
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        pass
+            try:
+                scope.rmdir()
+            except OSError:
+                pass
         return gone
 
     # --- one instance -------------------------------------------------------------------
