@@ -114,3 +114,22 @@ def test_the_network_wall_lets_tenants_reach_the_broker_and_their_own_sockets_on
     assert [lines.index(x) for x in order] == sorted(lines.index(x) for x in order)
     assert netwall.broker_ports("amqp://u:p@127.0.0.1:5672/%2F,amqp://u:p@127.0.0.1:5673/%2F") == [5672, 5673]
     assert netwall.broker_ports("amqps://h/%2F") == [5671]
+
+
+def test_a_platform_not_started_as_root_refuses_to_run_tenant_code(monkeypatch, tmp_path):
+    """No walls, no tenant code: the start fails with the reason and the way out."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(confine.os, "geteuid", lambda: 1000)
+    jail = confine.Jail(SimpleNamespace(state_path=tmp_path, cluster="c1", amqp_url="amqp://u:p@h:5672/%2F"))
+    with pytest.raises(confine.ConfinementUnavailable, match="needs root.*STRATUS_RUNTIME=docker"):
+        jail.wrap("i-1", "acme", ["python", "-m", "shop.web"], {}, None, "/usr/bin/python3")
+    assert not (tmp_path / "secrets").exists()
+
+
+def test_a_missing_tool_is_named(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+    monkeypatch.setattr(confine.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(confine.shutil, "which", lambda t: None if t == "bwrap" else f"/usr/bin/{t}")
+    jail = confine.Jail(SimpleNamespace(state_path=tmp_path, cluster="c1", amqp_url=""))
+    with pytest.raises(confine.ConfinementUnavailable, match="bwrap is not installed"):
+        jail.prepare()
