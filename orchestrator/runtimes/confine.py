@@ -85,9 +85,12 @@ def account_name(scope: str, tenant: str) -> str:
     return "st" + hashlib.sha256(f"{scope}\0{tenant}".encode()).hexdigest()[:14]
 
 
-def cgroup_dirs(scope_key: str, unit_id: str) -> dict[str, Path]:
-    """The instance's cgroup in each controller it is limited by."""
-    return {c: CGROUP_ROOT / c / "stratus" / scope_key / unit_id for c in ("memory", "cpu", "pids")}
+def cgroup_dirs(scope_key: str, unit_id: str, account: str = "") -> dict[str, Path]:
+    """The instance's cgroup in each controller it is limited by. In `cpu`
+    it sits in its tenant's group (`account`), so that under contention the
+    CPU is shared tenant by tenant, not instance by instance."""
+    base = {c: CGROUP_ROOT / c / "stratus" / scope_key for c in ("memory", "cpu", "pids")}
+    return {c: (p / account / unit_id if c == "cpu" and account else p / unit_id) for c, p in base.items()}
 
 
 def cgroup_settings(limits: Limits) -> dict[str, dict[str, str]]:
@@ -255,19 +258,17 @@ class Jail:
                 netwall.forget(pw.pw_uid)
                 r = subprocess.run(["userdel", pw.pw_name], capture_output=True, text=True, timeout=30)
                 gone += r.returncode == 0
-        for ctrl in ("memory", "cpu", "pids"):
+        for ctrl in ("pids", "memory", "cpu"):
             scope = CGROUP_ROOT / ctrl / "stratus" / self.scope_key
-            for d in sorted(scope.glob("*"), reverse=True) if scope.is_dir() else []:
-                if d.is_dir():
-                    self.kill_all(d.name)
-                    try:
-                        d.rmdir()
-                    except OSError:
-                        pass
-            try:
-                scope.rmdir()
-            except OSError:
-                pass
+            if ctrl == "pids" and scope.is_dir():
+                for d in scope.iterdir():
+                    if d.is_dir():
+                        self.kill_all(d.name)
+            for root, _dirs, _files in os.walk(scope, topdown=False):
+                try:
+                    os.rmdir(root)
+                except OSError:
+                    pass
         return gone
 
     # --- one instance -------------------------------------------------------------------
@@ -285,14 +286,14 @@ class Jail:
             os.chown(beat_dir, uid, gid)
         if package:   # its root is made 0700 by the unpacking; inside, the tenant's uid reads it
             os.chmod(package, 0o755)
-        procs = self._cgroups(unit_id)
+        procs = self._cgroups(unit_id, account_name(self.scope, tenant))
         full = jail_argv(argv, uid=uid, gid=gid, limits=self.limits, package=package, bus_dir=self.bus_dir,
                          python_dirs=python_roots(), heartbeat_dir=beat_dir, cgroup_procs=procs)
         return full, inside_env(env, python=python, heartbeat_file=heartbeat)
 
-    def _cgroups(self, unit_id: str) -> list[str]:
+    def _cgroups(self, unit_id: str, account: str) -> list[str]:
         procs = []
-        for ctrl, path in cgroup_dirs(self.scope_key, unit_id).items():
+        for ctrl, path in cgroup_dirs(self.scope_key, unit_id, account).items():
             path.mkdir(parents=True, exist_ok=True)
             for fname, value in cgroup_settings(self.limits)[ctrl].items():
                 (path / fname).write_text(value)
@@ -337,12 +338,12 @@ class Jail:
             time.sleep(0.02)
         return killed
 
-    def release(self, unit_id: str, heartbeat: str | None = None, wait: float = 10.0) -> None:
+    def release(self, unit_id: str, heartbeat: str | None = None, wait: float = 10.0, tenant: str = "") -> None:
         """After the instance is gone: its cgroups (once the last of its
         processes has left them: the kernel kills what its pid namespace
         held a moment after its pid 1) and heartbeat directory."""
         deadline = time.monotonic() + wait
-        dirs = cgroup_dirs(self.scope_key, unit_id)
+        dirs = cgroup_dirs(self.scope_key, unit_id, account_name(self.scope, tenant) if tenant else "")
         self.kill_all(unit_id)
         for path in dirs.values():
             while True:

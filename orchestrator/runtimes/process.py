@@ -369,7 +369,7 @@ class ProcessRuntime(Runtime):
         if self.jail is None:
             return
         try:
-            self.jail.release(h.id, h.labels.get("heartbeat") or None)
+            self.jail.release(h.id, h.labels.get("heartbeat") or None, tenant=h.labels.get("tenant") or "")
         except Exception:
             log.exception("cleaning up after %s", h.id)
 

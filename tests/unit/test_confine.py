@@ -133,3 +133,10 @@ def test_a_missing_tool_is_named(monkeypatch, tmp_path):
     jail = confine.Jail(SimpleNamespace(state_path=tmp_path, cluster="c1", amqp_url=""))
     with pytest.raises(confine.ConfinementUnavailable, match="bwrap is not installed"):
         jail.prepare()
+
+
+def test_the_cpu_is_shared_tenant_by_tenant():
+    d = confine.cgroup_dirs("k", "i-1", "st0123")
+    assert d["cpu"] == confine.CGROUP_ROOT / "cpu" / "stratus" / "k" / "st0123" / "i-1"
+    assert d["memory"] == confine.CGROUP_ROOT / "memory" / "stratus" / "k" / "i-1"
+    assert d["pids"] == confine.CGROUP_ROOT / "pids" / "stratus" / "k" / "i-1"
