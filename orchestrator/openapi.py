@@ -190,7 +190,7 @@ def _schemas() -> dict:
                    "description": "what each instance may use (settings STRATUS_INSTANCE_*; docs/security.md)",
                    "properties": {
                        "memory_mb": {"type": "integer", "minimum": 1, "description": "past it, killed and restarted"},
-                       "cpus": {"type": "number", "exclusiveMinimum": 0},
+                       "cpus": {"type": "number", "minimum": 0, "exclusiveMinimum": True},
                        "pids": {"type": "integer", "minimum": 1, "description": "processes and threads"},
                        "disk_mb": {"type": "integer", "minimum": 1, "description": "its scratch /tmp"},
                        "log_mb": {"type": "integer", "minimum": 1, "description": "its log file"}}},
