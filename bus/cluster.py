@@ -13,6 +13,13 @@ or a test harness), kept in ZooKeeper:
       reads: reads this worker has taken from readQ since it started (the
              orchestrator sums the increases to count reads for scaling)
       reason: why the worker is not ready ("" when nothing to say)
+      cluster_id: the cluster identity its store holds, read from the log's
+             barriers ("" or absent: none yet)
+      refused_term: the last term this worker was named master for and
+             refused, because the log already held a barrier of that term or
+             a newer one from another master (absent when none): the
+             orchestrator names it again above the log's term
+             (orchestrator/decisions.py check_promotion: "renumber").
       metrics_host, metrics_port: where the worker serves its Prometheus
              /metrics (worker/metrics.py); absent when it serves none. The
              orchestrator's discovery (orchestrator/discovery.py) reads them.
@@ -27,7 +34,18 @@ or a test harness), kept in ZooKeeper:
              while another replica reaches it).
   /stratus/{cluster}/leader         {id, term}: the worker named here becomes
       master for that term. Terms only grow; set_leader bumps it with a
-      compare-and-set so two steerers can never hand out the same term.
+      compare-and-set so two steerers can never hand out the same term, and
+      above every term the caller knows of (`above`: the live workers'
+      terms, which come from the log's barriers), so a leader record lost
+      with ZooKeeper's state never makes a term go back.
+  /stratus/{cluster}/identity       {id, created}: the cluster's identity (Identity).
+      Every barrier in the log carries it too ("cluster"), and each worker's
+      store keeps the first one it read. A worker finishing a promotion
+      checks them: none in ZooKeeper (a fresh cluster, or ZooKeeper lost its
+      state) -> it writes its log's (or a new one); a different one -> it
+      refuses to take writes, and the orchestrator stops electing, with the
+      error (orchestrator/decisions.py check_identity): two histories are
+      never joined.
   /stratus/{cluster}/elections/e-   sequential history of elections.
   /stratus/{cluster}/orchestrator/members/{ident}   ephemeral, written by each
       orchestrator (leading or standby): {id, broker_up, broker_down_since}:
@@ -121,6 +139,8 @@ class Member:
     metrics_port: int | None = None
     broker_up: bool | None = None     # has a working broker connection (None: not said, an older worker)
     broker_down_since: float | None = None   # wall time the connection was lost (None while up)
+    refused_term: int = 0             # a term it was named for and refused: the log held that term or newer
+    cluster_id: str = ""              # the cluster identity its store holds (read from the log's barriers)
     # What the orchestrator adds to its own view; never written to ZooKeeper.
     booting: bool = False             # started by the runtime, not registered yet
     own_pid: int | None = None        # the pid the worker reports, when the runtime's differs (containers)
@@ -143,7 +163,9 @@ class Member:
                    metrics_host=d.get("metrics_host") if isinstance(d.get("metrics_host"), str) else None,
                    metrics_port=mport if 0 < mport < 65536 else None,
                    broker_up=d["broker_up"] if isinstance(d.get("broker_up"), bool) else None,
-                   broker_down_since=_float(d.get("broker_down_since")), booting=bool(d.get("booting")),
+                   broker_down_since=_float(d.get("broker_down_since")),
+                   refused_term=_int(d.get("refused_term")),
+                   cluster_id=d["cluster_id"] if isinstance(d.get("cluster_id"), str) else "", booting=bool(d.get("booting")),
                    own_pid=None if own is None else _int(own))
 
     def to_dict(self) -> dict:
@@ -159,6 +181,10 @@ class Member:
             d["broker_up"] = self.broker_up
         if self.broker_down_since is not None:
             d["broker_down_since"] = self.broker_down_since
+        if self.refused_term:
+            d["refused_term"] = self.refused_term
+        if self.cluster_id:
+            d["cluster_id"] = self.cluster_id
         if self.booting:
             d["booting"] = True
         if self.own_pid is not None:
@@ -182,14 +208,17 @@ def read_leader(zk: KazooClient, paths: Paths) -> tuple[Leader, int]:
     return Leader(d.get("id"), int(d.get("term", 0))), stat.version
 
 
-def set_leader(zk: KazooClient, paths: Paths, worker_id: str, *, expected_version: int | None = None) -> int:
-    """Name a new master with the next term. Returns the new term. Raises
-    BadVersionError if someone else changed the leader meanwhile."""
+def set_leader(zk: KazooClient, paths: Paths, worker_id: str, *, expected_version: int | None = None,
+               above: int = 0) -> int:
+    """Name a new master with the next term: above the record's term and
+    above `above` (the highest term the caller knows to be in the log).
+    Returns the new term. Raises BadVersionError if someone else changed the
+    leader meanwhile."""
     for _ in range(20):
         current, version = read_leader(zk, paths)
         if expected_version is not None and version != expected_version:
             raise BadVersionError()
-        term = current.term + 1
+        term = max(current.term, above) + 1
         data = json.dumps({"id": worker_id, "term": term, "at": time.time()}).encode()
         try:
             if version < 0:
@@ -202,6 +231,58 @@ def set_leader(zk: KazooClient, paths: Paths, worker_id: str, *, expected_versio
                 raise BadVersionError() from None
             continue
     raise RuntimeError("could not update the leader record")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The cluster's identity: made once, by the first master of a fresh
+    cluster, kept in ZooKeeper and in every barrier of the log."""
+    id: str
+    created: float = 0.0
+
+
+def settle_identity(in_zk: str | None, in_log: str, new: str) -> tuple[str | None, str]:
+    """The identity a new master takes: (identity, why), or (None, the
+    error) when ZooKeeper and the log disagree. `in_log` is what the worker's
+    store read from the log's barriers ("" none), `new` a fresh one for a
+    fresh cluster."""
+    if in_zk and in_log and in_zk != in_log:
+        return None, (f"cluster identity mismatch: ZooKeeper holds {in_zk}, the log holds {in_log}: not taking "
+                      "writes (two histories are never joined; restore the ZooKeeper state or the log that "
+                      "belongs with the other)")
+    if in_zk and in_log:
+        return in_zk, f"cluster {in_zk}: ZooKeeper and the log agree"
+    if in_zk:
+        return in_zk, f"cluster {in_zk}: the log had no identity yet, ZooKeeper's is stamped into it"
+    if in_log:
+        return in_log, f"cluster {in_log}: ZooKeeper holds no identity (its state was lost?), the log's is restored"
+    return new, f"cluster {new}: a fresh cluster, a new identity"
+
+
+def read_identity(zk: KazooClient, paths: Paths) -> Identity | None:
+    try:
+        data, _ = zk.get(paths.identity)
+    except NoNodeError:
+        return None
+    try:
+        d = json.loads(data) if data else {}
+    except ValueError:
+        d = {}
+    ident = d.get("id") if isinstance(d, dict) else None
+    return Identity(ident, _float(d.get("created")) or 0.0) if isinstance(ident, str) and ident else None
+
+
+def claim_identity(zk: KazooClient, paths: Paths, ident: str) -> Identity:
+    """The identity ZooKeeper holds, writing `ident` first if it holds none
+    (create-only: the first writer wins, and everyone gets the winner)."""
+    try:
+        zk.create(paths.identity, json.dumps({"id": ident, "created": time.time()}).encode(), makepath=True)
+    except NodeExistsError:
+        pass
+    found = read_identity(zk, paths)
+    if found is None:
+        raise RuntimeError(f"{paths.identity} holds no readable identity")
+    return found
 
 
 def record_election(zk: KazooClient, paths: Paths, *, term: int, old: str | None, new: str, reason: str) -> None:

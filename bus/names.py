@@ -89,6 +89,7 @@ class Paths:
         self.root = f"/stratus/{cluster}"
         self.workers = self.root + "/workers"          # ephemeral, one per live worker
         self.leader = self.root + "/leader"            # {"id", "term"}: who is master
+        self.identity = self.root + "/identity"        # {"id", "created"}: the cluster's identity (bus/cluster.py)
         self.elections = self.root + "/elections"      # history: one sequential node per election
         self.orchestrators = self.root + "/orchestrator/election"  # kazoo Election
         self.orchestrator_state = self.root + "/orchestrator/state"  # scaling state, shown in /cluster

@@ -8,8 +8,9 @@ runs a control tick (reconcile) on:
     ZooKeeper session expires, so a failover starts at once),
   - a periodic reconcile (every RECONCILE_EVERY seconds) as a safety net.
 A tick is a sequence of decisions (orchestrator/decisions.py holds the pure
-rules): observe -> remove lost workers -> check the leader (elect if it is
-gone) -> check a promotion in progress (a named master that has not taken
+rules): observe -> remove lost workers -> check the cluster identity (the
+workers' logs against ZooKeeper's: a mismatch halts the tick) -> check the
+leader (elect if it is gone, with a term above every term known) -> check a promotion in progress (a named master that has not taken
 over within settings.promotion_timeout, on this orchestrator's own clock, is
 killed and another elected) -> check the master's broker (a master cut off
 from the broker while another replica reaches it is deposed) -> check the
@@ -40,13 +41,14 @@ from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from bus import registry
 from bus import zk as bzk
-from bus.cluster import Leader, Member, Role, State, elections, read_leader, record_election, set_leader, workers
+from bus.cluster import (Leader, Member, Role, State, elections, read_identity, read_leader, record_election,
+                         set_leader, workers)
 from bus.names import Paths
 from bus.settings import Settings
 
 from . import discovery
-from .decisions import (Decision, Promotion, Stranded, check_master_broker, check_promotion, check_service_broker,
-                        live_members, on_broker, plan_election, plan_slaves)
+from .decisions import (Decision, Promotion, Stranded, check_identity, check_master_broker, check_promotion,
+                        check_service_broker, live_members, on_broker, plan_election, plan_slaves, term_floor)
 from .election import switchover_candidate
 from .runtimes import Runtime, make_runtime
 from .scaling import Scaler, ScalingState
@@ -373,7 +375,13 @@ class Controller:
             if not self.leading:
                 return []
             view = self._observe(snapshot)
-            decisions = [self._remove_lost(view), self._check_leader(view)]
+            decisions = [self._remove_lost(view), check_identity(read_identity(self.zk, self.paths), view.members)]
+            if decisions[-1].action == "halt":
+                if decisions[-1].text not in self._last_decisions:
+                    log.error("%s", decisions[-1].text)
+                self._log_decisions(decisions)
+                return decisions
+            decisions.append(self._check_leader(view))
             if view.leader.id in view.members:
                 decisions.append(self._check_promotion(view))
             if view.leader.id in view.members:
@@ -438,14 +446,18 @@ class Controller:
         """The named master is alive, or a new one is elected."""
         if view.leader.id is not None and view.leader.id in view.members:
             return Decision("none", f"no action: {view.leader.id} holds term {view.leader.term}")
-        return self._elect(view, plan_election(view.leader.id, view.members,
-                                               exclude=self.draining | self.retiring))
+        plan = plan_election(view.leader.id, view.members, exclude=self.draining | self.retiring)
+        if plan.action == "wait":
+            return plan
+        return self._elect(view, plan)
 
     def _check_promotion(self, view: TickView) -> Decision:
         """A named master that does not take over in time has failed:
         kill it and elect another."""
         self._promotion, d = check_promotion(self._promotion, view.leader, view.members.get(view.leader.id),
                                              now=time.monotonic(), timeout=self.settings.promotion_timeout)
+        if d.action == "renumber":
+            return self._elect(view, Decision("elect", d.text, ids=d.ids))
         if d.action != "failed":
             return d
         wid = view.leader.id
@@ -503,6 +515,8 @@ class Controller:
         """Name the planned master (an existing worker, or a new one), with a
         compare-and-set on the leader record version the tick read."""
         old = view.leader.id
+        if plan.action not in ("elect", "bootstrap", "start_master"):
+            return plan   # nothing to name (wait)
         if plan.action == "elect":
             wid = plan.ids[0]
         elif plan.action == "start_master" and not self._may_start():
@@ -510,8 +524,9 @@ class Controller:
             return Decision("wait", "no master, and workers keep dying at start: backing off")
         else:
             wid = new_worker_id()
+        floor, why = term_floor(view.leader, view.members)
         try:
-            term = set_leader(self.zk, self.paths, wid, expected_version=view.version)
+            term = set_leader(self.zk, self.paths, wid, expected_version=view.version, above=floor)
         except BadVersionError:
             log.warning("the leader record changed meanwhile; reconciling again")
             self.wake.set()
@@ -520,7 +535,7 @@ class Controller:
             self._start(wid)
         self.counters["elections"] += 1
         record_election(self.zk, self.paths, term=term, old=old, new=wid, reason=plan.text)
-        log.info("election: term %d, master %s -> %s (%s)", term, old, wid, plan.text)
+        log.info("election: term %d, master %s -> %s (%s; %s)", term, old, wid, plan.text, why)
         view.leader, view.version = read_leader(self.zk, self.paths)
         view.members = self.members(leader_id=view.leader.id)
         return Decision("elect", f"elected {wid} for term {term}: {plan.text}", ids=(wid,))
@@ -618,10 +633,10 @@ class Controller:
                                              exclude=self.draining | self.retiring)
             if cand is None:
                 raise ControlError(409, why)
-            return leader, version, cand
+            return leader, version, cand, term_floor(leader, members)[0]
 
     def _switchover(self, candidate: str | None, timeout: float) -> dict:
-        leader, version, cand = self._switchover_plan(candidate)
+        leader, version, cand, floor = self._switchover_plan(candidate)
         new = cand.id
         # A planned switchover waits until the candidate has nearly caught up
         # with the master, so that writes pause only briefly while it drains
@@ -643,7 +658,7 @@ class Controller:
         with self.lock:
             self._require_leader()
             try:
-                term = set_leader(self.zk, self.paths, new, expected_version=version)
+                term = set_leader(self.zk, self.paths, new, expected_version=version, above=floor)
             except BadVersionError:
                 raise ControlError(409, "the master changed meanwhile; try again") from None
             self.retiring.add(leader.id)

@@ -7,10 +7,18 @@ A tick (Controller.reconcile), in order:
   1. observe    the leader record and the live members (live_members):
                 membership znodes, plus workers the runtime runs that have not
                 registered (yet), minus the dead. Lost workers are killed.
-  2. leader     is the named master among them? If not, elect (plan_election).
+  1b. identity do the workers' logs carry the cluster identity ZooKeeper
+                holds? (check_identity) If not, `halt`: nothing more is done
+                this tick (no election joins two histories).
+  2. leader     is the named master among them? If not, elect (plan_election),
+                with a term above every term known (term_floor: the leader
+                record's and the workers', which they read from the log), so
+                a term never goes back, even after ZooKeeper lost its state.
   3. promotion  has the named master taken over? (check_promotion) A named
                 worker that is not master for the leader's term within the
                 promotion timeout has failed: it is killed and another elected.
+                One that refused its term (the log already held it) is named
+                again above the log's term (renumber).
   4. broker     is the master in office cut off from the broker while another
                 replica reaches it? (check_master_broker) Past
                 BROKER_LOSS_BOUND on the orchestrator's own clock it is
@@ -31,7 +39,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from bus.cluster import Leader, Member, Role, State
+from bus.cluster import Identity, Leader, Member, Role, State
 
 from .election import failover_candidate
 
@@ -46,8 +54,8 @@ BROKER_LOSS_BOUND = 1.0   # a master (or the leading orchestrator) cut off from 
 @dataclass(frozen=True)
 class Decision:
     """What one step of a tick decided."""
-    action: str                  # none | wait | kill | elect | bootstrap | start_master | failed | depose |
-                                 # resign | start | drain
+    action: str                  # none | wait | kill | halt | elect | bootstrap | start_master | failed |
+                                 # renumber | depose | resign | start | drain
     text: str                    # the decision in words (logged when a tick's decisions change)
     ids: tuple[str, ...] = ()    # the workers it concerns (elect: the candidate)
     count: int = 0               # start: how many slaves
@@ -109,12 +117,55 @@ def plan_election(old: str | None, members: dict[str, Member], *, exclude: set[s
     recorded with the election."""
     if old is None and not members:
         return Decision("bootstrap", "bootstrap: a fresh cluster's first master")
-    cause = cause or f"master {old} died"
+    unregistered = sorted(wid for wid, m in members.items() if m.state is State.UNREGISTERED)
+    if old is None and unregistered:
+        # No leader record, yet workers run: ZooKeeper lost its state (or was
+        # restored from an old backup). Their records (terms read from the
+        # log, applied LSNs) are what an election rests on: wait for them.
+        return Decision("wait", f"no leader record and {len(unregistered)} running worker(s) not registered "
+                                f"again ({', '.join(unregistered)}): waiting for their records before electing")
+    cause = cause or (f"master {old} died" if old is not None else "no leader record (ZooKeeper lost its state)")
     cand = failover_candidate(members, exclude=exclude)
     if cand is None:
         return Decision("start_master", f"{cause} and no slave is left: a new worker replays the log")
     return Decision("elect", f"{cause}: {cand.id} has applied LSN {cand.applied_lsn}, the most among "
                              f"{'ready ' if cand.ready else ''}slaves (pid {cand.pid})", ids=(cand.id,))
+
+
+def check_identity(identity: Identity | None, members: dict[str, Member]) -> Decision:
+    """Do the workers' logs belong to the cluster ZooKeeper knows? A worker
+    whose store read another identity from the log (the log of another
+    cluster, or ZooKeeper restored from another cluster's backup) means two
+    histories: `halt` (no election, no new master) with the error, rather
+    than join them. None known on either side is no mismatch."""
+    if identity is None:
+        return Decision("none", "no cluster identity in ZooKeeper yet: the next master writes its log's")
+    other = sorted((m.id, m.cluster_id) for m in members.values() if m.cluster_id and m.cluster_id != identity.id)
+    if other:
+        wid, theirs = other[0]
+        return Decision("halt", f"cluster identity mismatch: ZooKeeper holds {identity.id}, the log of worker {wid} "
+                                f"holds {theirs}: electing no master (restore the ZooKeeper state or the log that "
+                                "belongs with the other)", ids=tuple(w for w, _ in other))
+    return Decision("none", f"no action: cluster {identity.id}")
+
+
+def term_floor(leader: Leader, members: dict[str, Member]) -> tuple[int, str]:
+    """(the highest term known, why): a term handed out must be above it.
+    The leader record's term is not enough: after ZooKeeper lost its state
+    (an empty data directory, an old backup) the record is gone or behind
+    while the log holds newer barriers. Every worker reports the highest
+    barrier term it has read from the log (a master its own term), and one
+    that refused a term says so; the next term is above all of them. A term
+    in the log that no live worker has read is found by the worker named
+    for a lower one: it refuses (refused_term), and check_promotion renumbers."""
+    best, who = leader.term, "the leader record"
+    for m in sorted(members.values(), key=lambda m: m.id):
+        t = max(m.term, m.refused_term)
+        if t > best:
+            best, who = t, f"worker {m.id}"
+    if best == 0:
+        return 0, "no term known yet: the next is 1"
+    return best, f"the highest term known is {best} ({who}): the next is above it"
 
 
 # --- 3. promotion ----------------------------------------------------------------------
@@ -136,13 +187,19 @@ def check_promotion(watch: Promotion | None, leader: Leader, member: Member | No
     worker registered (a worker still booting is bounded by BOOT_GRACE), and
     starts again whenever the worker's applied LSN grows: a worker draining a
     long log before its barrier is making progress. `timeout` seconds without
-    becoming master for the leader's term, and without progress, is a failure."""
+    becoming master for the leader's term, and without progress, is a failure.
+    A named worker that refused the term (the log already holds it or a newer
+    one: refused_term) is `renumber`ed: named again with a term above the log's."""
     if leader.id is None or member is None:
         return None, Decision("none", "no named master to watch")
     if member.role is Role.MASTER and member.term >= leader.term:
         return None, Decision("none", f"no action: {member.id} is master for term {leader.term}")
     if member.booting:
         return None, Decision("wait", f"{member.id} is named master for term {leader.term}: waiting for it to register")
+    if member.role is Role.SLAVE and member.refused_term >= leader.term:
+        return None, Decision("renumber", f"{member.id} refused term {leader.term}: the log already holds term "
+                                          f"{max(member.term, member.refused_term)}; naming it again above that",
+                              ids=(member.id,))
     waiting = Decision("wait", f"{member.id} is named master for term {leader.term}: waiting for it to take over")
     if watch is None or (watch.id, watch.term) != (member.id, leader.term):
         return Promotion(member.id, leader.term, now, now, member.applied_lsn), waiting

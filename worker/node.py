@@ -21,6 +21,23 @@ Fencing of replies: a master sends nothing (result, error, duplicate answer,
         read) until a leader-record read that began after the reply was made
         confirms its term; a check that cannot finish within the session
         timeout ends the worker. A deposed master therefore says nothing.
+Terms never go back: a worker remembers the highest barrier term another
+        master wrote in the log (foreign_term; at start, its store's term). A
+        worker named master for a term at or below it refuses when it reads
+        its own barrier back (a stale term would fork history: every replica
+        ignores it); it says so in its membership (refused_term) and the
+        orchestrator names it again above the log's term. This is what keeps
+        a cluster whole after ZooKeeper lost its state and its leader record.
+Cluster identity: every barrier carries the cluster's identity ("cluster"),
+        and a store keeps the first one it reads. A worker finishing a
+        promotion settles it with ZooKeeper's (bus/cluster.py settle_identity):
+        it restores ZooKeeper's record from its log's, stamps ZooKeeper's into
+        a log that had none, or, when they differ, refuses to take writes
+        with the error (the orchestrator then elects no one: check_identity).
+Stalled replicas: a ready slave whose applied LSN has not moved for
+        STALL_BOUND seconds while the master's is ahead of it (it ignores a
+        master's entries, or cannot apply them) stops serving reads until it
+        applies again and its probe comes back.
 Divergence: an applier never skips a record and never applies past a gap in
         LSNs. A record that fails, or a gap (the position fell off the retained
         log, or records went missing), marks the worker `diverged`, with the
@@ -67,7 +84,7 @@ from kazoo.recipe.watchers import DataWatch
 
 from bus import protocol, tenancy
 from bus.client import connection_params
-from bus.cluster import Leader, Member, Role, State, read_leader, workers
+from bus.cluster import Leader, Member, Role, State, claim_identity, read_identity, read_leader, settle_identity, workers
 from bus.errors import BadRequest, DBError, Forbidden
 from bus.names import Names, Paths
 from bus.settings import Settings, env_bool, env_float
@@ -97,6 +114,7 @@ EXIT_LOG_STUCK = 76         # a log append unconfirmed for LOG_CONFIRM_TIMEOUT: 
 # and its transaction is never committed; the orchestrator elects the most
 # advanced replica, as after kill -9. STRATUS_LOG_CONFIRM_TIMEOUT, seconds.
 LOG_CONFIRM_TIMEOUT_DEFAULT = 3.0
+STALL_BOUND = 2.0           # a ready slave that applies nothing this long while the master is ahead is not ready
 DIVERGED_LINGER = 1.0       # how long a diverged worker keeps its membership up, so its reason is seen
 TAIL_MARGIN = 5.0           # a reconnecting master reads the log from this long before its last append
 RECONNECT_MAX = 0.5         # at most this long between two connection attempts: back soon after a broker's
@@ -131,6 +149,12 @@ class Worker:
         self.ready = False
         self.publishing_since: float | None = None   # a log append waiting for its confirm, since
         self.current_term = self.store.term   # highest barrier term seen in the log
+        self.foreign_term = self.store.term   # ... of a barrier another master wrote (or the store's term)
+        self.refused_term = 0                 # the last term we were named for and refused (it was not above the log's)
+        self.identity_refused = 0             # the last term refused because ZooKeeper's cluster identity is another's
+        self.stalled = ""                     # why this slave stalls while the master advances ("" when it does not)
+        self.stall_unready = False            # not ready because of a stall: probe again once it applies
+        self._behind = (None, -1)             # (since when, at which applied LSN) the master has been ahead
         self.reads = 0
         self.leader = Leader(None, 0)
         self.pending_writes: list = []
@@ -173,7 +197,8 @@ class Worker:
                       started=self.started, reason=self.reason,
                       metrics_host=self.metrics_addr[0] if self.metrics_addr else None,
                       metrics_port=self.metrics_addr[1] if self.metrics_addr else None,
-                      broker_up=self.broker_up, broker_down_since=self.broker_down_since).to_dict()
+                      broker_up=self.broker_up, broker_down_since=self.broker_down_since,
+                      refused_term=self.refused_term, cluster_id=self.store.cluster_id).to_dict()
 
     def _set_broker(self, up: bool) -> None:
         if up == self.broker_up:
@@ -195,10 +220,27 @@ class Worker:
                     if self.master_serves_reads == any_ready:
                         self.master_serves_reads = not any_ready
                         self._wake()
+                elif self.ready or self.stall_unready:
+                    self._check_stall(workers(self.zk, self.paths).get(self.leader.id))
             except Exception as exc:
                 log.debug("membership refresh failed: %s", exc)
             self.membership_changed.wait(0.25)
             self.membership_changed.clear()
+
+    def _check_stall(self, master: Member | None) -> None:
+        """(ZooKeeper thread) Does this slave stall while the master advances?
+        Sets `stalled`; the main thread stops serving reads (_steer)."""
+        mine, now = self.store.applied_lsn, time.monotonic()
+        ahead = master is not None and master.role is Role.MASTER and master.applied_lsn > mine
+        since, at = self._behind
+        if not ahead or at != mine or since is None:
+            self._behind = (now if ahead else None, mine)
+            stalled = ""
+        else:
+            stalled = stall_reason(master.applied_lsn, mine, now - since, self.current_term, master.term)
+        if stalled != self.stalled:
+            self.stalled = stalled
+            self._wake()
 
     def _claim_membership(self) -> None:
         """A worker restarted under the same id may find its predecessor's
@@ -468,7 +510,8 @@ class Worker:
         leader = self.leader
         if self.promoting_term and self.role is not Role.MASTER and (leader.id != self.id or leader.term > self.promoting_term):
             self._abandon_promotion(leader)
-        if leader.id == self.id and leader.term > max(self.promoting_term, self.store.term if self.role is Role.MASTER else 0):
+        if leader.id == self.id and leader.term > max(self.promoting_term, self.refused_term, self.identity_refused,
+                                                      self.store.term if self.role is Role.MASTER else 0):
             self._begin_promotion(leader.term)
         elif self.role is Role.MASTER and leader.id != self.id and leader.term > self.store.term:
             raise Fatal(f"demoted: {leader.id} is master for term {leader.term}")
@@ -477,6 +520,16 @@ class Worker:
                 self._consume("read", self.ch_work, self.names.read_queue, self._on_read_queue)
             else:
                 self._cancel("read", self.ch_work)
+        elif self.stalled and self.ready and not self.promoting_term:
+            log.warning("not serving reads: %s", self.stalled)
+            self.ready, self.state, self.reason = False, State.CATCHING_UP, self.stalled
+            self.stall_unready = True
+            self._cancel("read", self.ch_work)
+            self.membership_changed.set()
+        elif self.stall_unready and not self.stalled and not self.ready and not self.promoting_term:
+            self.stall_unready = False
+            self.reason = ""
+            self._probe()
 
     # --- slave: applying the log -------------------------------------------
     def _on_log(self, ch, method, props, body) -> None:
@@ -507,7 +560,9 @@ class Worker:
         if kind == "probe":
             if rec.get("nonce") == self.probe_nonce and self.role is Role.SLAVE and not self.ready:
                 rtt = time.monotonic() - self.probe_sent_at
-                if rtt <= READY_PROBE_RTT:
+                if self.stalled:   # near the head, but not applying what the master writes
+                    self.stall_unready = True
+                elif rtt <= READY_PROBE_RTT:
                     self._become_ready()
                 else:  # still replaying a long way behind the head: measure again
                     log.info("probe came back after %.1fs at LSN %d; catching up", rtt, self.store.applied_lsn)
@@ -515,13 +570,26 @@ class Worker:
             return
         term = rec["term"]
         if kind == "barrier":
+            ident = rec.get("cluster")
+            if isinstance(ident, str) and ident and not self.store.cluster_id:   # the first one read wins
+                with self.store.transaction():
+                    self.store.cluster_id = ident
+            elif isinstance(ident, str) and ident and ident != self.store.cluster_id:
+                log.warning("a barrier of term %s carries cluster %s; this store's is %s", term, ident,
+                            self.store.cluster_id)
+            mine = rec.get("nonce") == self.barrier_nonce and rec.get("master") == self.id
+            if mine and self.foreign_term >= term:
+                self._refuse_term(term)
+                return
+            if rec.get("master") != self.id:
+                self.foreign_term = max(self.foreign_term, term)
             if term >= self.current_term:
                 self.current_term = term
                 with self.store.transaction():
                     self.store.term = term
                     if offset is not None:
                         self.store.stream_offset = offset
-            if rec.get("nonce") == self.barrier_nonce and rec.get("master") == self.id:
+            if mine:
                 self._finish_promotion(term)
             return
         if term < self.current_term:
@@ -584,7 +652,7 @@ class Worker:
         if "log" not in self.tags:
             self._start_log()
         self.barrier_nonce = uuid.uuid4().hex
-        self._publish_log(protocol.encode_barrier(term, self.id, self.barrier_nonce))
+        self._publish_log(self._barrier(term, self.barrier_nonce))
         self.last_append_wall = time.time()
         faults.hit("promotion.after_barrier", self)
 
@@ -609,17 +677,69 @@ class Worker:
         self.ready, self.state = False, State.CATCHING_UP
         self._probe()
 
+    def _barrier(self, term: int, nonce: str) -> bytes:
+        """A barrier record, carrying the cluster identity this store holds."""
+        rec = {"v": protocol.VERSION, "type": "barrier", "term": term, "master": self.id, "nonce": nonce}
+        if self.store.cluster_id:
+            rec["cluster"] = self.store.cluster_id
+        return protocol.dumps(rec)
+
+    def _settle_identity(self, term: int) -> str | None:
+        """The identity this new master takes (None: it must not take writes)."""
+        try:
+            zk = read_identity(self.zk, self.paths)
+            ident, why = settle_identity(zk.id if zk else None, self.store.cluster_id, uuid.uuid4().hex)
+            if ident is not None and zk is None:
+                won = claim_identity(self.zk, self.paths, ident).id
+                if won != ident:   # another wrote one meanwhile
+                    ident, why = settle_identity(won, self.store.cluster_id, "")
+        except Exception as exc:
+            raise Fatal(f"cannot settle the cluster identity with ZooKeeper: {exc!r}") from None
+        if ident is None:
+            log.error("named master for term %d: %s", term, why)
+            self.identity_refused = term
+            self.promoting_term = 0
+            self.barrier_nonce = None
+            self.ready, self.state, self.reason = False, State.CATCHING_UP, why
+            self.membership_changed.set()
+            self._probe()
+            return None
+        log.info("%s", why)
+        return ident
+
+    def _refuse_term(self, term: int) -> None:
+        """Our barrier came back, but the log already holds a barrier of this
+        term or a newer one from another master: taking writes at this term
+        would fork history (every replica ignores a stale term). Stay a slave,
+        say so (refused_term), and wait to be named again above it."""
+        log.error("named master for term %d, but the log already holds term %d from another master: "
+                  "refusing it (the orchestrator names a higher term)", term, self.foreign_term)
+        self.refused_term = term
+        self.promoting_term = 0
+        self.barrier_nonce = None
+        self.ready, self.state = False, State.CATCHING_UP
+        self.reason = f"refused term {term}: the log already holds term {self.foreign_term}"
+        self.membership_changed.set()
+        self._probe()
+
     def _finish_promotion(self, term: int) -> None:
         if self.leader.id != self.id or self.leader.term != term:
             log.warning("barrier for term %d read back, but the leader is now %s/%d", term, self.leader.id, self.leader.term)
             return
         faults.hit("promotion.before_finish", self)
+        ident = self._settle_identity(term)
+        if ident is None:
+            return
         # Stop reading the log: deliveries still in flight on the stream
         # consumer are dropped with its channel (a lost connection raises, and
         # run() reconnects and promotes again).
         self._drop_log_channel()
+        stamp = ident != self.store.cluster_id   # our barrier did not carry it: the log gets it now
         with self.store.transaction():
             self.store.term = term
+            self.store.cluster_id = ident
+        if stamp:
+            self._publish_log(self._barrier(term, uuid.uuid4().hex))
         self.role, self.state, self.ready = Role.MASTER, State.MASTER, True
         self.promoting_term = 0
         self.reason = ""
@@ -868,6 +988,18 @@ class Worker:
         self.parked.clear()
         self.conn.process_data_events(time_limit=0)
         return 0
+
+
+def stall_reason(master_lsn: int, mine: int, behind_for: float, term: int, master_term: int,
+                 bound: float = STALL_BOUND) -> str:
+    """Why a slave must not serve reads ("" when it may): it has applied
+    nothing for `bound` seconds while the master's applied LSN is ahead."""
+    if master_lsn <= mine or behind_for < bound:
+        return ""
+    why = f"the master is at LSN {master_lsn}, this replica stalls at {mine} for {behind_for:.1f}s"
+    if master_term < term:
+        why += f" (the master's term {master_term} is below the log's {term}: its entries are ignored)"
+    return why
 
 
 def req_unparsable(body: bytes) -> bool:

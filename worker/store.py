@@ -122,6 +122,7 @@ class Store:
             m = dict(self.conn.execute(sa.select(self.t_meta.c.key, self.t_meta.c.value)).all())
         self.applied_lsn = int(m.get("applied_lsn", 0))
         self.term = int(m.get("term", 0))
+        self.cluster_id = str(m.get("cluster_id") or "")   # the cluster identity its log's barriers carry
         self.stream_offset = int(m["stream_offset"]) if m.get("stream_offset") not in (None, "") else None
 
     def _migrate(self) -> None:
@@ -149,13 +150,13 @@ class Store:
     def transaction(self):
         """One transaction; bookkeeping (LSN, term, offset) is saved in it."""
         tx = self.conn.begin()
-        saved = (self.applied_lsn, self.term, self.stream_offset, dict(self.defs))
+        saved = (self.applied_lsn, self.term, self.stream_offset, dict(self.defs), self.cluster_id)
         try:
             yield
             self._save_meta()
             tx.commit()
         except BaseException:
-            self.applied_lsn, self.term, self.stream_offset, defs = saved
+            self.applied_lsn, self.term, self.stream_offset, defs, self.cluster_id = saved
             self._forget_tables_not_in(defs)
             tx.rollback()
             raise
@@ -173,7 +174,7 @@ class Store:
                 self._register(d)
 
     def _save_meta(self) -> None:
-        rows = {"applied_lsn": str(self.applied_lsn), "term": str(self.term),
+        rows = {"applied_lsn": str(self.applied_lsn), "term": str(self.term), "cluster_id": self.cluster_id,
                 "stream_offset": "" if self.stream_offset is None else str(self.stream_offset)}
         for k, v in rows.items():
             if self.conn.execute(sa.update(self.t_meta).where(self.t_meta.c.key == k).values(value=v)).rowcount == 0:
