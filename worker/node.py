@@ -149,7 +149,9 @@ class Worker:
         self.ready = False
         self.publishing_since: float | None = None   # a log append waiting for its confirm, since
         self.current_term = self.store.term   # highest barrier term seen in the log
-        self.foreign_term = self.store.term   # ... of a barrier another master wrote (or the store's term)
+        # ... of a barrier another master wrote: the store's term, unless that
+        # barrier was our own (a restart under the same id resumes its term)
+        self.foreign_term = foreign_term_at_start(self.store.term, self.store.term_master, worker_id)
         self.refused_term = 0                 # the last term we were named for and refused (it was not above the log's)
         self.identity_refused = 0             # the last term refused because ZooKeeper's cluster identity is another's
         self.stalled = ""                     # why this slave stalls while the master advances ("" when it does not)
@@ -587,6 +589,7 @@ class Worker:
                 self.current_term = term
                 with self.store.transaction():
                     self.store.term = term
+                    self.store.term_master = str(rec.get("master") or "")
                     if offset is not None:
                         self.store.stream_offset = offset
             if mine:
@@ -988,6 +991,16 @@ class Worker:
         self.parked.clear()
         self.conn.process_data_events(time_limit=0)
         return 0
+
+
+def foreign_term_at_start(store_term: int, term_master: str, me: str) -> int:
+    """The highest barrier term another master wrote, as far as a store
+    tells at start: its term, unless its highest barrier was this worker's
+    own (then every other master's is below it); a store that does not say
+    whose it was (an older one) counts as another's."""
+    if term_master and term_master == me:
+        return max(store_term - 1, 0)
+    return store_term
 
 
 def stall_reason(master_lsn: int, mine: int, behind_for: float, term: int, master_term: int,

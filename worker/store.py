@@ -123,6 +123,7 @@ class Store:
         self.applied_lsn = int(m.get("applied_lsn", 0))
         self.term = int(m.get("term", 0))
         self.cluster_id = str(m.get("cluster_id") or "")   # the cluster identity its log's barriers carry
+        self.term_master = str(m.get("term_master") or "")   # who wrote the barrier of `term` ("" unknown)
         self.stream_offset = int(m["stream_offset"]) if m.get("stream_offset") not in (None, "") else None
 
     def _migrate(self) -> None:
@@ -150,13 +151,13 @@ class Store:
     def transaction(self):
         """One transaction; bookkeeping (LSN, term, offset) is saved in it."""
         tx = self.conn.begin()
-        saved = (self.applied_lsn, self.term, self.stream_offset, dict(self.defs), self.cluster_id)
+        saved = (self.applied_lsn, self.term, self.stream_offset, dict(self.defs), self.cluster_id, self.term_master)
         try:
             yield
             self._save_meta()
             tx.commit()
         except BaseException:
-            self.applied_lsn, self.term, self.stream_offset, defs, self.cluster_id = saved
+            self.applied_lsn, self.term, self.stream_offset, defs, self.cluster_id, self.term_master = saved
             self._forget_tables_not_in(defs)
             tx.rollback()
             raise
@@ -175,6 +176,7 @@ class Store:
 
     def _save_meta(self) -> None:
         rows = {"applied_lsn": str(self.applied_lsn), "term": str(self.term), "cluster_id": self.cluster_id,
+                "term_master": self.term_master,
                 "stream_offset": "" if self.stream_offset is None else str(self.stream_offset)}
         for k, v in rows.items():
             if self.conn.execute(sa.update(self.t_meta).where(self.t_meta.c.key == k).values(value=v)).rowcount == 0:

@@ -92,3 +92,11 @@ def test_check_identity_halts_on_another_clusters_log():
                              "electing no master")
     m = Member("w", cluster_id="c1")
     assert Member.from_dict(m.to_dict()) == m and "cluster_id" not in Member("w").to_dict()
+
+
+def test_a_worker_restarted_under_its_own_id_resumes_its_own_term_but_not_anothers():
+    from worker.node import foreign_term_at_start
+    assert foreign_term_at_start(5, "w1", "w1") == 4      # its own barrier: named again at 5, it may resume
+    assert foreign_term_at_start(5, "w2", "w1") == 5      # another's: 5 is refused, only above it
+    assert foreign_term_at_start(5, "", "w1") == 5        # an older store does not say: another's
+    assert foreign_term_at_start(0, "w1", "w1") == 0
