@@ -1,7 +1,7 @@
 # The local stand-in for the official rabbitmq image, from Debian's
 # rabbitmq-server (3.10). Same interface where Stratus relies on it: AMQP on
-# 5672, data in /var/lib/rabbitmq, logs on stdout, guest may log in from
-# other containers (the official image allows that too).
+# 5672, data in /var/lib/rabbitmq, logs on stdout. No guest: the accounts are
+# the definitions the stack mounts at /etc/rabbitmq/stratus (compose/).
 ARG DEBIAN_IMAGE=stratus/debian:bookworm
 FROM ${DEBIAN_IMAGE}
 ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
@@ -14,7 +14,6 @@ RUN apt-get update \
 RUN rabbitmq-plugins enable --offline rabbitmq_management rabbitmq_prometheus \
  && chown rabbitmq:rabbitmq /etc/rabbitmq/enabled_plugins
 COPY rabbitmq.conf /etc/rabbitmq/rabbitmq.conf
-COPY rabbitmq-definitions.json /etc/rabbitmq/stratus-definitions.json
 ENV HOME=/var/lib/rabbitmq RABBITMQ_LOGS=- RABBITMQ_CONFIG_FILE=/etc/rabbitmq/rabbitmq
 WORKDIR /var/lib/rabbitmq
 USER rabbitmq

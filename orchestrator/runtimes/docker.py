@@ -1,6 +1,7 @@
-"""The Docker runtime: each unit is a container on the stack's network
-STRATUS_DOCKER_NETWORK, named `stratus-<cluster>-<id>` (so it is reachable by
-that name on the network). Two kinds, each selected by its own labels, so a
+"""The Docker runtime: each unit is a container named
+`stratus-<cluster>-<id>` (so it is reachable by that name on its network): a
+DB worker on the stack's network STRATUS_DOCKER_NETWORK, an app instance on
+its tenant's own network (below). Two kinds, each selected by its own labels, so a
 worker runtime never sees an instance container and vice versa.
 
 DB workers (kind "worker"): `python -m worker --id ID` from STRATUS_WORKER_IMAGE,
@@ -25,6 +26,16 @@ from spec.context (the unpacked package):
                     spec label (tenant, app, role, digest...): adopt() rebuilds
                     the handle (labels, host, port) from them.
   host:port  the container's name and spec.port
+  walls      (issue #22, docs/operations.md "Docker walls") the tenant's
+             uid:gid (tenant_uid), cap_drop ALL, no-new-privileges, a
+             read-only root with a tmpfs /tmp of disk_mb, mem_limit =
+             memswap_limit, nano_cpus, pids_limit, a json-file log of log_mb
+             (`confinement`, the limits from Limits.from_env()).
+  network    stratus-<cluster>-tenant-<tenant>: internal (no route out),
+             made at the tenant's first instance, the stack's services named
+             by STRATUS_DOCKER_TENANT_PEERS ("service[:alias],...", compose
+             services on STRATUS_DOCKER_NETWORK) joined to it, removed with
+             the tenant's last instance (a stop) and by close(remove=True).
   workdir    /app for a built image; with an image of the role's own, spec.cwd
              (a path inside the image) unless it is spec.context (the
              package's directory on this host), else the image's own
@@ -71,9 +82,11 @@ Environment read here (besides the Settings):
   STRATUS_WORKER_IMAGE    default $STRATUS_IMAGE_PREFIX/worker:latest (prefix: stratus)
   STRATUS_IMAGE_PREFIX    the base of app images: <prefix>/app:latest
   STRATUS_DOCKER_NETWORK  default stratus
+  STRATUS_DOCKER_TENANT_PEERS  the services joined to each tenant network (none by default)
   DOCKER_HOST etc.        as for the docker CLI (docker.from_env)"""
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -89,6 +102,8 @@ from typing import Any, Callable, Mapping
 from bus.settings import Settings
 
 from .base import ExitCallback, Handle, Runtime, Spec, StartError, check_id, check_log_path, instance_env
+from .confine import TENANT_UIDS
+from .limits import MIB, Limits
 
 log = logging.getLogger("stratus.orchestrator.runtime")
 
@@ -101,6 +116,9 @@ LABEL_INSTANCE = "stratus.instance_id"
 LABEL_PORT = "stratus.port"
 LABEL_LOG = "stratus.log"
 LABEL_PREFIX = "stratus.label."
+LABEL_TENANT = "stratus.tenant"
+TENANT_NET = "tenant-network"
+SCRATCH = "/tmp"
 ROLE = "worker"
 INSTANCE = "instance"
 DATA_DIR = "/var/lib/stratus"
@@ -184,6 +202,29 @@ def worker_env(environ: Mapping[str, str], settings: Settings, worker_id: str) -
     return env
 
 
+def worker_secrets_env(environ: Mapping[str, str], settings: Settings) -> dict[str, str]:
+    """What a worker container is given of the platform's secrets (a worker
+    is the platform's; an instance never gets these): the workers' own broker
+    account (broker-worker.url in the secrets directory, bus/broker_accounts.py)
+    unless this orchestrator was given an explicit STRATUS_AMQP_URL, and the
+    platform's ZooKeeper identity (bus/zk.py; "none" when auth is off), so a
+    worker never generates an identity of its own in its own volume."""
+    from bus import zk as bzk
+    env: dict[str, str] = {}
+    if not environ.get("STRATUS_AMQP_URL"):
+        try:
+            from bus.broker_accounts import url_file
+            from bus.settings import secrets_dir
+            url = url_file(secrets_dir(), "worker").read_text().strip()
+            if url:
+                env["STRATUS_AMQP_URL"] = url
+        except (ImportError, OSError):
+            pass
+    ident = bzk.platform_identity(settings)
+    env["STRATUS_ZK_AUTH"] = ident.credential if ident is not None else "none"
+    return env
+
+
 def container_instance_env(spec: Spec) -> dict[str, str]:
     """An instance container's whole environment (see the module docstring)."""
     home = APP_DIR if spec.image is None else (image_workdir(spec) or "")
@@ -200,6 +241,67 @@ def image_workdir(spec: Spec) -> str | None:
     if spec.image is None or not spec.cwd or spec.cwd == spec.context:
         return None
     return spec.cwd
+
+
+def tenant_uid(cluster: str, tenant: str) -> int:
+    """The uid (and gid) a tenant's containers run as: fixed per (cluster,
+    tenant), in the tenants' range, owning nothing in any image. One uid per
+    tenant, because the kernel counts some things per uid across the whole
+    host (inotify instances, keyring quotas): tenants never share those
+    counters (a hash: two tenants may collide, at 1 in 100000 per pair,
+    which costs nothing but that separation)."""
+    h = int(hashlib.sha256(f"{cluster}/{tenant}".encode()).hexdigest()[:12], 16)
+    return TENANT_UIDS[0] + h % (TENANT_UIDS[1] - TENANT_UIDS[0] + 1)
+
+
+def tenant_network_name(cluster: str, tenant: str) -> str:
+    """stratus-<cluster>-tenant-<tenant>: the tenant's instances, the broker
+    and the gateway's path to them, nothing else (see the module docstring)."""
+    return f"stratus-{cluster}-tenant-{tenant or 'none'}"
+
+
+def tenant_network_labels(cluster: str, tenant: str) -> dict[str, str]:
+    return {LABEL_CLUSTER: cluster, LABEL_KIND: TENANT_NET, LABEL_TENANT: tenant or "none"}
+
+
+def parse_peers(raw: str | None) -> list[tuple[str, str | None]]:
+    """STRATUS_DOCKER_TENANT_PEERS: "service[:alias],..." -> [(service, alias)],
+    the stack's compose services joined to every tenant network (an alias
+    makes the service reachable by that name there: the broker's host name
+    in the instances' STRATUS_AMQP_URL)."""
+    out = []
+    for item in (raw or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        svc, _, alias = item.partition(":")
+        out.append((svc.strip(), alias.strip() or None))
+    return out
+
+
+def log_options(limits: Limits) -> dict[str, str]:
+    """json-file options keeping at most limits.log_mb of an instance's output (two files)."""
+    return {"max-size": f"{max(1, limits.log_mb * 1024 // 2)}k", "max-file": "2"}
+
+
+def confinement(limits: Limits, uid: int) -> dict[str, Any]:
+    """The create() arguments that wall an instance container in (issue #22,
+    docs/operations.md "Docker walls"): an unprivileged uid:gid, no
+    capabilities, no_new_privs, a read-only root with a tmpfs /tmp of
+    disk_mb, and the engine's limits (memory with no swap beyond it, CPU,
+    processes, log volume)."""
+    return dict(
+        user=f"{uid}:{uid}",
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        read_only=True,
+        tmpfs={SCRATCH: f"rw,nosuid,nodev,size={limits.disk_mb}m,mode=1777"},
+        mem_limit=f"{limits.memory_mb}m",
+        memswap_limit=f"{limits.memory_mb}m",
+        nano_cpus=int(round(limits.cpus * 1e9)),
+        pids_limit=limits.pids,
+        log_config={"type": "json-file", "config": log_options(limits)},
+    )
 
 
 def worker_image(environ: Mapping[str, str]) -> str:
@@ -363,6 +465,10 @@ class DockerRuntime(Runtime):
         self._build_locks: dict[str, threading.Lock] = {}
         self._followers: dict[str, threading.Thread] = {}
         self._detached = False     # closed without removal: a successor owns the units now
+        # Instances: what each may use, and the stack's services joined to every tenant network.
+        self.limits = Limits.from_env() if kind == INSTANCE else None
+        self.peers = parse_peers(self.environ.get("STRATUS_DOCKER_TENANT_PEERS"))
+        self._net_lock = threading.Lock()
 
     # --- interface -----------------------------------------------------------------
     def start(self, spec: Spec) -> Handle:
@@ -391,6 +497,11 @@ class DockerRuntime(Runtime):
             time.sleep(0.05)
         if unit_id in self.running():
             self._reap(h.ref, unit_id, None)
+        if self.kind == INSTANCE:
+            # A stopped instance is not restarted: its tenant's network goes
+            # with its last instance (the container first: it holds the network).
+            self._remove(h.ref, None)
+            self._prune_tenant_networks((h.labels or {}).get("tenant", ""))
 
     def kill(self, unit_id: str) -> None:
         h = self._handles.get(unit_id)
@@ -482,6 +593,8 @@ class DockerRuntime(Runtime):
             t.join(30)
         if self.kind == "worker":
             self._remove_orphan_volumes()
+        else:
+            self._prune_tenant_networks(None)
         with self._lock:
             self._handles.clear()
         log.info("removed %d %s containers", len(containers), self.kind)
@@ -497,7 +610,8 @@ class DockerRuntime(Runtime):
             name=container_name(self.cluster, worker_id),
             hostname=worker_id,
             labels=labels,
-            environment={**worker_env(self.environ, self.settings, worker_id), **spec.env},
+            environment={**worker_env(self.environ, self.settings, worker_id),
+                         **worker_secrets_env(self.environ, self.settings), **spec.env},
             network=self.network,
             volumes={vol: {"bind": DATA_DIR, "mode": "rw"}},
             log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
@@ -515,15 +629,16 @@ class DockerRuntime(Runtime):
         return self._started(spec, container, {"adopted": False, "container": container.name}, None,
                              spec.image or self.image)
 
-    def _start_instance(self, spec: Spec) -> Handle:
-        image = spec.image or self.build_image(spec)
+    def instance_kwargs(self, spec: Spec, network: str) -> dict[str, Any]:
+        """containers.create()'s arguments for an instance (unit-tested)."""
+        tenant = spec.labels.get("tenant", "")
         kwargs: dict[str, Any] = dict(
             name=container_name(self.cluster, spec.id),
             hostname=spec.id,
             labels=instance_labels(self.cluster, spec),
             environment=container_instance_env(spec),
-            network=self.network,
-            log_config={"type": "json-file", "config": {"max-size": "10m", "max-file": "3"}},
+            network=network,
+            **confinement(self.limits or Limits.from_env(), tenant_uid(self.cluster, tenant)),
         )
         if spec.argv:
             kwargs["command"] = list(spec.argv)
@@ -531,9 +646,18 @@ class DockerRuntime(Runtime):
             kwargs["working_dir"] = APP_DIR
         elif image_workdir(spec):
             kwargs["working_dir"] = image_workdir(spec)
+        return kwargs
+
+    def _start_instance(self, spec: Spec) -> Handle:
+        image = spec.image or self.build_image(spec)
+        tenant = spec.labels.get("tenant", "")
         container = None
         try:
-            container = self.client.containers.create(image, **kwargs)
+            # The network and the container under one lock: a stop() of the
+            # tenant's last instance does not remove the network in between.
+            with self._net_lock:
+                network = self._tenant_network(tenant)
+                container = self.client.containers.create(image, **self.instance_kwargs(spec, network))
             container.start()
         except Exception as exc:
             if container is not None:
@@ -556,6 +680,86 @@ class DockerRuntime(Runtime):
             self._reap(container.id, spec.id, state.get("ExitCode"))
         log.info("started %s %s (container %s, pid %d, image %s)", self.kind, spec.id, container.name, h.pid, image)
         return h
+
+    # --- tenant networks -------------------------------------------------------------
+    def _tenant_network(self, tenant: str) -> str:
+        """The tenant's network (internal: no route out), made on first use,
+        with the peers (the broker, the gateway...) joined to it. Called
+        under _net_lock."""
+        name = tenant_network_name(self.cluster, tenant)
+        try:
+            net = self.client.networks.get(name)
+        except Exception as exc:
+            if not _not_found(exc):
+                raise
+            try:
+                net = self.client.networks.create(name, driver="bridge", internal=True, check_duplicate=True,
+                                                  labels=tenant_network_labels(self.cluster, tenant))
+                log.info("made the network %s for tenant %s", name, tenant)
+            except Exception as exc:
+                if "already exists" not in str(exc):
+                    raise
+                net = self.client.networks.get(name)   # another orchestrator was first
+        self._join_peers(net)
+        return name
+
+    def _join_peers(self, net) -> None:
+        """Connect the peers (compose services on the stack's network, by
+        STRATUS_DOCKER_TENANT_PEERS) not connected to `net` yet: a gateway
+        scaled up later joins at the next instance start."""
+        if not self.peers:
+            return
+        wanted = dict(self.peers)
+        try:
+            candidates = self.client.containers.list(filters={"network": self.network,
+                                                              "label": ["com.docker.compose.service"]})
+            net.reload()
+        except Exception as exc:
+            log.warning("listing the peers for %s: %s", net.name, exc)
+            return
+        joined = set((net.attrs.get("Containers") or {}).keys())
+        for c in candidates:
+            svc = (c.labels or {}).get("com.docker.compose.service")
+            if svc not in wanted or c.id in joined:
+                continue
+            alias = wanted[svc]
+            try:
+                net.connect(c, aliases=[alias] if alias else None)
+                log.info("joined %s (%s) to %s", c.name, svc, net.name)
+            except Exception as exc:
+                if "already exists" not in str(exc):
+                    log.warning("joining %s to %s: %s", c.name, net.name, exc)
+
+    def _prune_tenant_networks(self, tenant: str | None) -> None:
+        """Remove the tenant's network (all of this cluster's with None) when
+        no instance container of it is left: the peers are disconnected first."""
+        filters = {"label": [f"{LABEL_CLUSTER}={self.cluster}", f"{LABEL_KIND}={TENANT_NET}"]}
+        if tenant is not None:
+            filters["label"].append(f"{LABEL_TENANT}={tenant or 'none'}")
+        with self._net_lock:
+            try:
+                nets = self.client.networks.list(filters=filters)
+                live = {(c.labels or {}).get(LABEL_PREFIX + "tenant") or "none"
+                        for c in self.client.containers.list(all=True, filters=cluster_filters(self.cluster, INSTANCE))}
+            except Exception as exc:
+                log.warning("listing the tenant networks: %s", exc)
+                return
+            for n in nets:
+                if ((n.attrs.get("Labels") or {}).get(LABEL_TENANT) or "none") in live:
+                    continue
+                try:
+                    n.reload()
+                    for cid in list((n.attrs.get("Containers") or {}).keys()):
+                        try:
+                            n.disconnect(cid, force=True)
+                        except Exception as exc:
+                            if not _not_found(exc):
+                                log.warning("disconnecting %s from %s: %s", cid[:12], n.name, exc)
+                    n.remove()
+                    log.info("removed the network %s", n.name)
+                except Exception as exc:
+                    if not _not_found(exc):
+                        log.warning("removing the network %s: %s", n.name, exc)
 
     def build_image(self, spec: Spec) -> str:
         """The tag of the instance's image, built from spec.context unless that
@@ -596,12 +800,22 @@ class DockerRuntime(Runtime):
             if since is not None:
                 kw["since"] = since
             stream = client.containers.get(h.ref).logs(**kw)
-            with open(path, "ab") as out:
+            # The log volume limit: the file is rotated (one old file kept,
+            # <log>.1) at half of log_mb, so both together stay within it.
+            cap = (self.limits or Limits.from_env()).log_mb * MIB // 2
+            out = open(path, "ab")
+            try:
                 for chunk in stream:
                     if self._detached:
                         break   # a successor follows it now
                     out.write(chunk)
                     out.flush()
+                    if out.tell() >= cap:
+                        out.close()
+                        os.replace(path, path.with_name(path.name + ".1"))
+                        out = open(path, "ab")
+            finally:
+                out.close()
         except Exception as exc:
             if not _not_found(exc):
                 log.warning("following the output of %s: %s", h.id, exc)

@@ -52,6 +52,9 @@ removes tasks when scaled down. The app controller declares each role
                         nodes the image must be pushed to a registry they reach)
              env        base.instance_env, with STRATUS_INSTANCE={{.Task.ID}} (Swarm's
                         template: each task knows its own id)
+             walls      service_confinement: what a service can have of the
+                        Docker runtime's (no no-new-privileges, no swap limit on
+                        API 1.41; still the stack's network: docs/operations.md)
   a task     id = the task's id (the instance id the API shows), slot = Swarm's
              slot - 1, host = its address on the network, port = the role's
              (every task of a role listens on the same port: each has its own
@@ -77,6 +80,7 @@ from bus.settings import Settings
 
 from . import docker as d
 from .base import ExitCallback, Handle, Runtime, Spec, StartError, check_id, check_log_path, instance_env
+from .limits import Limits
 
 log = logging.getLogger("stratus.orchestrator.runtime")
 
@@ -146,6 +150,26 @@ def current_task(tasks: list[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     live = [t for t in tasks if task_state(t) in LIVE_STATES and (t.get("DesiredState") or "running") == "running"]
     pool = live or list(tasks)
     return max(pool, key=lambda t: t.get("CreatedAt") or "")
+
+
+def service_confinement(limits: Limits, uid: int) -> dict[str, Any]:
+    """services.create()'s arguments that wall a role's tasks in, as far as a
+    Swarm service can on API 1.41 (Docker 20.10; docs/operations.md "Docker
+    walls"): the tenant's unprivileged uid:gid, every capability dropped
+    (cap_drop, API 1.41), a read-only root with a tmpfs /tmp of disk_mb, memory
+    and CPU limits, the number of processes (Resources.Limits.Pids, API 1.41:
+    the SDK has no argument for it, so it is set in the dict), and the log
+    volume. A service cannot set no-new-privileges (no such field before API
+    1.44) nor a swap limit: the base image holds no setuid program instead
+    (docker/Dockerfile.base), and swap is the host's to disable."""
+    from docker.types import Mount, Resources
+    res = Resources(cpu_limit=int(round(limits.cpus * 1e9)), mem_limit=limits.memory_mb * d.MIB)
+    res.setdefault("Limits", {})["Pids"] = limits.pids
+    return dict(
+        user=f"{uid}:{uid}", cap_drop=["ALL"], read_only=True, resources=res,
+        mounts=[Mount(target=d.SCRATCH, source="", type="tmpfs", tmpfs_size=limits.disk_mb * d.MIB,
+                      tmpfs_mode=0o1777)],
+        log_driver="json-file", log_driver_options=d.log_options(limits))
 
 
 def _env_list(env: Mapping[str, str]) -> list[str]:
@@ -277,7 +301,8 @@ class SwarmRuntime(Runtime):
         labels = d.worker_labels(self.cluster, wid)
         vol = d.volume_name(self.cluster, wid)
         from docker.types import EndpointSpec, Mount, RestartPolicy, ServiceMode
-        env = {**d.worker_env(self.engine.environ, self.settings, wid), **spec.env,
+        env = {**d.worker_env(self.engine.environ, self.settings, wid),
+               **d.worker_secrets_env(self.engine.environ, self.settings), **spec.env,
                "STRATUS_ADVERTISE_HOST": d.container_name(self.cluster, wid)}
         image = spec.image or self.image
         try:
@@ -470,6 +495,7 @@ class SwarmRoles:
         self.engine = _Engine(settings, client_factory, environ)
         self.cluster = settings.cluster
         self.base_image = d.app_base_image(self.engine.environ)
+        self.limits = Limits.from_env()
         self._build_locks: dict[str, threading.Lock] = {}
         self._lock = threading.RLock()
         self._followers: dict[str, threading.Thread] = {}
@@ -519,8 +545,8 @@ class SwarmRoles:
             restart_policy=RestartPolicy(condition="any", delay=10**9, max_attempts=0),
             update_config=UpdateConfig(parallelism=1, order="start-first", failure_action="continue",
                                        monitor=2 * 10**9),
-            stop_grace_period=10 * 10**9, log_driver="json-file",
-            log_driver_options={"max-size": "10m", "max-file": "3"})
+            stop_grace_period=10 * 10**9, **service_confinement(self.limits, d.tenant_uid(
+                self.cluster, spec.labels.get("tenant", ""))))
         if spec.argv:
             kwargs["args"] = list(spec.argv)
         if spec.image is None:

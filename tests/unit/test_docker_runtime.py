@@ -123,6 +123,29 @@ class FakeContainer:
         return iter(list(self.api.output.get(self.name, [])))
 
 
+class FakeNetwork:
+    def __init__(self, api, name, kw):
+        self.api, self.name, self.id, self.kw = api, name, f"net-{name}", kw
+        self.attrs = {"Labels": kw.get("labels") or {}, "Containers": {}}
+        self.aliases: dict[str, list] = {}
+        self.removed = False
+
+    def reload(self):
+        pass
+
+    def connect(self, c, aliases=None):
+        self.attrs["Containers"][c.id] = {"Name": c.name}
+        self.aliases[c.name] = aliases
+
+    def disconnect(self, cid, force=False):
+        self.attrs["Containers"].pop(cid, None)
+
+    def remove(self):
+        assert not self.attrs["Containers"], "a network with containers cannot be removed"
+        self.removed = True
+        self.api.nets.pop(self.name, None)
+
+
 class FakeVolume:
     def __init__(self, api, name, labels):
         self.api, self.name, self.attrs = api, name, {"Labels": labels}
@@ -168,6 +191,8 @@ class FakeDocker:
         self.runs: list[tuple[str, dict]] = []
         self.next_pid = 1000
         self.containers = self._Containers(self)
+        self.networks = self._Networks(self)
+        self.nets: dict[str, FakeNetwork] = {}
         self.volumes = self._Volumes(self)
         self.images = self._Images(self)
         self.built: dict[str, dict] = {}          # tag -> build kwargs (and the context's members)
@@ -195,8 +220,13 @@ class FakeDocker:
         return c
 
     @staticmethod
-    def _match(labels, filters):
-        return all(labels.get(k) == v for k, v in (f.split("=", 1) for f in (filters or {}).get("label", [])))
+    def _match(labels, filters, networks=None):
+        for f in (filters or {}).get("label", []):
+            k, eq, v = f.partition("=")
+            if (labels.get(k) != v) if eq else (k not in labels):
+                return False
+        net = (filters or {}).get("network")
+        return net is None or net in (networks or ())
 
     class _Containers:
         def __init__(self, api):
@@ -216,7 +246,26 @@ class FakeDocker:
 
         def list(self, all=False, filters=None):
             return [c for c in list(self.api.containers_by_id.values())
-                    if self.api._match(c.labels, filters) and (all or c.attrs["State"]["Status"] == "running")]
+                    if self.api._match(c.labels, filters, getattr(c, "networks", ()))
+                    and (all or c.attrs["State"]["Status"] == "running")]
+
+    class _Networks:
+        def __init__(self, api):
+            self.api = api
+
+        def get(self, name):
+            try:
+                return self.api.nets[name]
+            except KeyError:
+                raise NotFound(name)
+
+        def create(self, name, **kw):
+            n = FakeNetwork(self.api, name, kw)
+            self.api.nets[name] = n
+            return n
+
+        def list(self, filters=None):
+            return [n for n in list(self.api.nets.values()) if self.api._match(n.attrs["Labels"], filters)]
 
     class _Images:
         def __init__(self, api):
@@ -270,7 +319,10 @@ def wait(pred, timeout=5.0):
 
 
 @pytest.fixture
-def fake():
+def fake(monkeypatch, tmp_path):
+    # the platform's secrets as the orchestrator would see them: never this machine's
+    monkeypatch.setenv("STRATUS_ZK_AUTH", "stratus:unit-zk-secret")
+    monkeypatch.setenv("STRATUS_SECRETS_DIR", str(tmp_path / "secrets"))
     return FakeDocker()
 
 
@@ -482,7 +534,7 @@ def test_an_instance_is_built_once_from_its_package_and_runs_labelled(instances,
     assert built["labels"] == {"stratus.cluster": "c1"} and built["network_mode"] == "none"
     assert built["members"][".stratus.Dockerfile"][2] == b"FROM pfx/app:latest\nCOPY . /app\nWORKDIR /app\n"
     image, kw = fake.runs[0]
-    assert image == tag and kw["name"] == "stratus-c1-i-00000001" and kw["network"] == "net1"
+    assert image == tag and kw["name"] == "stratus-c1-i-00000001" and kw["network"] == "stratus-c1-tenant-acme"
     assert kw["command"] == ["python", "-m", "shop.web"] and kw["working_dir"] == "/app"
     assert kw["labels"] == instance_labels("c1", instance_spec("i-00000001", context=str(pkg)))
     assert kw["environment"] == container_instance_env(instance_spec("i-00000001"))
@@ -552,3 +604,101 @@ def test_instances_are_adopted_with_their_labels_and_kinds_stay_apart(fake, tmp_
         second.close(remove=False)
         workers2.close(remove_workers=True)
     assert w.ref not in fake.containers_by_id
+
+
+# --- the walls (issue #22) -----------------------------------------------------------
+def test_confinement_is_the_engines_own_limits_and_an_unprivileged_user():
+    from orchestrator.runtimes.docker import confinement, log_options, tenant_uid
+    from orchestrator.runtimes.limits import Limits
+    lim = Limits(memory_mb=300, cpus=0.5, pids=64, disk_mb=32, log_mb=10)
+    kw = confinement(lim, 234567)
+    assert kw["user"] == "234567:234567" and kw["cap_drop"] == ["ALL"] and kw["read_only"] is True
+    assert kw["security_opt"] == ["no-new-privileges:true"]
+    assert kw["mem_limit"] == kw["memswap_limit"] == "300m"      # no swap beyond the memory limit
+    assert kw["nano_cpus"] == 500_000_000 and kw["pids_limit"] == 64
+    assert kw["tmpfs"] == {"/tmp": "rw,nosuid,nodev,size=32m,mode=1777"}
+    assert kw["log_config"] == {"type": "json-file", "config": {"max-size": "5120k", "max-file": "2"}}
+    assert log_options(Limits(log_mb=1)) == {"max-size": "512k", "max-file": "2"}
+    uid = tenant_uid("c1", "acme")
+    assert 200000 <= uid <= 299999 and uid == tenant_uid("c1", "acme")
+    assert uid != tenant_uid("c1", "globex") and uid != tenant_uid("c2", "acme")
+
+
+def test_peers_setting_is_parsed():
+    from orchestrator.runtimes.docker import parse_peers
+    assert parse_peers("amqp-relay:rabbitmq, gateway,,prometheus") == [
+        ("amqp-relay", "rabbitmq"), ("gateway", None), ("prometheus", None)]
+    assert parse_peers(None) == [] and parse_peers("") == []
+
+
+def test_each_tenant_gets_an_internal_network_with_the_peers_and_loses_it_with_its_last_instance(fake, tmp_path):
+    rt = DockerRuntime(settings(state_dir=str(tmp_path / "state")), client_factory=lambda: fake, kind="instance",
+                       environ={"STRATUS_IMAGE_PREFIX": "pfx", "STRATUS_DOCKER_NETWORK": "net1",
+                                "STRATUS_DOCKER_TENANT_PEERS": "amqp-relay:rabbitmq,gateway"})
+    relay = fake.add("proj-amqp-relay-1", {"com.docker.compose.service": "amqp-relay"})
+    gw = fake.add("proj-gateway-1", {"com.docker.compose.service": "gateway"})
+    zk = fake.add("proj-zookeeper-1", {"com.docker.compose.service": "zookeeper"})
+    other = fake.add("elsewhere-gateway-1", {"com.docker.compose.service": "gateway"})
+    for c in (relay, gw, zk):
+        c.networks = ("net1",)
+    other.networks = ("net9",)
+    try:
+        rt.start(instance_spec("i-00000001", image="img/shop:1"))
+        rt.start(instance_spec("i-00000002", image="img/shop:1"))
+        spec = instance_spec("i-00000003", image="img/shop:1")
+        spec = dataclasses.replace(spec, labels={**spec.labels, "tenant": "globex"})
+        rt.start(spec)
+        acme = fake.nets["stratus-c1-tenant-acme"]
+        assert acme.kw["internal"] is True and acme.kw["driver"] == "bridge"
+        assert acme.attrs["Labels"] == {"stratus.cluster": "c1", "stratus.kind": "tenant-network",
+                                        "stratus.tenant": "acme"}
+        # the relay under the broker's name, the gateway; never ZooKeeper nor another stack's gateway
+        assert acme.aliases == {"proj-amqp-relay-1": ["rabbitmq"], "proj-gateway-1": None}
+        assert set(fake.nets) == {"stratus-c1-tenant-acme", "stratus-c1-tenant-globex"}
+        networks = [kw["network"] for _, kw in fake.runs]
+        assert networks == ["stratus-c1-tenant-acme", "stratus-c1-tenant-acme", "stratus-c1-tenant-globex"]
+        assert all(kw["user"] == f"{u}:{u}" for (_, kw), u in zip(fake.runs, [
+            __import__("orchestrator.runtimes.docker", fromlist=["x"]).tenant_uid("c1", t)
+            for t in ("acme", "acme", "globex")]))
+        rt.stop("i-00000001", timeout=1)
+        assert "stratus-c1-tenant-acme" in fake.nets          # acme still has an instance
+        rt.stop("i-00000002", timeout=1)
+        assert "stratus-c1-tenant-acme" not in fake.nets and acme.removed
+        rt.close(remove=True)
+        assert fake.nets == {}                               # globex's went with the runtime's removal
+    finally:
+        rt.close(remove=False)
+
+
+def test_a_swarm_service_gets_what_the_engine_allows_of_the_walls():
+    from orchestrator.runtimes.limits import Limits
+    from orchestrator.runtimes.swarm import service_confinement
+    kw = service_confinement(Limits(memory_mb=200, cpus=2.0, pids=50, disk_mb=16, log_mb=8), 211111)
+    assert kw["user"] == "211111:211111" and kw["cap_drop"] == ["ALL"] and kw["read_only"] is True
+    assert kw["resources"]["Limits"] == {"NanoCPUs": 2_000_000_000, "MemoryBytes": 200 << 20, "Pids": 50}
+    (m,) = kw["mounts"]
+    assert m["Type"] == "tmpfs" and m["Target"] == "/tmp" and m["TmpfsOptions"] == {"Mode": 0o1777,
+                                                                                   "SizeBytes": 16 << 20}
+    assert kw["log_driver"] == "json-file" and kw["log_driver_options"] == {"max-size": "4096k", "max-file": "2"}
+    assert "security_opt" not in kw     # no such field for a service on API 1.41 (see service_confinement)
+
+
+def test_a_worker_gets_the_platforms_zookeeper_identity_and_its_own_broker_account(monkeypatch, tmp_path):
+    from orchestrator.runtimes.docker import worker_secrets_env
+    sec = tmp_path / "secrets"
+    sec.mkdir()
+    (sec / "broker-worker.url").write_text("amqp://stratus-worker:pw@rabbitmq:5672/%2F\n")
+    monkeypatch.setenv("STRATUS_SECRETS_DIR", str(sec))
+    monkeypatch.setenv("STRATUS_ZK_AUTH", "stratus:zk-secret")
+    assert worker_secrets_env({}, settings()) == {"STRATUS_AMQP_URL": "amqp://stratus-worker:pw@rabbitmq:5672/%2F",
+                                                  "STRATUS_ZK_AUTH": "stratus:zk-secret"}
+    # an orchestrator given an explicit URL passes that one (worker_env); auth off is said so
+    monkeypatch.setenv("STRATUS_ZK_AUTH", "none")
+    assert worker_secrets_env({"STRATUS_AMQP_URL": "amqp://x:y@h:5672/%2F"}, settings()) == {"STRATUS_ZK_AUTH": "none"}
+
+
+def test_a_started_worker_container_carries_the_zookeeper_identity(runtime, fake):
+    runtime.start(Spec(id="w-00000001", argv=("python", "-m", "worker", "--id", "w-00000001")))
+    _, kw = fake.runs[0]
+    assert kw["environment"]["STRATUS_ZK_AUTH"] == "stratus:unit-zk-secret"
+    assert "user" not in kw and "cap_drop" not in kw     # a DB worker is the platform's: not confined

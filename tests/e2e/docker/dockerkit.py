@@ -357,6 +357,8 @@ class Stack:
             vols += names(["docker", "volume", "ls", "-q", "--filter",
                            f"label=com.docker.compose.project={project}"])
         nets = names(["docker", "network", "ls", "-q", "--filter", f"name=^{self.network}$"])
+        # the tenants' networks the orchestrator made (orchestrator/runtimes/docker.py)
+        nets += names(["docker", "network", "ls", "-q", "--filter", f"label=stratus.cluster={self.id}"])
         return {"containers": sorted(set(containers)), "volumes": sorted(set(vols)), "networks": nets}
 
     def teardown(self) -> dict[str, list[str]]:
