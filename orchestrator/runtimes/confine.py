@@ -129,6 +129,8 @@ def jail_argv(argv: list[str], *, uid: int, gid: int, limits: Limits, package: s
             bw += ["--ro-bind", str(p), f"/{link}"]
     for name in ETC:
         bw += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+    # The scratch /tmp first: what is bound below it (a venv under /tmp) stays visible.
+    bw += ["--perms", "1777", "--size", str(limits.disk_mb * MIB), "--tmpfs", "/tmp"]
     made: set[str] = set()
 
     def parents(path: str) -> list[str]:
@@ -144,8 +146,7 @@ def jail_argv(argv: list[str], *, uid: int, gid: int, limits: Limits, package: s
     for d in python_dirs:
         bw += parents(d) + ["--ro-bind", d, d]
     bw += parents(f"{INSIDE_BUS}/bus") + ["--ro-bind", bus_dir, f"{INSIDE_BUS}/bus",
-           "--proc", "/proc", "--dev", "/dev",
-           "--perms", "1777", "--size", str(limits.disk_mb * MIB), "--tmpfs", "/tmp"]
+           "--proc", "/proc", "--dev", "/dev"]
     if package:
         bw += ["--ro-bind", package, INSIDE_APP, "--chdir", INSIDE_APP]
     else:

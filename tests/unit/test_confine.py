@@ -53,6 +53,18 @@ def test_the_sandbox_shows_only_what_the_instance_needs():
     i = a.index("/tmp")
     assert a[i - 1] == "--tmpfs" and a[i - 2] == str(64 * 1024 ** 2) and a[i - 3] == "--size"
     assert a[a.index("--chdir") + 1] == "/app"
+    # mounted before every bind, so that a venv or package under /tmp is not hidden by it
+    binds = [j for j, x in enumerate(a) if x in ("--ro-bind", "--bind") and a[j + 1] != "/usr"]
+    assert binds and all(j > i for j in binds)
+
+
+def test_a_platform_cloned_under_tmp_keeps_its_python_visible():
+    a = argv(python_dirs=["/tmp/ci/.venv", "/opt/py/3.11"], bus_dir="/tmp/ci/bus")
+    tmpfs = a.index("--tmpfs")
+    venv = [j for j, x in enumerate(a) if x == "--ro-bind" and a[j + 1] == "/tmp/ci/.venv"]
+    assert venv and venv[0] > tmpfs
+    # the directories above it are made readable inside the tmpfs
+    assert a[a.index("/tmp/ci") - 2:a.index("/tmp/ci")] == ["0755", "--dir"]
 
 
 def test_the_limits_reach_the_kernel():
