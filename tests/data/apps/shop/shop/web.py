@@ -30,7 +30,6 @@ def tasks():
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True   # the head and the body are two writes: no 40 ms wait between them
 
     def _send(self, status, body):
         data = json.dumps(body).encode()
