@@ -296,3 +296,97 @@ def test_a_new_leader_keeps_the_state_the_last_one_published():
     assert c.insts[web[0].id].state == RUNNING and c.insts[web[0].id].restarts == 2
     assert c.insts[web[1].id].state == STARTING        # not published as running: probed first
     assert not c.events.events                         # adopted: no events
+
+
+# --- the walls' secrets: the platform's, never a role's ---------------------------------
+class FakeSwarmClient:
+    """Just enough of docker.DockerClient for SwarmRuntime.start and
+    SwarmRoles._service_kwargs: services.create records its arguments and the
+    service's one task runs at once."""
+
+    def __init__(self):
+        self.created: list[tuple[str, dict]] = []
+        client = self
+
+        class Services:
+            def create(self, image, **kw):
+                client.created.append((image, kw))
+                return type("Service", (), {"id": f"svc{len(client.created)}", "name": kw["name"]})()
+
+            def list(self, filters=None):
+                return []
+
+        class Api:
+            def tasks(self, filters=None):
+                return [{"ID": "task1", "ServiceID": sid, "DesiredState": "running", "CreatedAt": "1",
+                         "Status": {"State": "running", "ContainerStatus": {"ContainerID": "c1"}}}
+                        for sid in (filters or {}).get("service", [])]
+
+        class Containers:
+            def get(self, cid):
+                return type("Container", (), {"attrs": {"State": {"Pid": 4242}}})()
+
+        self.services, self.api, self.containers = Services(), Api(), Containers()
+
+
+def stack_layout(monkeypatch, tmp_path):
+    """The Swarm stack's layout (compose/docker-stack.yml): the orchestrator's
+    state dir with its secrets mounted at <state>/secrets, no STRATUS_AMQP_URL,
+    no STRATUS_ZK_AUTH (the identity is the mounted file)."""
+    import dataclasses
+
+    from bus.settings import Settings
+    sec = tmp_path / "secrets"
+    sec.mkdir(mode=0o700)
+    (sec / "broker-orchestrator.url").write_text("amqp://stratus-orchestrator:opass@rabbitmq:5672/%2F\n")
+    (sec / "broker-worker.url").write_text("amqp://stratus-worker:wpass@rabbitmq:5672/%2F\n")
+    (sec / "zookeeper").write_text("zk-stack-secret\n")
+    monkeypatch.setenv("STRATUS_STATE_DIR", str(tmp_path))
+    for k in ("STRATUS_AMQP_URL", "STRATUS_ZK_AUTH", "STRATUS_SECRETS_DIR", "STRATUS_INSTANCE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("STRATUS_COMPONENT", "orchestrator")
+    return dataclasses.replace(Settings(), cluster="c1")
+
+
+def env_of(kw) -> dict[str, str]:
+    return dict(e.split("=", 1) for e in kw["env"])
+
+
+def test_a_worker_service_gets_the_workers_account_and_the_zookeeper_identity_of_the_stack(monkeypatch, tmp_path):
+    from orchestrator.runtimes.swarm import SwarmRuntime
+    settings = stack_layout(monkeypatch, tmp_path)
+    assert settings.amqp_url == "amqp://stratus-orchestrator:opass@rabbitmq:5672/%2F"   # its own, from the secret
+    fake = FakeSwarmClient()
+    rt = SwarmRuntime(settings, client_factory=lambda: fake, environ={"STRATUS_DOCKER_NETWORK": "net1"})
+    try:
+        h = rt.start(Spec(id="w-00000001", argv=("python", "-m", "worker", "--id", "w-00000001")))
+        assert h.pid == 4242
+        _, kw = fake.created[0]
+        env = env_of(kw)
+        # the workers' own account (not the orchestrator's), and the one identity of the stack
+        assert env["STRATUS_AMQP_URL"] == "amqp://stratus-worker:wpass@rabbitmq:5672/%2F"
+        assert env["STRATUS_ZK_AUTH"] == "stratus:zk-stack-secret"
+        assert "guest" not in " ".join(kw["env"])
+    finally:
+        rt._closed.set()
+
+
+def test_a_role_service_gets_none_of_the_platforms_secrets_and_the_walls(monkeypatch, tmp_path):
+    from orchestrator.runtimes.docker import tenant_uid
+    from orchestrator.runtimes.swarm import SwarmRoles
+    settings = stack_layout(monkeypatch, tmp_path)
+    roles = SwarmRoles(settings, client_factory=FakeSwarmClient, environ={"STRATUS_DOCKER_NETWORK": "net1"})
+    spec = Spec(id="r-0123456789ab", argv=("python", "-m", "shop.web"), port=8000,
+                env={"STRATUS_AMQP_URL": "amqp://acme:tenantpw@rabbitmq:5672/%2F", "GREETING": "hi"},
+                labels={"tenant": "acme", "app": "shop", "role": "web"})
+    kw = roles._service_kwargs(spec, "stratus-c1-acme-shop-web", 2, "cfg1")
+    env = env_of(kw)
+    assert env["STRATUS_AMQP_URL"] == "amqp://acme:tenantpw@rabbitmq:5672/%2F"     # its tenant's account alone
+    assert env["STRATUS_INSTANCE"] == INSTANCE_TEMPLATE and env["GREETING"] == "hi"
+    text = " ".join(kw["env"])
+    for secret in ("opass", "wpass", "zk-stack-secret", "STRATUS_ZK_AUTH", "stratus-worker", "stratus-orchestrator"):
+        assert secret not in text, secret
+    assert "secrets" not in kw and all(m["Type"] == "tmpfs" for m in kw["mounts"])
+    uid = tenant_uid("c1", "acme")
+    assert kw["user"] == f"{uid}:{uid}" and 200000 <= uid <= 299999
+    assert kw["cap_drop"] == ["ALL"] and kw["read_only"] is True
