@@ -10,27 +10,19 @@ names of its own.
                  looks at its services by label (stratus.cluster=<cluster> for
                  what the orchestrator runs, com.docker.stack.namespace=<stack>
                  for the stack's own), and teardown() removes exactly those,
-                 their volumes, configs, secrets and network. Every wait is
-                 bounded. Its secrets (the platform's broker accounts and
-                 ZooKeeper identity) are made by compose/stack-secrets.sh in a
-                 private directory of its own before the deploy, as an operator
-                 does (docs/operations.md, "Docker walls")."""
+                 their volumes, configs and network. Every wait is bounded."""
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 
 from dockerkit import ADMIN_PASSWORD, LOG_DIR, ROOT, Http, free_port, image_env, run, wait_for
 
 STACK_FILE = ROOT / "compose" / "docker-stack.yml"
-STACK_SECRETS = ROOT / "compose" / "stack-secrets.sh"
 
 
 def swarm_state() -> str:
@@ -56,9 +48,7 @@ class SwarmStack:
         self.network = f"{self.id}-net"
         self.gateway_port = free_port()
         self.orchestrator_port = free_port()
-        self.secrets_dir = os.path.join(tempfile.mkdtemp(prefix=f"{self.id}-"), "secrets")
         self.env = {**os.environ, **image_env(),
-                    "STRATUS_STACK_SECRETS": self.secrets_dir,
                     "STRATUS_NETWORK": self.network,
                     "STRATUS_CLUSTER": self.id,
                     "STRATUS_GATEWAY_HOST_PORT": str(self.gateway_port),
@@ -71,7 +61,6 @@ class SwarmStack:
 
     # --- the stack -------------------------------------------------------------------
     def deploy(self) -> None:
-        run([str(STACK_SECRETS), self.secrets_dir], env={**self.env, "PYTHON": sys.executable}, cwd=ROOT, timeout=60)
         run(["docker", "stack", "deploy", "-c", str(STACK_FILE), self.id], env=self.env, cwd=ROOT, timeout=180)
 
     def admin_token(self) -> str:
@@ -155,9 +144,8 @@ class SwarmStack:
         vols += names(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={self.id}"])
         nets = names(["docker", "network", "ls", "-q", "--filter", f"name=^{self.network}$"])
         configs = names(["docker", "config", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={self.id}"])
-        secrets = names(["docker", "secret", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={self.id}"])
         return {"services": sorted(set(services)), "containers": sorted(set(containers)),
-                "volumes": sorted(set(vols)), "networks": nets, "configs": configs, "secrets": secrets}
+                "volumes": sorted(set(vols)), "networks": nets, "configs": configs}
 
     def teardown(self) -> dict[str, list[str]]:
         """`docker stack rm`, then whatever the orchestrator's services left
@@ -190,9 +178,6 @@ class SwarmStack:
             time.sleep(1)
         if left["configs"]:
             run(["docker", "config", "rm", *left["configs"]], check=False)
-        if left["secrets"]:
-            run(["docker", "secret", "rm", *left["secrets"]], check=False)
-        shutil.rmtree(os.path.dirname(self.secrets_dir), ignore_errors=True)
         if left["networks"]:
             run(["docker", "network", "rm", *left["networks"]], check=False)
         images = run(["docker", "image", "ls", "-q", "--filter", f"label=stratus.cluster={self.id}"],

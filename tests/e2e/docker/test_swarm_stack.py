@@ -6,11 +6,7 @@ and Prometheus; crash/master while
 clients write, with the set check (every acknowledged write is read back once,
 nothing that was never sent appears); a tenant's app (tests/data/apps/shop)
 whose web role is one replicated service, scaled to 3 replicas and served by
-each, a killed task restarted by Swarm in its slot, and the app deleted;
-an escape check from inside a role task (the hostile app, as in
-test_docker_escape.py for compose): the platform's secrets, `guest`, the
-platform's broker accounts and ZooKeeper's platform tree are out of its reach,
-and its container holds the walls a Swarm service can have."""
+each, a killed task restarted by Swarm in its slot, and the app deleted."""
 import json
 import re
 import threading
@@ -22,7 +18,6 @@ from dockerkit import ADMIN_PASSWORD, Http, docker_available, grader_sequence, r
 from swarmkit import SwarmStack, swarm
 
 from kits.appskit import shop_package
-from orchestrator.runtimes.limits import Limits
 from stratus import builtin
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -259,109 +254,3 @@ def test_a_restarted_orchestrator_adopts_the_worker_and_role_services(stack):
     time.sleep(5)       # several ticks of both controllers: nothing must be restarted
     assert snapshot() == (workers, tasks)
     grader_sequence(stack.gateway, "adopted")
-
-
-def test_a_hostile_role_task_reaches_no_secret_no_guest_no_platform_znode(stack):
-    """The hostile app (tests/data/apps/hostile) deployed through the API as
-    tenant `mallory`; its attempts run in its role task's container (`docker
-    exec`: the task's uid, capabilities, network and cgroup). The broker has no
-    `guest` and the platform's accounts are Swarm secrets mounted in the
-    platform's services alone (compose/stack-secrets.sh); ZooKeeper requires the
-    platform's identity. Not tried here: the network attempts (the platform's
-    ports, other tenants' tasks): the roles are still on the stack's network in
-    Swarm (docs/operations.md, "Docker walls"), so that wall is compose's only."""
-    from test_docker_escape import HOSTILE_DIR, addresses, inspect, probe
-    limits = Limits()          # the stack sets none: the defaults
-    tenant = "mallory"
-    api = stack.orchestrator
-    status, body = api.post("/api/v1/tenants", {"name": tenant})
-    assert status == 201, (status, body)
-    try:
-        manifest = json.loads((HOSTILE_DIR / "manifest.json").read_text())
-        package = builtin.tarball(builtin.members(HOSTILE_DIR, ["hostile"]))
-        builtin.deploy(api.base, tenant, "hostile", manifest, package)
-
-        def task_container():
-            svcs = stack.role_services(tenant=tenant)
-            if not svcs or not svcs[0]["running"]:
-                return None
-            tasks = run(["docker", "service", "ps", "-q", "--no-trunc", "--filter", "desired-state=running",
-                         svcs[0]["id"]]).stdout.split()
-            for t in tasks:
-                cid = run(["docker", "inspect", "--format", "{{.Status.ContainerStatus.ContainerID}}", t],
-                          check=False).stdout.strip()
-                if cid and run(["docker", "exec", cid, "python", "-c", "import hostile.web"],
-                               check=False).returncode == 0:
-                    return cid
-            return None
-        cid = wait_for(task_container, 240, interval=1, what="the hostile role's task")
-        c = inspect([cid])[0]
-
-        # --- the container: what a Swarm service can hold of the walls
-        hc = c["HostConfig"]
-        user = c["Config"]["User"]
-        assert user not in ("", "0", "root") and int(user.split(":")[0]) >= 200000, user
-        assert hc["CapDrop"] == ["ALL"] and not hc.get("CapAdd") and not hc["Privileged"], hc["CapDrop"]
-        assert hc["ReadonlyRootfs"] is True and hc["PidsLimit"] == limits.pids, hc
-        assert hc["Memory"] == limits.memory_mb << 20 and hc["NanoCpus"] == int(limits.cpus * 1e9), hc
-        env = "\n".join(c["Config"]["Env"])
-        assert "STRATUS_ZK_AUTH" not in env
-        assert not any(e.startswith("STRATUS_AMQP_URL=") and "stratus-" in e for e in c["Config"]["Env"])
-        # No platform secret is mounted in it (they are the platform services' alone).
-        assert not [m for m in c["Mounts"] if "secret" in (m.get("Source") or "") + m.get("Destination", "")], c["Mounts"]
-
-        # --- from inside: the secrets, the broker, ZooKeeper, files, processes
-        platform = inspect(run(["docker", "ps", "-q", "--filter",
-                                f"label=com.docker.stack.namespace={stack.id}"]).stdout.split())
-        by_service = {m["Config"]["Labels"]["com.docker.swarm.service.name"][len(stack.id) + 1:]: m
-                      for m in platform}
-        assert {"rabbitmq", "zookeeper", "orchestrator", "gateway"} <= set(by_service), sorted(by_service)
-        victims = []
-        for s in stack.role_services(tenant="toystore"):
-            for t in run(["docker", "service", "ps", "-q", "--no-trunc", "--filter", "desired-state=running",
-                          s["id"]]).stdout.split():
-                vid = run(["docker", "inspect", "--format", "{{.Status.ContainerStatus.ContainerID}}", t],
-                          check=False).stdout.strip()
-                if vid:
-                    victims.append(vid)
-        victims = inspect(victims)
-        assert victims, "no toystore task to stand for another tenant"
-        penv = {"HOSTILE_HOST": addresses(by_service["rabbitmq"])[0], "HOSTILE_AMQP_PORTS": "5672",
-                "HOSTILE_ZK_HOSTS": ",".join(f"{ip}:2181" for ip in addresses(by_service["zookeeper"])),
-                "HOSTILE_VICTIM_TENANT": "toystore", "HOSTILE_VICTIM_APP": "toystore",
-                "HOSTILE_PIDS_LIMIT": str(limits.pids), "HOSTILE_DISK_LIMIT_MIB": str(limits.disk_mb),
-                "HOSTILE_STATE_DIR": "/var/lib/stratus", "HOSTILE_SECRETS_DIR": "/var/lib/stratus/secrets",
-                "HOSTILE_ORCH_PID": str(by_service["orchestrator"]["State"]["Pid"]),
-                "HOSTILE_PLATFORM_PIDS": ",".join(str(m["State"]["Pid"]) for m in platform if m["State"]["Pid"]),
-                "HOSTILE_VICTIM_PIDS": ",".join(str(v["State"]["Pid"]) for v in victims)}
-        attempts = ["replication_log", "other_tenant_tasks", "impersonated_read", "amqp_guest_login",
-                    "amqp_platform_accounts", "secrets_dir_files", "state_dir_files", "token_secret",
-                    "admin_password", "dashboard_secret", "etc_shadow", "proc_environ_of_others",
-                    "other_processes_visible", "signal_orchestrator", "signal_other_tenant", "write_cwd",
-                    "write_state_dir", "fork_bomb", "disk_scratch", "zookeeper"]
-        res = probe(cid, attempts, penv, timeout=180)
-        print("the hostile task's report:", json.dumps(res, indent=1)[:6000])
-        reached = {}
-        for a, r in res.items():
-            assert not r.get("error"), (a, r)
-            if r["reached"] and a != "zookeeper":   # its port is reachable: see the docstring; its data is not
-                reached[a] = r["detail"]
-        assert not reached, f"the hostile task reached: {json.dumps(reached, indent=1)}"
-        # The broker was there to be tried (through its own URL's host): guest refused.
-        assert "guest refused" in res["amqp_guest_login"]["detail"], res["amqp_guest_login"]
-        # ZooKeeper answered, and refused the platform's tree to an anonymous client.
-        zk = res["zookeeper"]["detail"]
-        assert "refused (NoAuthError)" in zk and "READ" not in zk, zk
-        assert res["fork_bomb"]["processes"] < limits.pids
-        assert res["disk_scratch"]["mib"] <= limits.disk_mb
-        assert "Read-only file system" in res["write_cwd"]["detail"], res["write_cwd"]
-
-        # --- the platform's side: every platform service has the one ZooKeeper identity of the deploy
-        for svc in ("orchestrator", "gateway"):
-            got = run(["docker", "exec", by_service[svc]["Id"], "python", "-c",
-                       "import hashlib; from bus import zk; from bus.settings import load; "
-                       "i = zk.platform_identity(load()); "
-                       "print(hashlib.sha256(i.password.encode()).hexdigest() if i else 'off')"]).stdout.strip()
-            assert got == __import__("hashlib").sha256(stack.secret("zookeeper").encode()).hexdigest(), (svc, got)
-    finally:
-        api.delete(f"/api/v1/tenants/{tenant}")
