@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import time
 import urllib.parse
@@ -56,6 +55,9 @@ from bus import zk as bzk
 from bus.broker_admin import BrokerAdmin, BrokerAdminError
 from bus.errors import DBError
 from bus.names import Names, Paths
+
+from .runtimes.base import ID_RE
+from .runtimes.process import pid_alive
 
 log = logging.getLogger("stratus.orchestrator.tenants")
 
@@ -244,7 +246,7 @@ class Tenants:
                 d = json.loads(f.read_text())
                 if (d.get("labels") or {}).get("tenant") != name:
                     continue
-                live = _pid_alive(int(d["pid"]), d.get("pstart"))
+                live = pid_alive(int(d["pid"]), pstart=None if d.get("pstart") is None else int(d["pstart"]))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 continue
             if live == alive:
@@ -285,7 +287,7 @@ class Tenants:
         self._delete_task_objects(name)
         cluster = self.settings.cluster_state_path()
         for iid in ids:
-            if _ID_OK(iid):
+            if ID_RE.match(iid):
                 beat = cluster / "heartbeats" / iid   # a file, or a directory the instance was lent
                 if beat.is_dir() and not beat.is_symlink():
                     shutil.rmtree(beat, ignore_errors=True)
@@ -349,29 +351,3 @@ class Tenants:
         storage = storage if isinstance(storage, dict) else {}
         return [{"name": r["name"], "apps": 0, "instances": 0, "storage_bytes": int(storage.get(r["name"]) or 0)}
                 for r in rows]
-
-
-def _ID_OK(iid: str) -> bool:
-    """An instance id as the controller makes them (no path in it)."""
-    return bool(iid) and "/" not in iid and iid not in (".", "..") and len(iid) <= 128
-
-
-def _pid_alive(pid: int, pstart) -> bool:
-    """`pid` runs, is no zombie, and (when known) started at `pstart` (clock
-    ticks since boot, field 22 of /proc/<pid>/stat): a recycled pid is not it."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return pstart is None
-    fields = raw[raw.rfind(")") + 2:].split()
-    if fields[0] in ("Z", "X"):
-        return False
-    return pstart is None or int(fields[19]) == int(pstart)
