@@ -160,6 +160,11 @@ def jail_argv(argv: list[str], *, uid: int, gid: int, limits: Limits, package: s
     return sh + prlimit + bw + drop + list(argv)
 
 
+def inside_path(python: str) -> list[str]:
+    """The instance's PATH: the platform's interpreter's directory, then /usr's."""
+    return [os.path.dirname(python), "/usr/local/bin", "/usr/bin", "/bin"]
+
+
 def inside_env(env: dict[str, str], *, python: str, heartbeat_file: str | None) -> dict[str, str]:
     """The instance's environment as seen from inside (pure): HOME and TMPDIR
     its scratch, `bus` from /opt/stratus, the heartbeat at /run/stratus."""
@@ -167,7 +172,7 @@ def inside_env(env: dict[str, str], *, python: str, heartbeat_file: str | None) 
     out["HOME"] = "/tmp"
     out["TMPDIR"] = "/tmp"
     out["PYTHONPATH"] = INSIDE_BUS
-    out["PATH"] = os.pathsep.join([os.path.dirname(python), "/usr/local/bin", "/usr/bin", "/bin"])
+    out["PATH"] = os.pathsep.join(inside_path(python))
     if heartbeat_file:
         out["STRATUS_HEARTBEAT_FILE"] = f"{INSIDE_RUN}/{os.path.basename(heartbeat_file)}"
     return out

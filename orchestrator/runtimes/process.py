@@ -49,7 +49,7 @@ from bus.settings import Settings
 
 from .base import (ROOT, ExitCallback, Handle, Runtime, Spec, StartError, check_id, check_log_path,
                    instance_env)
-from .confine import ConfinementUnavailable, Jail
+from .confine import ConfinementUnavailable, Jail, inside_path
 
 log = logging.getLogger("stratus.orchestrator.runtime")
 
@@ -195,7 +195,7 @@ class ProcessRuntime(Runtime):
             p = program if os.path.isabs(program) else os.path.join(package or "/nonexistent", program)
             return os.path.isfile(p)
         return any(os.path.isfile(os.path.join(d, program)) and os.access(os.path.join(d, program), os.X_OK)
-                   for d in (os.path.dirname(self.python), "/usr/local/bin", "/usr/bin", "/bin"))
+                   for d in inside_path(self.python))
 
     def log_path(self, spec: Spec) -> Path:
         rel = spec.log or (f"{spec.id}.log" if self.kind == "worker" else f"instances/{spec.id}.log")
